@@ -1,0 +1,213 @@
+"""The uniform Llama shape: parameter counts R(s), admissible target dims and GQA index maps.
+
+Everything that decides "which shapes may come out" lives here, so mask-learn, the one-shot
+baselines, hard-prune and the planner agree on one definition.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+AttnMode = Literal["query_per_group", "kv_group"]
+
+
+class ShapeError(ValueError):
+    """A target shape the pinned transformers would reject or the source cannot produce."""
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "LlamaShape":
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        heads = get("num_attention_heads")
+        head_dim = get("head_dim") or get("hidden_size") // heads
+        return cls(
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
+            num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=get("intermediate_size"),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+        )
+
+    def replace(self, **changes: int) -> "LlamaShape":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # Parameter counts, continuous in the head / channel counts so R(s) is differentiable.
+    def attn_params_per_layer(self, q_heads: float | None = None, kv_heads: float | None = None) -> float:
+        q = self.num_attention_heads if q_heads is None else q_heads
+        kv = self.num_key_value_heads if kv_heads is None else kv_heads
+        d, hd = self.hidden_size, self.head_dim
+        weights = 2 * d * q * hd + 2 * d * kv * hd
+        bias = (q * hd + 2 * kv * hd + d) if self.attention_bias else 0
+        return weights + bias
+
+    def ffn_params_per_layer(self, channels: float | None = None) -> float:
+        i = self.intermediate_size if channels is None else channels
+        bias = (2 * i + self.hidden_size) if self.mlp_bias else 0
+        return 3 * self.hidden_size * i + bias
+
+    def prunable_params(self) -> int:
+        """Attention + FFN weights of every layer: what target.sparsity is a fraction of."""
+        per_layer = self.attn_params_per_layer() + self.ffn_params_per_layer()
+        return int(per_layer * self.num_hidden_layers)
+
+    def param_count(self) -> int:
+        d = self.hidden_size
+        embed = self.vocab_size * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        per_layer = self.attn_params_per_layer() + self.ffn_params_per_layer() + 2 * d
+        return int(embed + head + d + per_layer * self.num_hidden_layers)
+
+    def hf_overrides(self) -> dict[str, int]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+        }
+
+
+# ----------------------------------------------------------------------------- attention units
+
+def attn_unit_count(shape: LlamaShape, mode: AttnMode) -> int:
+    """Mask entries per layer: one per query head, or one per KV group."""
+    return shape.num_attention_heads if mode == "query_per_group" else shape.num_key_value_heads
+
+
+def units_to_q_heads(units: float, shape: LlamaShape, mode: AttnMode) -> float:
+    """Query heads per layer for `units` kept units (continuous, for R(s))."""
+    return units if mode == "query_per_group" else units * shape.group_size
+
+
+def kv_heads_for_units(units: float, shape: LlamaShape, mode: AttnMode) -> float:
+    return shape.num_key_value_heads if mode == "query_per_group" else units
+
+
+def attn_params_for_units(units: float, shape: LlamaShape, mode: AttnMode) -> float:
+    return shape.attn_params_per_layer(units_to_q_heads(units, shape, mode),
+                                      kv_heads_for_units(units, shape, mode))
+
+
+def head_mask_from_units(unit_mask: torch.Tensor, shape: LlamaShape, mode: AttnMode) -> torch.Tensor:
+    """Per-query-head mask (last dim n_q) from per-unit mask; HF repeat_kv maps q head h to KV h // g."""
+    if mode == "query_per_group":
+        return unit_mask
+    return unit_mask.repeat_interleave(shape.group_size, dim=-1)
+
+
+def legal_attn_units(shape: LlamaShape, mode: AttnMode) -> list[int]:
+    """Unit counts whose query-head count the loader accepts (hidden % heads == 0, heads % kv == 0).
+
+    In query_per_group mode every group keeps the same number of heads, so units are multiples of
+    the KV count."""
+    legal = []
+    for units in range(1, attn_unit_count(shape, mode) + 1):
+        if mode == "query_per_group" and units % shape.num_key_value_heads:
+            continue
+        q = int(units_to_q_heads(units, shape, mode))
+        if shape.hidden_size % q == 0:
+            legal.append(units)
+    return legal
+
+
+def ffn_widths(shape: LlamaShape, alignment: int) -> list[int]:
+    step = min(alignment, shape.intermediate_size)
+    widths = list(range(step, shape.intermediate_size + 1, step))
+    if widths[-1] != shape.intermediate_size:
+        widths.append(shape.intermediate_size)
+    return widths
+
+
+def shape_for(shape: LlamaShape, attn_units: int, ffn_width: int, mode: AttnMode) -> LlamaShape:
+    return shape.replace(num_attention_heads=int(units_to_q_heads(attn_units, shape, mode)),
+                         num_key_value_heads=int(kv_heads_for_units(attn_units, shape, mode)),
+                         intermediate_size=ffn_width)
+
+
+def budget_for_sparsity(shape: LlamaShape, sparsity: float) -> float:
+    return (1.0 - sparsity) * shape.prunable_params()
+
+
+def admissible(shape: LlamaShape, s_attn: float, s_ffn: float, budget: float, mode: AttnMode,
+               alignment: int) -> tuple[int, int]:
+    """The legal (attention units, FFN width) at or below round(s) with R <= budget, as close to
+    the budget as possible: the end-of-stage shape every layer is cut to."""
+    units = legal_attn_units(shape, mode)
+    widths = ffn_widths(shape, alignment)
+    cap_u = max([u for u in units if u <= max(round(s_attn), units[0])], default=units[0])
+    cap_f = max([w for w in widths if w <= max(round(s_ffn), widths[0])], default=widths[0])
+    layers = shape.num_hidden_layers
+    best: tuple[float, float, int, int] | None = None
+    for u in units:
+        if u > cap_u:
+            continue
+        attn = attn_params_for_units(u, shape, mode)
+        for w in widths:
+            if w > cap_f:
+                continue
+            r = layers * (attn + shape.ffn_params_per_layer(w))
+            if r > budget:
+                continue
+            key = (r, -(abs(u - s_attn) / units[-1] + abs(w - s_ffn) / widths[-1]), u, w)
+            if best is None or key > best:
+                best = key
+    if best is None:
+        raise ShapeError(f"no legal shape fits the budget of {budget:.0f} parameters: the smallest "
+                         f"({units[0]} attention units, {widths[0]} FFN channels) is larger; "
+                         "lower target.sparsity or target.ffn_alignment")
+    return best[2], best[3]
+
+
+def check_loadable(shape: LlamaShape) -> None:
+    """Refuse shapes the pinned transformers would reject, naming the legal values."""
+    from transformers import LlamaConfig
+
+    legal_heads = [h for h in range(1, shape.hidden_size + 1) if shape.hidden_size % h == 0
+                   and h % max(shape.num_key_value_heads, 1) == 0 and h <= 4 * shape.hidden_size]
+    if shape.num_key_value_heads < 1 or shape.num_attention_heads % shape.num_key_value_heads:
+        raise ShapeError(f"num_attention_heads={shape.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads={shape.num_key_value_heads}")
+    if shape.hidden_size % shape.num_attention_heads:
+        raise ShapeError(f"num_attention_heads={shape.num_attention_heads} does not divide "
+                         f"hidden_size={shape.hidden_size}, which transformers rejects; legal head "
+                         f"counts with {shape.num_key_value_heads} KV heads: "
+                         f"{[h for h in legal_heads if h <= 1024][:32]}")
+    try:
+        LlamaConfig(**shape.hf_overrides(), vocab_size=shape.vocab_size)
+    except Exception as err:  # the loader's own rule, whatever it is in this version
+        raise ShapeError(f"transformers rejects this shape: {err}") from None
+
+
+def human_count(value: float) -> str:
+    """Human-readable parameter count: 134.5M, 6.7B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{1 if value / scale < 100 else 0}f}{unit}"
+    return str(int(value))
+

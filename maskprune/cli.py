@@ -1,0 +1,117 @@
+"""`maskprune`: run a pipeline, show its status, reset a stage.
+
+    maskprune run configs/tiny.toml --run-dir runs/tiny [--set mask_learn.train.steps=20] [--force]
+    maskprune status runs/tiny [--json]
+    maskprune reset runs/tiny mask_learn
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from maskprune.config import ConfigError, load_config
+from maskprune.launcher import stage_command, stage_env
+from maskprune.rundir import STAGES, RunDir, RunDirError, plan
+
+
+class CliError(RuntimeError):
+    pass
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    run_dir = RunDir(args.run_dir or Path("runs") / cfg.name)
+    until = STAGES.index(args.until) + 1 if args.until else len(STAGES)
+    decisions = plan(run_dir, cfg, force=args.force)
+    refused = [d.stage for d in decisions if d.action == "refuse"]
+    if refused:
+        raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(refused)} differs "
+                       "from the one this run was started with; pass --force to re-run them, or "
+                       "use a new --run-dir")
+    run_dir.write_config(cfg)
+    env = stage_env(cfg.launcher)
+    ran = 0
+    for decision in decisions[:until]:
+        if decision.action == "skip":
+            print(f"[maskprune] {decision.stage}: done, skipped")
+            continue
+        print(f"[maskprune] {decision.stage}: running ({decision.reason})", flush=True)
+        if decision.reason != "resume":
+            run_dir.clear_stage(decision.stage)
+        run_dir.mark_running(decision.stage, cfg)
+        argv = stage_command(decision.stage, run_dir.root, cfg.launcher)
+        code = subprocess.run(argv, env=env).returncode
+        state = run_dir.state(decision.stage)
+        if code != 0 or state.status != "done":
+            run_dir.mark_failed(decision.stage, f"exit code {code}")
+            raise CliError(f"stage {decision.stage} failed (exit code {code}); fix the cause and run "
+                           f"the same command again to resume from its last checkpoint")
+        ran += 1
+    if ran == 0:
+        print(f"[maskprune] nothing to do: every stage of {run_dir.root} is done")
+    final = run_dir.final_checkpoint()
+    if final:
+        print(f"[maskprune] final checkpoint: {final}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run_dir = RunDir(args.run_dir)
+    summary = {"config": str(run_dir.config_path), **run_dir.summary()}
+    run_dir.load_config()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for stage, info in summary["stages"].items():
+        extra = f"  ({info['error']})" if info["error"] else ""
+        print(f"{stage:20s} {info['status']}{extra}")
+    print(f"final checkpoint: {summary['final_checkpoint'] or '-'}")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    run_dir = RunDir(args.run_dir)
+    run_dir.load_config()
+    run_dir.reset(args.stage)
+    print(f"[maskprune] {args.stage}: reset to pending; the next `maskprune run` re-runs it "
+          "and the stages after it")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskprune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the pipeline of an experiment file")
+    run.add_argument("config", help="experiment TOML, e.g. configs/tiny.toml")
+    run.add_argument("--run-dir", help="run directory (default runs/<name>)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. mask_learn.train.steps=20 (repeatable)")
+    run.add_argument("--force", action="store_true", help="re-run finished stages whose config changed")
+    run.add_argument("--until", choices=STAGES, help="stop after this stage")
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="show the stages of a run directory")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="machine-readable, with final_checkpoint")
+    status.set_defaults(func=cmd_status)
+    reset = sub.add_parser("reset", help="mark one stage pending so it and the ones after it re-run")
+    reset.add_argument("run_dir")
+    reset.add_argument("stage", choices=STAGES)
+    reset.set_defaults(func=cmd_reset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, RunDirError, CliError, FileNotFoundError, ValueError) as err:
+        print(f"maskprune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

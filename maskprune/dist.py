@@ -1,0 +1,125 @@
+"""Distributed harness shared by every stage: rank discovery, DeepSpeed init, rank-0 logging, stop flag.
+
+Works under the `deepspeed` launcher (which passes --local_rank), torchrun, srun (SLURM_PROCID /
+SLURM_LOCALID / SLURM_NTASKS) and mpirun (OMPI_COMM_WORLD_* or mpi4py discovery), on CPU (gloo)
+and GPU (nccl) alike.
+"""
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_ENV_MAPS = (
+    # (rank, local rank, world size) variable names of each launcher, most specific first
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def discover_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int, str]:
+    """(rank, local_rank, world_size, source) from whichever launcher set its variables."""
+    env = dict(os.environ if env is None else env)
+    for rank_key, local_key, size_key in _ENV_MAPS:
+        if rank_key in env and size_key in env:
+            return int(env[rank_key]), int(env.get(local_key, 0)), int(env[size_key]), rank_key
+    return 0, 0, 1, "single"
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed with env:// for whatever launched us."""
+    if not on_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    rank, local_rank, world_size, source = discover_ranks()
+    if source not in ("RANK", "single"):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if source == "single":
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    # A hang in a collective should fail loudly rather than eat the job's time limit.
+    faulthandler.dump_traceback_later(timeout_minutes * 60, exit=True)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo",
+                                   auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    if on_gpu():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
+                    world_size=torch.distributed.get_world_size(), device=device)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def log(message: str) -> None:
+    """Rank-0 log line with a timestamp, flushed so launcher logs interleave sanely."""
+    if rank() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stdout, flush=True)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class StopFlag:
+    """Preemption: SIGUSR1 / SIGTERM or a stop file sets a local flag; `should_stop()` all-reduces it
+    at a step boundary so every rank stops after the same step and all save the same checkpoint."""
+
+    def __init__(self, stop_file: Path | None = None):
+        self.stop_file = stop_file
+        self._local = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self._local = True
+
+    def should_stop(self) -> bool:
+        local = self._local or bool(self.stop_file and self.stop_file.exists())
+        flag = torch.tensor([1.0 if local else 0.0], device="cuda" if on_gpu() else "cpu")
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def stage_argv_parser(description: str):
+    """The argument parser every stage script shares: --run-dir plus the launcher's --local_rank."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run-dir", required=True, help="run directory made by `maskprune run`")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser

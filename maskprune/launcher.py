@@ -1,0 +1,75 @@
+"""How `maskprune run` starts each stage: an argv list (never a shell string) and its environment."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from maskprune.config import LauncherConfig
+
+PIPELINE_DIR = Path(__file__).resolve().parent.parent / "pipeline"
+
+# Stages that run under the distributed launcher; the rest are single-process.
+DISTRIBUTED_STAGES = {"mask_learn", "continued_pretrain"}
+
+
+def stage_script(stage: str) -> Path:
+    return PIPELINE_DIR / f"stage_{stage}.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tool(name: str) -> str:
+    """The launcher next to this interpreter (a venv's bin/), else on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def stage_command(stage: str, run_dir: Path, launcher: LauncherConfig) -> list[str]:
+    script = str(stage_script(stage))
+    tail = [script, "--run-dir", str(run_dir)]
+    if stage not in DISTRIBUTED_STAGES or launcher.kind == "none":
+        return [sys.executable, *tail]
+    port = str(launcher.master_port or free_port())
+    if launcher.kind == "torchrun":
+        return [_tool("torchrun"), f"--nproc_per_node={launcher.num_gpus}",
+                f"--nnodes={launcher.num_nodes}", f"--master_addr={launcher.master_addr}",
+                f"--master_port={port}", *tail]
+    argv = [_tool("deepspeed"), "--num_gpus", str(launcher.num_gpus), "--master_port", port]
+    if launcher.hostfile:
+        argv += ["--hostfile", launcher.hostfile, "--num_nodes", str(launcher.num_nodes),
+                 "--master_addr", launcher.master_addr]
+    return argv + tail
+
+
+def clear_stale_extension_locks(root: Path, older_than_s: float = 1800) -> list[Path]:
+    """A JIT build killed mid-way leaves a `lock` file that hangs every later start."""
+    removed = []
+    for lock in root.glob("*/lock"):
+        if time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+    return removed
+
+
+def stage_env(launcher: LauncherConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(launcher.omp_num_threads))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    ext = Path(env.setdefault("TORCH_EXTENSIONS_DIR",
+                              str(Path.home() / ".cache" / "maskprune" / "torch_extensions")))
+    ext.mkdir(parents=True, exist_ok=True)
+    clear_stale_extension_locks(ext)
+    return env

@@ -1,0 +1,223 @@
+"""The run directory: frozen config, one folder and one state record per stage, fingerprints.
+
+    RUN/config.toml              resolved experiment, frozen at first start
+    RUN/<stage>/state.json       pending | running | done | failed, config hash, input ids
+    RUN/<stage>/...              the stage's outputs (written atomically by the stage)
+    RUN/tb/<stage>/              TensorBoard events, rank 0
+
+A stage's fingerprint has two parts: the hash of the config sections it reads, and the completion
+ids of the stages it reads from. A changed config is refused unless --force (the user must mean
+it); a re-run upstream stage simply makes the stages after it run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maskprune.config import ExperimentConfig, config_to_dict, dump_config, load_config
+
+STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain", "evaluate")
+
+# Which config sections and which upstream stages each stage reads.
+STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": (("model", "data"), ()),
+    "tokenize": (("data",), ("prepare",)),
+    "mask_learn": (("target", "mask_learn"), ("prepare", "tokenize")),
+    "hard_prune": (("hard_prune",), ("prepare", "mask_learn")),
+    "continued_pretrain": (("continued_pretrain",), ("prepare", "tokenize", "hard_prune")),
+    "evaluate": (("evaluate", "data"), ("prepare", "tokenize", "hard_prune", "continued_pretrain")),
+}
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked; the message says what to do."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename so a kill never leaves a half-written file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def config_hash(cfg: ExperimentConfig, stage: str) -> str:
+    sections, _ = STAGE_INPUTS[stage]
+    raw = config_to_dict(cfg)
+    chosen = {name: raw[name] for name in sections}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageState:
+    stage: str
+    status: str = "pending"
+    config_hash: str = ""
+    inputs: dict[str, str] | None = None
+    completion_id: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    attempts: int = 0
+    outputs: dict[str, Any] | None = None
+    error: str = ""
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    # ---------------------------------------------------------------- layout
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def tb_dir(self, stage: str) -> Path:
+        return self.root / "tb" / stage
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self) -> ExperimentConfig:
+        if not self.exists():
+            raise RunDirError(f"{self.root}: not a run directory (no config.toml); "
+                              "start one with `maskprune run CONFIG --run-dir DIR`")
+        return load_config(self.config_path)
+
+    def write_config(self, cfg: ExperimentConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, dump_config(cfg))
+
+    # ---------------------------------------------------------------- state records
+    def state(self, stage: str) -> StageState:
+        path = self.stage_dir(stage) / "state.json"
+        if not path.is_file():
+            return StageState(stage=stage)
+        return StageState(**json.loads(path.read_text()))
+
+    def save_state(self, state: StageState) -> None:
+        folder = self.stage_dir(state.stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "state.json", state.__dict__)
+
+    def input_ids(self, stage: str) -> dict[str, str]:
+        _, upstream = STAGE_INPUTS[stage]
+        return {name: self.state(name).completion_id for name in upstream}
+
+    def mark_running(self, stage: str, cfg: ExperimentConfig) -> StageState:
+        state = self.state(stage)
+        state.status = "running"
+        state.config_hash = config_hash(cfg, stage)
+        state.inputs = self.input_ids(stage)
+        state.started_at = time.time()
+        state.attempts += 1
+        state.error = ""
+        self.save_state(state)
+        return state
+
+    def mark_done(self, stage: str, outputs: dict[str, Any] | None = None) -> StageState:
+        state = self.state(stage)
+        state.status = "done"
+        state.finished_at = time.time()
+        state.completion_id = uuid.uuid4().hex[:12]
+        state.outputs = outputs or state.outputs
+        self.save_state(state)
+        return state
+
+    def mark_failed(self, stage: str, error: str) -> None:
+        state = self.state(stage)
+        state.status = "failed"
+        state.error = error
+        self.save_state(state)
+
+    def reset(self, stage: str) -> None:
+        if stage not in STAGES:
+            raise RunDirError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        state = self.state(stage)
+        state.status = "pending"
+        state.completion_id = ""
+        self.save_state(state)
+
+    def clear_stage(self, stage: str) -> None:
+        """Before a fresh (not resumed) run: old outputs and checkpoints must not be resumed from."""
+        folder = self.stage_dir(stage)
+        state = self.state(stage)
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.rmtree(self.tb_dir(stage), ignore_errors=True)
+        state.status, state.completion_id, state.outputs = "pending", "", None
+        self.save_state(state)
+
+    def final_checkpoint(self) -> str | None:
+        for stage in ("continued_pretrain", "hard_prune"):
+            state = self.state(stage)
+            if state.status == "done" and state.outputs and state.outputs.get("model"):
+                return state.outputs["model"]
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        stages = {}
+        for stage in STAGES:
+            state = self.state(stage)
+            stages[stage] = {"status": state.status, "attempts": state.attempts,
+                             "outputs": state.outputs or {}, "error": state.error}
+        return {"run_dir": str(self.root), "stages": stages,
+                "final_checkpoint": self.final_checkpoint()}
+
+
+@dataclass
+class StageDecision:
+    stage: str
+    action: str  # "skip" | "run" | "refuse"
+    reason: str
+
+
+def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecision]:
+    """Decide per stage, in order, before anything runs: skip, run (and why), or refuse."""
+    decisions: list[StageDecision] = []
+    rerun: set[str] = set()
+    for stage in STAGES:
+        state = run_dir.state(stage)
+        _, upstream = STAGE_INPUTS[stage]
+        new_hash = config_hash(cfg, stage)
+        if state.status != "done":
+            action, reason = "run", ("resume" if state.status in ("running", "failed") else "new")
+        elif state.config_hash != new_hash:
+            if force:
+                action, reason = "run", "config changed (--force)"
+            else:
+                action, reason = "refuse", "config changed"
+        elif any(name in rerun for name in upstream) or state.inputs != run_dir.input_ids(stage):
+            action, reason = "run", "an input stage was re-run"
+        else:
+            action, reason = "skip", "done"
+        if action == "run":
+            rerun.add(stage)
+        decisions.append(StageDecision(stage, action, reason))
+    return decisions
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def digest_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            h.update(block)
+    return h.hexdigest()
