@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from maskprune.arch import LlamaShape
 
 FORMAT = "maskprune.masks/1"
 
@@ -75,3 +79,32 @@ def load_keep_indices(path: Path) -> KeepIndices:
         scores={k[len("score."):]: v for k, v in tensors.items() if k.startswith("score.")})
     keep.validate()
     return keep
+
+
+def keep_from_scores(attn_scores: torch.Tensor, ffn_scores: torch.Tensor, shape: "LlamaShape",
+                     attn_units: int, ffn_width: int, mode: str, method: str) -> KeepIndices:
+    """Every layer keeps exactly `attn_units` / `ffn_width` of its own highest-scoring units.
+
+    attn_scores: [L, U] per attention unit (query heads, or KV groups in kv_group mode);
+    ffn_scores: [L, I]. In query_per_group mode the top heads are taken inside each KV group, so
+    every group keeps attn_units / n_kv heads and all KV heads survive."""
+    layers = attn_scores.shape[0]
+    group = shape.group_size
+    n_kv = shape.num_key_value_heads
+    q_rows, kv_rows = [], []
+    for layer in range(layers):
+        scores = attn_scores[layer].float()
+        if mode == "query_per_group":
+            per_group = attn_units // n_kv
+            grouped = scores.view(n_kv, group)
+            top = grouped.topk(per_group, dim=1).indices + torch.arange(n_kv).unsqueeze(1) * group
+            q_rows.append(top.flatten().sort().values)
+            kv_rows.append(torch.arange(n_kv))
+        else:
+            kv = scores.topk(attn_units).indices.sort().values
+            kv_rows.append(kv)
+            q_rows.append((kv.unsqueeze(1) * group + torch.arange(group)).flatten())
+    ffn = ffn_scores.float().topk(ffn_width, dim=1).indices.sort(dim=1).values
+    return KeepIndices(q_heads=torch.stack(q_rows).long(), kv_heads=torch.stack(kv_rows).long(),
+                       ffn=ffn.long(), method=method, attn_mode=mode,
+                       scores={"attn": attn_scores.float().cpu(), "ffn": ffn_scores.float().cpu()})
