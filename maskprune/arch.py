@@ -156,32 +156,28 @@ def budget_for_sparsity(shape: LlamaShape, sparsity: float) -> float:
 
 def admissible(shape: LlamaShape, s_attn: float, s_ffn: float, budget: float, mode: AttnMode,
                alignment: int) -> tuple[int, int]:
-    """The legal (attention units, FFN width) at or below round(s) with R <= budget, as close to
-    the budget as possible: the end-of-stage shape every layer is cut to."""
+    """The legal (attention units, FFN width) nearest to the learned targets s with R <= budget:
+    the end-of-stage shape every layer is cut to. Distances are fractions of each type's dense size;
+    budget left unused costs the same, so rounding one type down frees room for the other."""
     units = legal_attn_units(shape, mode)
     widths = ffn_widths(shape, alignment)
-    cap_u = max([u for u in units if u <= max(round(s_attn), units[0])], default=units[0])
-    cap_f = max([w for w in widths if w <= max(round(s_ffn), widths[0])], default=widths[0])
     layers = shape.num_hidden_layers
-    best: tuple[float, float, int, int] | None = None
+    dense = shape.prunable_params()
+    best: tuple[float, int, int] | None = None
     for u in units:
-        if u > cap_u:
-            continue
         attn = attn_params_for_units(u, shape, mode)
         for w in widths:
-            if w > cap_f:
-                continue
             r = layers * (attn + shape.ffn_params_per_layer(w))
             if r > budget:
                 continue
-            key = (r, -(abs(u - s_attn) / units[-1] + abs(w - s_ffn) / widths[-1]), u, w)
-            if best is None or key > best:
-                best = key
+            cost = abs(u - s_attn) / units[-1] + abs(w - s_ffn) / widths[-1] + (budget - r) / dense
+            if best is None or cost < best[0]:
+                best = (cost, u, w)
     if best is None:
         raise ShapeError(f"no legal shape fits the budget of {budget:.0f} parameters: the smallest "
                          f"({units[0]} attention units, {widths[0]} FFN channels) is larger; "
                          "lower target.sparsity or target.ffn_alignment")
-    return best[2], best[3]
+    return best[1], best[2]
 
 
 def check_loadable(shape: LlamaShape) -> None:

@@ -131,8 +131,10 @@ class TargetConfig:
 @dataclass
 class LauncherConfig:
     # "deepspeed": the deepspeed launcher; "torchrun"; "none": the stage runs in this process's
-    # environment as it is (already under srun/mpirun, which set the rank variables).
-    kind: Literal["deepspeed", "torchrun", "none"] = "deepspeed"
+    # environment as it is (already under srun/mpirun, which set the rank variables);
+    # "srun": inside a Slurm job, one srun task per node runs the deepspeed launcher (--no_ssh);
+    # "srun_tasks": inside a Slurm job, one srun task per rank (see launch/ and docs/launch.md).
+    kind: Literal["deepspeed", "torchrun", "none", "srun", "srun_tasks"] = "deepspeed"
     num_gpus: int = 2  # ranks per node (CPU processes on a machine without GPUs)
     num_nodes: int = 1
     hostfile: str = ""

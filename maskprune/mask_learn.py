@@ -1,0 +1,288 @@
+"""The mask-learn loop: LoRA through the DeepSpeed engine, masks / targets / duals by the minimax.
+
+Per optimizer step: a no-grad teacher pass of the same engine with masks and LoRA switched off,
+the student pass with hard masks (STE), CE + distillation backward, the engine's LoRA step, an
+all-reduce of the (replicated) mask gradients, then `minimax_step`. The last `hardening_fraction`
+of steps train LoRA under the final uniform masks (METHOD_NOTES 4).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maskprune.arch import LlamaShape, admissible, attn_unit_count
+from maskprune.config import ExperimentConfig
+from maskprune.data import BatchIterator, TokenShards, eval_batches
+from maskprune.dist import DistInfo, StopFlag, log
+from maskprune.lora import LoraSwitch
+from maskprune.losses import distill_kl, hidden_mse
+from maskprune.masking import MaskState, fixed_masks_from_keep
+from maskprune.masks_io import KeepIndices, keep_from_scores
+from maskprune.metrics import MetricWriter, memory_metrics
+from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
+from maskprune.rundir import atomic_write_json
+from maskprune.training import Checkpointer
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
+
+
+@dataclass
+class MaskLearner:
+    cfg: ExperimentConfig
+    dist: DistInfo
+    engine: Any
+    masks: MaskState
+    lora: LoraSwitch
+    minimax: MinimaxState
+    budget: BudgetModel
+    train_iter: BatchIterator
+    valid: TokenShards
+    checkpointer: Checkpointer
+    meta: dict[str, Any]
+    writer: MetricWriter
+    progress_path: Path
+    explicit_units: tuple[int, int] | None = None  # target.arch given: the shape is not learned
+    step: int = 0
+
+    @property
+    def ml(self):
+        return self.cfg.mask_learn
+
+    @property
+    def hardening_start(self) -> int:
+        steps = self.ml.train.steps
+        return steps - int(round(self.ml.hardening_fraction * steps))
+
+    # ------------------------------------------------------------------ shape decisions
+    def target_units(self) -> tuple[int, int]:
+        """Exactly admissible(round(s)) per type, with R(k) <= the final budget."""
+        if self.explicit_units is not None:
+            return self.explicit_units
+        shape, target = self.masks.shape, self.cfg.target
+        return admissible(shape, self.minimax.s["attn"], self.minimax.s["ffn"],
+                          self.budget.final_budget, target.attn_mode, target.ffn_alignment)
+
+    def current_keep(self) -> KeepIndices:
+        attn_units, ffn_width = self.target_units()
+        return keep_from_scores(self.masks.attn_scores.detach(), self.masks.ffn_scores.detach(),
+                                self.masks.shape, attn_units, ffn_width, self.cfg.target.attn_mode,
+                                method="maskprune")
+
+    def harden(self) -> None:
+        keep = self.current_keep()
+        attn, ffn = fixed_masks_from_keep(keep.q_heads, keep.ffn, self.masks.shape, self.masks.mode)
+        self.masks.fixed_attn, self.masks.fixed_ffn = attn, ffn
+        log(f"mask_learn: hardening from step {self.step}: every layer keeps "
+            f"{keep.q_heads.shape[1]} query heads / {keep.kv_heads.shape[1]} KV heads, "
+            f"{keep.ffn.shape[1]} FFN channels; only LoRA trains from here")
+
+    # ------------------------------------------------------------------ one step
+    def forward_losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        distill = self.ml.distill
+        want_hidden = distill.hidden_weight > 0
+        batch = batch.to(self.dist.device)
+        teacher = None
+        if distill.kl_weight > 0 or want_hidden:
+            self.masks.enabled, self.lora.enabled = False, False
+            with torch.no_grad():
+                teacher = self.engine(input_ids=batch, output_hidden_states=want_hidden)
+            self.masks.enabled, self.lora.enabled = True, True
+        out = self.engine(input_ids=batch, labels=batch, output_hidden_states=want_hidden)
+        losses = {"ce": out.loss}
+        total = out.loss
+        if teacher is not None and distill.kl_weight > 0:
+            losses["distill"] = distill_kl(out.logits, teacher.logits, distill.temperature)
+            total = total + distill.kl_weight * losses["distill"]
+        if teacher is not None and want_hidden:
+            losses["hidden"] = hidden_mse(out.hidden_states, teacher.hidden_states)
+            total = total + distill.hidden_weight * losses["hidden"]
+        losses["total"] = total
+        return losses
+
+    def mask_grads(self) -> dict[str, torch.Tensor]:
+        grads = {}
+        for kind, param in (("attn", self.masks.attn_scores), ("ffn", self.masks.ffn_scores)):
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(grad)
+                grad /= self.dist.world_size
+            grads[kind] = grad.clone()
+            param.grad = None
+        return grads
+
+    def train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        for _ in range(self.ml.train.grad_accum):
+            losses = self.forward_losses(next(self.train_iter))
+            self.engine.backward(losses["total"])
+            self.engine.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / self.ml.train.grad_accum
+        grads = self.mask_grads()
+        stats = {f"loss/{k}": v for k, v in sums.items()}
+        if self.step < self.hardening_start:
+            lr = StepSizes(self.ml.mask_lr_alpha, self.ml.dual_lr_layer, self.ml.dual_lr_budget,
+                           self.ml.target_lr, self.ml.rho)
+            stats.update(minimax_step({"attn": self.masks.attn_scores.data, "ffn": self.masks.ffn_scores.data},
+                                      grads, self.minimax, self.budget, self.step, lr))
+            stats["loss/lagrangian"] = self.lagrangian(sums["total"])
+        tokens = self.ml.train.grad_accum * self.ml.train.micro_batch_size * \
+            self.valid.seq_len * self.dist.world_size
+        stats["throughput/tokens_per_s"] = tokens / (time.perf_counter() - started)
+        stats["lr/lora"] = self.engine.get_lr()[0]
+        return stats
+
+    def lagrangian(self, loss: float) -> float:
+        attn_kept, ffn_kept = self.masks.kept_counts()
+        value = loss
+        for kind, kept in (("attn", attn_kept), ("ffn", ffn_kept)):
+            units = self.budget.units[kind]
+            value += (self.minimax.y[kind] * (kept.double() - self.minimax.s[kind]) / units).mean().item()
+        value += self.minimax.z * (self.budget.params(self.minimax.s) - self.budget.budget(self.step)) / self.budget.dense
+        return value
+
+    # ------------------------------------------------------------------ validation, logging
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        total, count = 0.0, 0
+        for batch in eval_batches(self.valid, self.ml.train.micro_batch_size, self.dist.rank,
+                                  self.dist.world_size, self.ml.train.eval_batches):
+            total += self.engine(input_ids=batch.to(self.dist.device), labels=batch.to(self.dist.device)).loss.item()
+            count += 1
+        values = torch.tensor([total, float(count)], dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)
+        return values[0].item() / max(values[1].item(), 1.0)
+
+    def log_layers(self) -> None:
+        attn_kept, ffn_kept = self.masks.kept_counts()
+        if self.masks.fixed_attn is not None:
+            attn_kept, ffn_kept = self.masks.fixed_attn.sum(1), self.masks.fixed_ffn.sum(1)
+        units = attn_unit_count(self.masks.shape, self.masks.mode)
+        image = torch.stack([attn_kept.float() / units,
+                             ffn_kept.float() / self.masks.shape.intermediate_size], dim=1)
+        # One row per layer, two columns (attention, FFN), brightness = fraction kept.
+        pixels = (image.clamp(0, 1) * 255).to(torch.uint8).repeat_interleave(8, 0).repeat_interleave(16, 1)
+        self.writer.image("kept_units/per_layer", pixels.unsqueeze(-1).repeat(1, 1, 3).numpy(), self.step)
+        self.writer.histogram("kept_units/attn", attn_kept.float(), self.step)
+        self.writer.histogram("kept_units/ffn", ffn_kept.float(), self.step)
+        self.writer.histogram("mask_scores/attn", self.masks.attn_scores.detach(), self.step)
+        self.writer.histogram("mask_scores/ffn", self.masks.ffn_scores.detach(), self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"mask.attn": self.masks.attn_scores.detach(), "mask.ffn": self.masks.ffn_scores.detach(),
+                   **self.minimax.tensors()}
+        if self.masks.fixed_attn is not None:
+            tensors["fixed.attn"], tensors["fixed.ffn"] = self.masks.fixed_attn, self.masks.fixed_ffn
+        return tensors
+
+    def save(self) -> None:
+        keep = self.current_keep() if self.masks.fixed_attn is None else self.final_keep()
+        folder = self.checkpointer.save(self.engine, self.step,
+                                        client_state={"step": self.step, "data": self.train_iter.state_dict()},
+                                        meta={**self.meta, "masks": "maskprune_masks.safetensors"},
+                                        tensors=self.state_tensors(), exclude_frozen=True)
+        if self.dist.is_rank0:
+            from maskprune.masks_io import save_keep_indices
+
+            save_keep_indices(folder / "maskprune_masks.safetensors", keep)
+
+    def restore(self) -> None:
+        if self.ml.train.resume != "auto":
+            return
+        tag = self.checkpointer.latest()
+        if tag is None:
+            return
+        client, tensors = self.checkpointer.load(self.engine, tag)
+        self.step = int(client["step"])
+        self.train_iter.load_state_dict(client["data"])
+        self.masks.attn_scores.data.copy_(tensors["mask.attn"])
+        self.masks.ffn_scores.data.copy_(tensors["mask.ffn"])
+        self.minimax = MinimaxState.from_tensors(tensors)
+        if "fixed.attn" in tensors:
+            self.masks.fixed_attn, self.masks.fixed_ffn = tensors["fixed.attn"], tensors["fixed.ffn"]
+        log(f"mask_learn: resumed from {self.checkpointer.root / tag} at step {self.step}")
+
+    def final_keep(self) -> KeepIndices:
+        """The hardening masks as keep indices (scores kept for inspection)."""
+        if self.masks.fixed_attn is None:
+            self.harden()
+        attn, ffn = self.masks.fixed_attn, self.masks.fixed_ffn
+        # Fixed masks are 0/1 with exactly k ones per row, so top-k of (mask + tiny score tie-break)
+        # returns the same units.
+        shape = self.masks.shape
+        units = int(attn[0].sum().item())
+        width = int(ffn[0].sum().item())
+        keep = keep_from_scores(attn, ffn, shape, units, width, self.masks.mode, "maskprune")
+        keep.scores = {"attn": self.masks.attn_scores.detach().cpu(), "ffn": self.masks.ffn_scores.detach().cpu()}
+        return keep
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: StopFlag) -> bool:
+        """Train to the last step; False if stopped early on request (after a checkpoint)."""
+        train = self.ml.train
+        self.restore()
+        while self.step < train.steps:
+            if self.step >= self.hardening_start and self.masks.fixed_attn is None:
+                self.harden()
+            stats = self.train_step()
+            self.step += 1
+            if self.step % train.log_every == 0 or self.step == train.steps:
+                stats.update(memory_metrics())
+                self.writer.scalars(stats, self.step)
+                log(f"mask_learn step {self.step}/{train.steps} loss {stats['loss/total']:.4f} "
+                    f"ce {stats['loss/ce']:.4f} s_attn {self.minimax.s['attn']:.2f} "
+                    f"s_ffn {self.minimax.s['ffn']:.1f} z {self.minimax.z:.3f} "
+                    f"{stats['throughput/tokens_per_s']:.0f} tok/s")
+            if self.step % train.eval_every == 0 or self.step == train.steps:
+                valid = self.validation_loss()
+                self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": math.exp(min(valid, 50))}, self.step)
+                self.log_layers()
+            stopping = stop.should_stop()
+            if self.step % train.checkpoint_every == 0 or self.step == train.steps or stopping:
+                self.save()
+            if self.dist.is_rank0:
+                atomic_write_json(self.progress_path, {"step": self.step, "steps": train.steps})
+            if stopping and self.step < train.steps:
+                log(f"mask_learn: stop requested; checkpoint at step {self.step} saved, exiting")
+                self.writer.close()
+                return False
+        self.writer.close()
+        return True
+
+
+def init_scores(shape: LlamaShape, mode: str, method: str, scores: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask scores normalised to mean 1 per layer (the prox threshold's unit, see minimax.py)."""
+    if scores is None:
+        return (torch.ones(shape.num_hidden_layers, attn_unit_count(shape, mode)),
+                torch.ones(shape.num_hidden_layers, shape.intermediate_size))
+    normed = []
+    for kind in ("attn", "ffn"):
+        value = scores[kind].float().clamp_min(0) + 1e-6
+        normed.append(value / value.mean(dim=1, keepdim=True))
+    return normed[0], normed[1]
+
+
+def write_summary(path: Path, source: LlamaShape, keep: KeepIndices, learner: MaskLearner) -> dict[str, Any]:
+    final = source.replace(num_attention_heads=keep.q_heads.shape[1],
+                           num_key_value_heads=keep.kv_heads.shape[1],
+                           intermediate_size=keep.ffn.shape[1])
+    prunable_after = final.prunable_params()
+    summary = {
+        "source_shape": source.hf_overrides(), "final_shape": final.hf_overrides(),
+        "params": {"source": source.param_count(), "final": final.param_count(),
+                   "prunable_source": source.prunable_params(), "prunable_final": prunable_after},
+        "budget": learner.budget.final_budget,
+        "final_violation": max(0.0, prunable_after - learner.budget.final_budget),
+        "target_dims": learner.minimax.s, "steps": learner.step,
+    }
+    atomic_write_json(path, summary)
+    return summary
+

@@ -1,0 +1,94 @@
+"""Structured masks applied exactly where hard-prune slices, with a straight-through estimator.
+
+- attention: per query head, on the input of `o_proj` (the concatenated per-head outputs), so a
+  zeroed head is exactly a removed o_proj column block (and, in kv_group mode, a removed KV head);
+- FFN: per channel, on the input of `down_proj`, i.e. on act(gate)·up.
+
+The scores m are plain replicated tensors outside the DeepSpeed engine (tiny next to the model:
+2.3M floats for a 70B model), so no ZeRO-3 shard is ever captured; hooks read them through this
+module's attributes at call time. Forward uses the hard mask 1[m > 0]; backward passes dL/dmask to
+m unchanged (identity STE).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from maskprune.arch import AttnMode, LlamaShape, attn_unit_count, head_mask_from_units
+
+
+class MaskState(nn.Module):
+    def __init__(self, shape: LlamaShape, mode: AttnMode, init_attn: torch.Tensor | None = None,
+                 init_ffn: torch.Tensor | None = None):
+        super().__init__()
+        layers = shape.num_hidden_layers
+        self.shape, self.mode = shape, mode
+        units = attn_unit_count(shape, mode)
+        self.attn_scores = nn.Parameter(
+            init_attn.clone().float() if init_attn is not None else torch.ones(layers, units))
+        self.ffn_scores = nn.Parameter(
+            init_ffn.clone().float() if init_ffn is not None else torch.ones(layers, shape.intermediate_size))
+        # enabled=False: the dense teacher pass. fixed_*: the hardening phase's final masks.
+        self.enabled = True
+        self.fixed_attn: torch.Tensor | None = None
+        self.fixed_ffn: torch.Tensor | None = None
+
+    @staticmethod
+    def ste(scores: torch.Tensor) -> torch.Tensor:
+        hard = (scores > 0).to(scores.dtype)
+        return hard + (scores - scores.detach())
+
+    def unit_mask(self, kind: str, layer: int) -> torch.Tensor:
+        fixed = self.fixed_attn if kind == "attn" else self.fixed_ffn
+        if fixed is not None:
+            return fixed[layer]
+        scores = self.attn_scores if kind == "attn" else self.ffn_scores
+        return self.ste(scores[layer])
+
+    def head_mask(self, layer: int) -> torch.Tensor:
+        return head_mask_from_units(self.unit_mask("attn", layer), self.shape, self.mode)
+
+    def kept_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """||m_l||_0 per layer for each type: the quantity the per-layer constraints bound."""
+        return (self.attn_scores > 0).sum(1), (self.ffn_scores > 0).sum(1)
+
+
+def _o_proj_hook(state: MaskState, layer: int, head_dim: int):
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if not state.enabled:
+            return inputs
+        x = inputs[0]
+        mask = state.head_mask(layer).to(x.dtype)
+        heads = x.view(*x.shape[:-1], -1, head_dim) * mask.unsqueeze(-1)
+        return (heads.view_as(x), *inputs[1:])
+    return hook
+
+
+def _down_proj_hook(state: MaskState, layer: int):
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if not state.enabled:
+            return inputs
+        return (inputs[0] * state.unit_mask("ffn", layer).to(inputs[0].dtype), *inputs[1:])
+    return hook
+
+
+def attach_masks(model: nn.Module, state: MaskState) -> list[torch.utils.hooks.RemovableHandle]:
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            _o_proj_hook(state, index, state.shape.head_dim)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(_down_proj_hook(state, index)))
+    return handles
+
+
+def fixed_masks_from_keep(keep_q: torch.Tensor, keep_ffn: torch.Tensor, shape: LlamaShape,
+                          mode: AttnMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 unit masks [L, U] and [L, I] equal to a set of keep indices."""
+    layers = keep_q.shape[0]
+    attn = torch.zeros(layers, attn_unit_count(shape, mode))
+    if mode == "query_per_group":
+        attn.scatter_(1, keep_q, 1.0)
+    else:
+        attn.scatter_(1, torch.div(keep_q, shape.group_size, rounding_mode="floor"), 1.0)
+    ffn = torch.zeros(layers, shape.intermediate_size).scatter_(1, keep_ffn, 1.0)
+    return attn, ffn

@@ -1,0 +1,181 @@
+"""What both training stages share: the ZeRO-3 model and engine, the LR schedule, checkpoints.
+
+Checkpoints are complete or ignored: each tag folder gets a `COMPLETE` marker written last, and
+`latest` is rewritten only after it, so a kill mid-write leaves a folder that resume skips.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from maskprune.config import TrainLoopConfig
+from maskprune.dist import barrier, rank
+from maskprune.rundir import atomic_write_json, atomic_write_text
+
+COMPLETE_MARKER = "COMPLETE"
+META_FILE = "maskprune_meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def load_ds_config(path: str | Path, train: TrainLoopConfig) -> dict[str, Any]:
+    """The stage's DeepSpeed JSON with the batch, clipping and optimizer numbers of the experiment
+    file written in, so the TOML is the one place a user sets them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ds_config {path}: not found; use one of ds_configs/*.json")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"ds_config {path}: not valid JSON ({err})") from None
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(f"ds_config {path}: zero_optimization.stage must be 3 (got {zero.get('stage')}); "
+                         "maskprune partitions every model with ZeRO-3")
+    autos = [k for k, v in _flatten(ds).items() if v == "auto"]
+    if autos:
+        raise ValueError(f"ds_config {path}: 'auto' values ({', '.join(autos)}) need the HF Trainer; "
+                         "give concrete numbers")
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    ds["gradient_accumulation_steps"] = train.grad_accum
+    ds["gradient_clipping"] = train.grad_clip
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer.setdefault("params", {}).update(lr=train.lr, weight_decay=train.weight_decay)
+    # DeepSpeed's fused / CPU Adam JIT-compile for minutes; torch's AdamW is what runs everywhere.
+    optimizer["params"].setdefault("torch_adam", True)
+    return ds
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def model_dtype(ds: dict[str, Any]) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def build_zero3_model(model_dir: str | Path, ds: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """A Llama partitioned across ranks as it loads (HfDeepSpeedConfig makes from_pretrained use
+    zero.Init), so a 70B model never materialises on one rank. Keep the returned config object alive
+    for as long as the model is used."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model_dtype(ds), trust_remote_code=False)
+    return model, hf_ds
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def init_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], ds: dict[str, Any],
+                train: TrainLoopConfig):
+    import deepspeed
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, train.warmup_steps, train.steps))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
+                                           lr_scheduler=scheduler)
+    return engine
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix("step"))
+
+
+class Checkpointer:
+    """DeepSpeed checkpoints under `root`, with per-rank RNG, our metadata and a completeness marker."""
+
+    def __init__(self, root: Path, keep_last: int):
+        self.root = Path(root)
+        self.keep_last = max(1, keep_last)
+
+    def complete_tags(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        tags = [p.name for p in self.root.glob("step*") if (p / COMPLETE_MARKER).is_file()]
+        return sorted(tags, key=step_of)
+
+    def latest(self) -> str | None:
+        tags = self.complete_tags()
+        return tags[-1] if tags else None
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any],
+             tensors: dict[str, torch.Tensor] | None = None, exclude_frozen: bool = False) -> Path:
+        tag = tag_for(step)
+        folder = self.root / tag
+        if rank() == 0 and folder.exists():
+            shutil.rmtree(folder)  # an incomplete leftover of a killed save of this same step
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(folder / f"rng_rank{rank():05d}.safetensors"))
+        if rank() == 0:
+            if tensors:
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                          str(folder / "maskprune_state.safetensors"))
+            atomic_write_json(folder / META_FILE, {**meta, "step": step})
+        barrier()
+        if rank() == 0:
+            atomic_write_text(folder / COMPLETE_MARKER, f"{step}\n")
+            atomic_write_text(self.root / "latest", tag)
+            for old in self.complete_tags()[:-self.keep_last]:
+                shutil.rmtree(self.root / old, ignore_errors=True)
+        barrier()
+        return folder
+
+    def load(self, engine: Any, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        folder = self.root / tag
+        if not (folder / COMPLETE_MARKER).is_file():
+            raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER}); "
+                                  "resume picks the newest complete one")
+        _, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
+        if client_state is None:
+            raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
+        rng_path = folder / f"rng_rank{rank():05d}.safetensors"
+        if not rng_path.is_file():
+            raise CheckpointError(f"{folder}: no RNG state for rank {rank()}; it was written by a "
+                                  "different number of ranks — resume with the same launcher.num_gpus "
+                                  "× num_nodes, or convert it with DeepSpeed's ds_to_universal.py")
+        rng = load_file(str(rng_path))
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+        state_path = folder / "maskprune_state.safetensors"
+        tensors = load_file(str(state_path)) if state_path.is_file() else {}
+        return client_state, tensors

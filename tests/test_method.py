@@ -1,0 +1,140 @@
+"""Unit tests of the MaskPrune pieces: prox, STE, duals, admissible shapes, GQA maps, mask hooks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from maskprune.arch import (LlamaShape, ShapeError, admissible, budget_for_sparsity, check_loadable,
+                            head_mask_from_units, legal_attn_units)
+from maskprune.config import LoraConfig
+from maskprune.lora import attach_lora
+from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
+from maskprune.masks_io import keep_from_scores
+from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, dual_ascent, minimax_step, prox_l0
+
+
+def tiny_model(heads: int = 4, kv: int = 2, layers: int = 2, tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=48, tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+def shape_of(model: LlamaForCausalLM) -> LlamaShape:
+    return LlamaShape.from_hf_config(model.config)
+
+
+def test_prox_hard_thresholds_and_projects_nonnegative() -> None:
+    scores = torch.tensor([[0.5, -2.0, 1.5, 0.9], [3.0, 0.1, -0.1, 2.0]])
+    out = prox_l0(scores, torch.tensor([1.0, 0.05]))
+    # Row 0: |0.5| < 1 and |0.9| < 1 are cut; -2.0 survives the threshold but is projected to 0.
+    assert torch.equal(out, torch.tensor([[0.0, 0.0, 1.5, 0.0], [3.0, 0.1, 0.0, 2.0]]))
+
+
+def test_dual_ascent_grows_under_violation_and_returns_to_zero() -> None:
+    y = torch.zeros(3)
+    for _ in range(5):
+        y = dual_ascent(y, torch.tensor([0.5, 0.0, -0.2]), lr=0.1)
+    assert torch.allclose(y, torch.tensor([0.25, 0.0, 0.0]), atol=1e-7)
+    for _ in range(30):
+        y = dual_ascent(y, torch.tensor([-0.1, -0.1, -0.1]), lr=0.1)
+    assert y.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_ste_forward_is_hard_and_gradient_equals_dense_mask_gradient() -> None:
+    model = tiny_model()
+    shape = shape_of(model)
+    scores_attn = torch.tensor([[0.7, 0.0, 1.3, 2.0], [0.4, 0.9, 0.0, 0.2]])
+    scores_ffn = torch.rand(2, 48) - 0.3
+    state = MaskState(shape, "query_per_group", scores_attn, scores_ffn)
+    attach_masks(model, state)
+    ids = torch.randint(0, 97, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+    # The same model with plain dense 0/1 masks as leaf tensors: its gradient wrt those values.
+    dense = tiny_model()
+    hard_attn = (scores_attn > 0).float().requires_grad_(True)
+    hard_ffn = (scores_ffn > 0).float().requires_grad_(True)
+    dense_state = MaskState(shape, "query_per_group")
+    dense_state.unit_mask = lambda kind, layer: (hard_attn if kind == "attn" else hard_ffn)[layer]
+    attach_masks(dense, dense_state)
+    dense(input_ids=ids, labels=ids).loss.backward()
+    assert torch.equal(state.attn_scores.grad, hard_attn.grad)
+    assert torch.equal(state.ffn_scores.grad, hard_ffn.grad)
+
+
+@pytest.mark.parametrize("mode", ["query_per_group", "kv_group"])
+def test_all_ones_masks_and_fresh_lora_are_bit_identical_to_the_hf_model(mode: str) -> None:
+    reference = tiny_model()
+    masked = tiny_model()
+    state = MaskState(shape_of(masked), mode)
+    attach_masks(masked, state)
+    attach_lora(masked, LoraConfig(rank=4), seed=0)
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids).logits, masked(input_ids=ids).logits)
+
+
+def test_zeroed_heads_equal_removed_o_proj_columns() -> None:
+    model = tiny_model()
+    shape = shape_of(model)
+    state = MaskState(shape, "query_per_group", torch.tensor([[1.0, 0.0, 1.0, 1.0]] * 2))
+    attach_masks(model, state)
+    captured = {}
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(
+        lambda m, i, o: captured.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 97, (1, 8)))
+    head_dim = shape.head_dim
+    assert captured["x"][..., head_dim:2 * head_dim].abs().max().item() == 0.0
+    assert captured["x"][..., :head_dim].abs().max().item() > 0.0
+
+
+def test_gqa_index_maps_in_both_modes() -> None:
+    shape = LlamaShape(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=8, intermediate_size=16)
+    # kv_group: a unit is a KV group; its mask covers the group's 4 query heads (HF repeat_kv order).
+    assert head_mask_from_units(torch.tensor([0.0, 1.0]), shape, "kv_group").tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.8, 0.1, 0.3, 0.7]] * 2)
+    keep = keep_from_scores(scores, torch.rand(2, 16), shape, 4, 8, "query_per_group", "t")
+    assert keep.q_heads[0].tolist() == [1, 2, 4, 7]  # the top 2 inside each group of 4
+    assert keep.kv_heads[0].tolist() == [0, 1]
+    keep_kv = keep_from_scores(torch.tensor([[0.2, 0.9]] * 2), torch.rand(2, 16), shape, 1, 8, "kv_group", "t")
+    assert keep_kv.kv_heads[0].tolist() == [1]
+    assert keep_kv.q_heads[0].tolist() == [4, 5, 6, 7]
+    attn, _ = fixed_masks_from_keep(keep_kv.q_heads, keep_kv.ffn, shape, "kv_group")
+    assert attn.tolist() == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def test_admissible_shapes_respect_loader_and_budget() -> None:
+    smol = LlamaShape(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, head_dim=64, intermediate_size=1536, tie_word_embeddings=True)
+    assert legal_attn_units(smol, "query_per_group") == [3, 6, 9]
+    budget = budget_for_sparsity(smol, 0.5)
+    units, width = admissible(smol, 6.2, 700.0, budget, "query_per_group", 64)
+    assert (units, width) == (6, 640)  # METHOD_NOTES: 6 heads / 640 channels at 50%
+    assert smol.num_hidden_layers * (smol.attn_params_per_layer(6) + smol.ffn_params_per_layer(640)) <= budget
+    with pytest.raises(ShapeError, match="legal head counts"):
+        check_loadable(smol.replace(num_attention_heads=5, num_key_value_heads=1))
+    with pytest.raises(ShapeError, match="no legal shape fits"):
+        admissible(smol, 3, 64, 1000.0, "query_per_group", 64)
+
+
+def test_minimax_moves_targets_down_to_the_budget_and_masks_follow() -> None:
+    shape = LlamaShape(vocab_size=10, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=192)
+    budget = BudgetModel(shape, "query_per_group", sparsity=0.5, warmup_steps=20)
+    generator = torch.Generator().manual_seed(0)
+    scores = {"attn": torch.rand(4, 4, generator=generator) + 0.5,
+              "ffn": torch.rand(4, 192, generator=generator) + 0.5}
+    state = MinimaxState(s={"attn": 4.0, "ffn": 192.0},
+                         y={"attn": torch.zeros(4, dtype=torch.float64), "ffn": torch.zeros(4, dtype=torch.float64)})
+    lr = StepSizes(mask_alpha=0.02, dual_layer=0.5, dual_budget=2.0, target=0.2, rho=2.0)
+    for step in range(150):
+        grads = {k: torch.randn(v.shape, generator=generator) * 0.01 for k, v in scores.items()}
+        stats = minimax_step(scores, grads, state, budget, step, lr)
+    assert stats["sparsity/params_ratio"] == pytest.approx(0.5, abs=0.05)
+    # Per-layer constraints hold: no layer keeps more than s_t (within a step's slack).
+    assert stats["sparsity/violation/ffn"] <= 0.02 and stats["sparsity/violation/attn"] <= 0.25
+    assert all((scores[k] >= 0).all() for k in scores)
