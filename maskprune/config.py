@@ -227,9 +227,20 @@ class ContinuedPretrainConfig:
 class EvaluateConfig:
     ppl_chunk_lengths: list[int] = field(default_factory=lambda: [128, 2048])
     eval_text_max_tokens: int = 20000
-    tasks: list[str] = field(default_factory=list)  # e.g. ["olmo7"] or local task files
-    limit: int = 0  # 0 = every example
-    batch_size: int = 8
+    # "olmo7" (the 7-task suite of pruning papers) and/or local JSONL task files (maskprune.zero_shot)
+    tasks: list[str] = field(default_factory=list)
+    limit: int = 0  # examples per task; 0 = every example
+    batch_size: int = 8  # sequences per forward pass: perplexity, zero-shot and throughput alike
+    throughput_steps: int = 5  # timed forward passes per model, at the longest perplexity chunk
+
+    def validate(self) -> None:
+        if not self.ppl_chunk_lengths or min(self.ppl_chunk_lengths) < 2:
+            raise ConfigError(f"evaluate.ppl_chunk_lengths: need lengths >= 2, e.g. [128, 2048]; "
+                              f"got {self.ppl_chunk_lengths}")
+        if self.eval_text_max_tokens < 0 or self.limit < 0:
+            raise ConfigError("evaluate.eval_text_max_tokens / evaluate.limit: must be >= 0 (0 = all)")
+        if self.batch_size < 1 or self.throughput_steps < 1:
+            raise ConfigError("evaluate.batch_size / evaluate.throughput_steps: must be >= 1")
 
 
 @dataclass

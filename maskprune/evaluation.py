@@ -1,0 +1,134 @@
+"""Perplexity in the two conventions of pruning papers, forward throughput, parameter counts.
+
+Perplexity of a token stream at chunk length L: the stream is cut into non-overlapping L-token
+chunks (a trailing partial chunk is dropped), each chunk is one forward pass from an empty context,
+and  ppl = exp(sum of NLL / number of predicted tokens), where every token of a chunk except its
+first is predicted, i.e. n_chunks * (L - 1) tokens.
+- L = 128: LLM-Pruner, FLAP.
+- L = the model's context length or 2048, whichever is smaller: SparseGPT, Wanda, SliceGPT.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot be run as configured; the message names the setting and the fix."""
+
+
+def convention(chunk_len: int, requested: int, max_positions: int) -> str:
+    """Which papers' numbers a chunk length is comparable with (written into the report)."""
+    if requested == 128:
+        return "non-overlapping 128-token chunks (LLM-Pruner, FLAP)"
+    asked = f"; asked {requested}, capped by the context length" if chunk_len < requested else ""
+    return (f"non-overlapping {chunk_len}-token chunks (SparseGPT, Wanda, SliceGPT: the context "
+            f"length or 2048{asked})")
+
+
+def chunk_lengths(requested: list[int], max_positions: int) -> dict[int, str]:
+    """{effective chunk length: convention}, each length capped by max_position_embeddings."""
+    out: dict[int, str] = {}
+    for length in requested:
+        effective = min(length, max_positions)
+        out.setdefault(effective, convention(effective, length, max_positions))
+    return out
+
+
+def text_tokens(tokenizer, documents: Iterable[str], max_tokens: int) -> torch.Tensor:
+    """One token stream: documents joined by "\\n" into one string, tokenized without special
+    tokens (no BOS; tokenizers differ on it), cut at `max_tokens` (0 = all). Only as much text as the
+    cap needs is tokenized, in growing prefixes, so a large file is not tokenized whole."""
+    docs: Iterator[str] = iter(documents)
+    pieces: list[str] = []
+    chars, budget, exhausted = 0, 8 * max_tokens, False
+    while True:
+        while not exhausted and (max_tokens == 0 or chars < budget):
+            doc = next(docs, None)
+            if doc is None:
+                exhausted = True
+            else:
+                pieces.append(doc)
+                chars += len(doc) + 1
+        ids = tokenizer("\n".join(pieces), add_special_tokens=False).input_ids
+        if exhausted or len(ids) >= max_tokens:
+            break
+        budget *= 2
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def shard_tokens(data_dir: str | Path, max_tokens: int) -> torch.Tensor:
+    """The validation token shards as one stream: sequences concatenated in order (documents are
+    already EOS-separated inside them), cut at `max_tokens` (0 = all)."""
+    from maskprune.data import TokenShards
+
+    shards = TokenShards(data_dir, "valid")
+    parts, total = [], 0
+    for i in range(len(shards)):
+        parts.append(torch.from_numpy(shards[i]).long())
+        total += parts[-1].numel()
+        if max_tokens and total >= max_tokens:
+            break
+    if not parts:
+        raise EvaluationError(f"{data_dir}: the validation split is empty; raise data.valid_fraction")
+    stream = torch.cat(parts)
+    return stream[:max_tokens] if max_tokens else stream
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int,
+               batch_size: int) -> dict[str, float]:
+    """ppl of a 1-D token stream at one chunk length (see the module docstring)."""
+    n_chunks = tokens.numel() // chunk_len
+    if n_chunks == 0:
+        raise EvaluationError(f"{tokens.numel()} tokens are fewer than one {chunk_len}-token chunk; "
+                              "raise evaluate.eval_text_max_tokens or give more text")
+    chunks = tokens[: n_chunks * chunk_len].view(n_chunks, chunk_len)
+    device = next(model.parameters()).device
+    nll = 0.0
+    for start in range(0, n_chunks, batch_size):
+        batch = chunks[start:start + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+    predicted = n_chunks * (chunk_len - 1)
+    return {"ppl": math.exp(nll / predicted), "nll_sum": nll, "predicted_tokens": predicted,
+            "chunks": n_chunks}
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Unique parameters (tied input/output embeddings count once, as model.parameters() yields)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def forward_tokens_per_s(models: dict[str, torch.nn.Module], vocab_size: int, seq_len: int,
+                         batch_size: int, steps: int, seed: int = 0) -> dict[str, float]:
+    """Forward tokens/s of each model on one identical random batch. Rounds alternate between the
+    models so a drift in machine load (other jobs, clocks) hits all of them alike."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    elapsed = dict.fromkeys(models, 0.0)
+    for model in models.values():  # warm-up: allocator, kernels, lazy init
+        device = next(model.parameters()).device
+        model(input_ids=batch.to(device))
+        _sync(device)
+    for _ in range(steps):
+        for name, model in models.items():
+            device = next(model.parameters()).device
+            inputs = batch.to(device)
+            _sync(device)
+            start = time.perf_counter()
+            model(input_ids=inputs)
+            _sync(device)
+            elapsed[name] += time.perf_counter() - start
+    return {name: steps * batch.numel() / seconds for name, seconds in elapsed.items()}

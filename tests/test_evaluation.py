@@ -1,0 +1,112 @@
+"""Perplexity against a hand computation, the conventions, throughput, and the evaluate stage."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, cpu_env
+from maskprune.config import ConfigError, EvaluateConfig
+from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
+                                  param_count, perplexity, text_tokens)
+from maskprune.rundir import RunDir
+
+
+def tiny_llama(max_positions: int = 256, tied: bool = False) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=max_positions, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).eval()
+
+
+def hand_ppl(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int) -> float:
+    """The definition, written out: one chunk at a time, log_softmax, first token not predicted."""
+    nll, count = 0.0, 0
+    for start in range(0, tokens.numel() - chunk_len + 1, chunk_len):
+        chunk = tokens[start:start + chunk_len]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=chunk[None]).logits[0].double(), dim=-1)
+        nll -= logp[torch.arange(chunk_len - 1), chunk[1:]].sum().item()
+        count += chunk_len - 1
+    return math.exp(nll / count)
+
+
+def test_perplexity_matches_hand_computation_in_both_conventions():
+    model = tiny_llama(max_positions=256)
+    tokens = torch.randint(0, 97, (700,), generator=torch.Generator().manual_seed(1))
+    lengths = chunk_lengths([128, 2048], model.config.max_position_embeddings)
+    assert list(lengths) == [128, 256]  # 2048 capped by the context length
+    assert "LLM-Pruner" in lengths[128] and "SparseGPT" in lengths[256]
+    for chunk_len, n_chunks in ((128, 5), (256, 2)):  # trailing partial chunks dropped
+        expected = hand_ppl(model, tokens, chunk_len)
+        for batch_size in (1, 3):
+            got = perplexity(model, tokens, chunk_len, batch_size)
+            assert got["chunks"] == n_chunks
+            assert got["predicted_tokens"] == n_chunks * (chunk_len - 1)
+            assert got["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_refuses_a_stream_shorter_than_one_chunk():
+    with pytest.raises(EvaluationError, match="eval_text_max_tokens"):
+        perplexity(tiny_llama(), torch.arange(50), 128, 4)
+
+
+def test_text_tokens_joins_documents_by_newline_without_special_tokens(tiny_prepared: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_prepared / "prepare" / "model")
+    docs = [f"the company said {i} shares rose" for i in range(200)]
+    whole = tokenizer("\n".join(docs), add_special_tokens=False).input_ids
+    assert text_tokens(tokenizer, docs, 0).tolist() == whole
+    assert text_tokens(tokenizer, iter(docs), 300).tolist() == whole[:300]
+
+
+def test_throughput_and_param_count():
+    dense, tied = tiny_llama(), tiny_llama(tied=True)
+    embed = 97 * 32
+    assert param_count(dense) - param_count(tied) == embed  # tied output head counted once
+    speed = forward_tokens_per_s({"a": dense, "b": tied}, 97, 64, 2, steps=2)
+    assert set(speed) == {"a", "b"} and all(v > 0 for v in speed.values())
+
+
+def test_evaluate_config_is_checked():
+    with pytest.raises(ConfigError, match="ppl_chunk_lengths"):
+        EvaluateConfig(ppl_chunk_lengths=[1]).validate()
+
+
+def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path):
+    """The evaluate stage on a copy of a prepared run; hard_prune is marked done with the dense
+    model itself, so the two columns must agree on everything but speed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_prepared, run_dir, ignore=shutil.ignore_patterns("evaluate"))
+    task = tmp_path / "capitals.jsonl"
+    task.write_text("\n".join(json.dumps({"query": q, "choices": c, "gold": 0}) for q, c in [
+        ("The stock market", ["fell", "purple"]), ("He said the company", ["will", "banana"])]))
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    cfg.evaluate.tasks, cfg.evaluate.eval_text_max_tokens = [str(task)], 3000
+    run.write_config(cfg)
+    run.mark_done("hard_prune", {"model": run.state("prepare").outputs["model"]})
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_evaluate.py"),
+                           "--run-dir", str(run_dir)], env=cpu_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    dense, pruned = results["models"]["dense"], results["models"]["pruned"]
+    assert set(results["conventions"]) == {"128", "512"}
+    assert dense["ppl"] == pruned["ppl"] and dense["zero_shot"] == pruned["zero_shot"]
+    assert 1.0 < dense["ppl"]["eval_text"]["128"]["ppl"] < 1024  # a trained model beats uniform
+    assert 0.0 <= dense["zero_shot"]["capitals"]["acc"] <= 1.0
+    assert "pruned+cpt" in results["skipped"]
+    table = (run_dir / "evaluate" / "results.md").read_text()
+    assert "| | dense | pruned |" in table and "capitals acc / acc_norm" in table
+    assert run.state("evaluate").status == "done"
