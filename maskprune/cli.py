@@ -1,6 +1,7 @@
 """`maskprune`: run a pipeline, show its status, reset a stage.
 
     maskprune run configs/tiny.toml --run-dir runs/tiny [--set mask_learn.train.steps=20] [--force]
+    maskprune run configs/tiny.toml --run-dir runs/tiny --only mask_learn
     maskprune status runs/tiny [--json]
     maskprune reset runs/tiny mask_learn
 """
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from maskprune.config import ConfigError, load_config
-from maskprune.launcher import stage_command, stage_env
+from maskprune.launcher import stage_command, stage_env, stop_file_path
 from maskprune.rundir import STAGES, RunDir, RunDirError, plan
 
 
@@ -21,11 +23,32 @@ class CliError(RuntimeError):
     pass
 
 
+EXIT_STOPPED = 3  # a stop request (RUN/STOP, SIGUSR1, SIGTERM) ended the run; the same command resumes
+
+
+def _arm_stop_signals(stop_file: Path) -> dict[int, object]:
+    """SIGUSR1 / SIGTERM (a batch script's trap forwards them; Slurm signals every process of the
+    job) write the stop file: the running stage checkpoints at its next step boundary, and no
+    further stage starts. Returns the previous handlers."""
+    def handler(signum: int, frame: object) -> None:
+        stop_file.touch()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run_dir = RunDir(args.run_dir or Path("runs") / cfg.name)
     until = STAGES.index(args.until) + 1 if args.until else len(STAGES)
     decisions = plan(run_dir, cfg, force=args.force)
+    selected = decisions[:until]
+    if args.only:
+        index = STAGES.index(args.only)
+        missing = [d.stage for d in decisions[:index] if d.action != "skip"]
+        if missing:
+            raise CliError(f"--only {args.only}: the stage(s) before it must be done first, but "
+                           f"{', '.join(missing)} would run; run with --until {missing[-1]} first")
+        selected = decisions[index:index + 1]
     refused = [d.stage for d in decisions if d.action == "refuse"]
     if refused:
         raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(refused)} differs "
@@ -33,11 +56,26 @@ def cmd_run(args: argparse.Namespace) -> int:
                        "use a new --run-dir")
     run_dir.write_config(cfg)
     env = stage_env(cfg.launcher)
+    stop_file = stop_file_path(run_dir.root)
+    stop_file.unlink(missing_ok=True)  # a stop request is for a running invocation, not the next one
+    previous = _arm_stop_signals(stop_file)
+    try:
+        return _run_stages(run_dir, cfg, selected, env, stop_file)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run_stages(run_dir: RunDir, cfg, selected: list, env: dict[str, str], stop_file: Path) -> int:
     ran = 0
-    for decision in decisions[:until]:
+    for decision in selected:
         if decision.action == "skip":
             print(f"[maskprune] {decision.stage}: done, skipped")
             continue
+        if stop_file.exists():
+            print(f"[maskprune] stop requested ({stop_file}): {decision.stage} not started; run the "
+                  "same command again to continue", flush=True)
+            return EXIT_STOPPED
         print(f"[maskprune] {decision.stage}: running ({decision.reason})", flush=True)
         if decision.reason != "resume":
             run_dir.clear_stage(decision.stage)
@@ -46,6 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = subprocess.run(argv, env=env).returncode
         state = run_dir.state(decision.stage)
         if code != 0 or state.status != "done":
+            if stop_file.exists():
+                run_dir.mark_failed(decision.stage, f"stopped on request (exit code {code})")
+                print(f"[maskprune] {decision.stage}: stopped on request; run the same command again "
+                      "to resume from its last checkpoint", flush=True)
+                return EXIT_STOPPED
             run_dir.mark_failed(decision.stage, f"exit code {code}")
             raise CliError(f"stage {decision.stage} failed (exit code {code}); fix the cause and run "
                            f"the same command again to resume from its last checkpoint")
@@ -91,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. mask_learn.train.steps=20 (repeatable)")
     run.add_argument("--force", action="store_true", help="re-run finished stages whose config changed")
-    run.add_argument("--until", choices=STAGES, help="stop after this stage")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--until", choices=STAGES, help="stop after this stage")
+    which.add_argument("--only", choices=STAGES,
+                       help="run just this stage (the ones before it must be done), e.g. from "
+                            "launch/stage.sbatch")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="show the stages of a run directory")
     status.add_argument("run_dir")

@@ -11,9 +11,16 @@ from pathlib import Path
 from maskprune.config import LauncherConfig
 
 PIPELINE_DIR = Path(__file__).resolve().parent.parent / "pipeline"
+LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 
 # Stages that run under the distributed launcher; the rest are single-process.
 DISTRIBUTED_STAGES = {"mask_learn", "continued_pretrain"}
+
+
+def stop_file_path(run_root: Path) -> Path:
+    """`RUN/STOP`: a stop request. Every rank's `StopFlag(stop_file=...)` checks it at a step boundary;
+    `maskprune run` starts no further stage while it exists and removes it when it starts."""
+    return Path(run_root) / "STOP"
 
 
 def stage_script(stage: str) -> Path:
@@ -38,6 +45,19 @@ def stage_command(stage: str, run_dir: Path, launcher: LauncherConfig) -> list[s
     if stage not in DISTRIBUTED_STAGES or launcher.kind == "none":
         return [sys.executable, *tail]
     port = str(launcher.master_port or free_port())
+    nodes, gpus = str(launcher.num_nodes), str(launcher.num_gpus)
+    if launcher.kind == "srun":
+        # One task per node; the wrapper adds that node's --node_rank, the hostfile and master address.
+        return [_tool("srun"), f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+                "--kill-on-bad-exit=1",
+                str(LAUNCH_DIR / "node_rank_wrapper.sh"), gpus, _tool("deepspeed"), "--num_nodes",
+                nodes, "--num_gpus", gpus, "--master_port", port, *tail]
+    if launcher.kind == "srun_tasks":
+        # One task per rank; the wrapper maps SLURM_* to RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*.
+        ranks = str(launcher.num_nodes * launcher.num_gpus)
+        return [_tool("srun"), f"--nodes={nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={gpus}",
+                "--kill-on-bad-exit=1",
+                str(LAUNCH_DIR / "task_rank_wrapper.sh"), port, sys.executable, *tail]
     if launcher.kind == "torchrun":
         return [_tool("torchrun"), f"--nproc_per_node={launcher.num_gpus}",
                 f"--nnodes={launcher.num_nodes}", f"--master_addr={launcher.master_addr}",
