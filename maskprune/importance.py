@@ -1,0 +1,344 @@
+"""One-shot unit-importance scores for the baselines: magnitude, Wanda-sp, FLAP, Taylor, random.
+
+Every method returns the layout `keep_from_scores` takes: {"attn": [L, U], "ffn": [L, I]}, higher =
+keep, U = query heads (query_per_group) or KV groups (kv_group), see `arch.attn_unit_count`.
+
+Works on a plain HF Llama and on one partitioned by ZeRO-3 (inside a DeepSpeed engine, whose hooks
+gather each module's weights for its forward/backward):
+- forward hooks only accumulate activation statistics; they never read weights, so they do not care
+  whether DeepSpeed's release hook ran before them;
+- statistics are sums (float64) all-reduced over ranks, so every rank derives identical scores and
+  the result does not depend on how the calibration batches were split;
+- weights are read after the pass, one layer at a time, inside `GatheredParameters`, which every rank
+  enters in the same order (the same layers, the same modules).
+Every rank must be given the same number of batches: a ZeRO-3 forward is itself a sequence of
+collectives. `_batch_list` checks that up front instead of hanging.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from maskprune.arch import LlamaShape, attn_unit_count
+from maskprune.masks_io import KeepIndices
+
+METHODS = ("magnitude", "wanda_sp", "flap", "taylor", "random")
+
+
+class ImportanceError(ValueError):
+    """Bad method name or calibration input; the message says what to pass instead."""
+
+
+# ----------------------------------------------------------------------------- distributed plumbing
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_(*tensors: Tensor, op: str = "sum") -> None:
+    if _world() == 1:
+        return
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+                 "max": torch.distributed.ReduceOp.MAX}[op]
+    for tensor in tensors:
+        torch.distributed.all_reduce(tensor, op=reduce_op)
+
+
+@contextlib.contextmanager
+def _gathered(*modules: nn.Module) -> Iterator[None]:
+    """Full weights of `modules` for the duration; a no-op for parameters ZeRO-3 does not own."""
+    params = [m.weight for m in modules]
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batch_list(batches: Iterable[Tensor], device: torch.device) -> list[Tensor]:
+    """Materialise the calibration batches and check every rank has as many (see module doc)."""
+    batches = [b.to(device) for b in batches]
+    counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=device)
+    _all_reduce_(counts, op="max")
+    if counts[0] != -counts[1]:
+        raise ImportanceError(f"ranks got between {int(-counts[1])} and {int(counts[0])} calibration "
+                              "batches; give every rank the same number")
+    if not batches:
+        raise ImportanceError("no calibration batches; the data-driven methods need at least one")
+    return batches
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_decoder().layers
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- activation statistics
+
+@dataclass
+class InputStats:
+    """Per-channel sums over every calibration token (all ranks) of the inputs of o_proj and down_proj,
+    the two projections whose input channels are the prunable units."""
+
+    attn_sum: Tensor    # float64 [L, n_q * head_dim]
+    attn_sumsq: Tensor
+    ffn_sum: Tensor     # float64 [L, I]
+    ffn_sumsq: Tensor
+    tokens: int
+
+    def mean(self, kind: str) -> Tensor:
+        return getattr(self, f"{kind}_sum") / self.tokens
+
+    def sq_norm(self, kind: str) -> Tensor:
+        """||x_c||² over all calibration tokens (Wanda's input norm, squared)."""
+        return getattr(self, f"{kind}_sumsq")
+
+    def variance(self, kind: str) -> Tensor:
+        """Population variance of each channel over tokens (FLAP's fluctuation)."""
+        return (self.sq_norm(kind) / self.tokens - self.mean(kind) ** 2).clamp_min(0.0)
+
+
+def input_stats(model: nn.Module, batches: Iterable[Tensor]) -> InputStats:
+    device = _device(model)
+    batches = _batch_list(batches, device)
+    layers = _layers(model)
+    width_attn = layers[0].self_attn.o_proj.in_features
+    width_ffn = layers[0].mlp.down_proj.in_features
+    sums = {kind: torch.zeros(2, len(layers), width, dtype=torch.float64, device=device)
+            for kind, width in (("attn", width_attn), ("ffn", width_ffn))}
+
+    def tap(kind: str, index: int):
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sums[kind][0, index] += x.sum(0)
+            sums[kind][1, index] += (x * x).sum(0)
+        return hook
+
+    handles = []
+    for index, layer in enumerate(layers):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(tap("attn", index)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(tap("ffn", index)))
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            for batch in batches:
+                model(input_ids=batch, use_cache=False)
+                tokens += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    _all_reduce_(sums["attn"], sums["ffn"], tokens)
+    return InputStats(attn_sum=sums["attn"][0].cpu(), attn_sumsq=sums["attn"][1].cpu(),
+                      ffn_sum=sums["ffn"][0].cpu(), ffn_sumsq=sums["ffn"][1].cpu(), tokens=int(tokens))
+
+
+# ----------------------------------------------------------------------------- per-unit aggregation
+
+def _to_units(per_head: Tensor, shape: LlamaShape, mode: str, reduce: str = "sum") -> Tensor:
+    """[..., n_q] per query head → [..., U] per attention unit (a KV group sums/averages its heads)."""
+    if mode == "query_per_group":
+        return per_head
+    grouped = per_head.unflatten(-1, (shape.num_key_value_heads, shape.group_size))
+    return grouped.mean(-1) if reduce == "mean" else grouped.sum(-1)
+
+
+def _per_head(per_channel: Tensor, shape: LlamaShape, reduce: str = "sum") -> Tensor:
+    """[..., n_q * head_dim] per o_proj input channel → [..., n_q]."""
+    grouped = per_channel.unflatten(-1, (shape.num_attention_heads, shape.head_dim))
+    return grouped.mean(-1) if reduce == "mean" else grouped.sum(-1)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+def _magnitude(model: nn.Module, shape: LlamaShape, mode: str) -> dict[str, Tensor]:
+    """L2 norm of every weight the unit owns: q rows + o columns of a head (+ k, v rows of a KV group
+    in kv_group mode, where the group is removed with them); gate + up rows and the down column of a
+    channel."""
+    attn, ffn = [], []
+    for layer in _layers(model):
+        sa, mlp = layer.self_attn, layer.mlp
+        with _gathered(sa.q_proj, sa.k_proj, sa.v_proj, sa.o_proj):
+            q_rows = sa.q_proj.weight.detach().double().pow(2).sum(1)          # [n_q * hd]
+            o_cols = sa.o_proj.weight.detach().double().pow(2).sum(0)
+            head_sq = _per_head(q_rows + o_cols, shape)                         # [n_q]
+            unit_sq = _to_units(head_sq, shape, mode)
+            if mode == "kv_group":
+                kv_rows = (sa.k_proj.weight.detach().double().pow(2).sum(1)
+                           + sa.v_proj.weight.detach().double().pow(2).sum(1))
+                unit_sq = unit_sq + kv_rows.view(shape.num_key_value_heads, shape.head_dim).sum(1)
+        with _gathered(mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            chan_sq = (mlp.gate_proj.weight.detach().double().pow(2).sum(1)
+                       + mlp.up_proj.weight.detach().double().pow(2).sum(1)
+                       + mlp.down_proj.weight.detach().double().pow(2).sum(0))
+        attn.append(unit_sq.sqrt().cpu())
+        ffn.append(chan_sq.sqrt().cpu())
+    return {"attn": torch.stack(attn), "ffn": torch.stack(ffn)}
+
+
+def _wanda_sp(model: nn.Module, stats: InputStats, shape: LlamaShape, mode: str) -> dict[str, Tensor]:
+    """Wanda structured: Σ |W_ij| · ||x_j|| over the output projection's columns of the unit."""
+    attn, ffn = [], []
+    for index, layer in enumerate(_layers(model)):
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        with _gathered(o_proj):
+            col_abs = o_proj.weight.detach().double().abs().sum(0).cpu()
+        attn.append(_to_units(_per_head(col_abs * stats.sq_norm("attn")[index].sqrt(), shape), shape, mode))
+        with _gathered(down_proj):
+            col_abs = down_proj.weight.detach().double().abs().sum(0).cpu()
+        ffn.append(col_abs * stats.sq_norm("ffn")[index].sqrt())
+    return {"attn": torch.stack(attn), "ffn": torch.stack(ffn)}
+
+
+def _standardize(x: Tensor) -> Tensor:
+    """FLAP's per-layer standardisation over the channels of one structure type (row-wise)."""
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-12)
+
+
+def _flap(model: nn.Module, stats: InputStats, shape: LlamaShape, mode: str) -> dict[str, Tensor]:
+    """FLAP (WIFV): Var(x_j) · ||W[:, j]||², standardised per layer and type; a head averages its
+    channels, a KV group its heads. With uniform per-layer widths (our setting) the standardisation
+    leaves each layer's ranking unchanged; it is kept so scores compare across types as in FLAP."""
+    attn, ffn = [], []
+    for index, layer in enumerate(_layers(model)):
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        with _gathered(o_proj):
+            col_sq = o_proj.weight.detach().double().pow(2).sum(0).cpu()
+        fluct = _standardize(stats.variance("attn")[index] * col_sq)
+        attn.append(_to_units(_per_head(fluct, shape, "mean"), shape, mode, "mean"))
+        with _gathered(down_proj):
+            col_sq = down_proj.weight.detach().double().pow(2).sum(0).cpu()
+        ffn.append(_standardize(stats.variance("ffn")[index] * col_sq))
+    return {"attn": torch.stack(attn), "ffn": torch.stack(ffn)}
+
+
+def flap_bias(model: nn.Module, stats: InputStats, keep: KeepIndices) -> dict[str, Tensor]:
+    """FLAP bias compensation for `keep`: the removed input channels' mean contribution,
+    b = W[:, removed] @ mean(x[removed]), for o_proj and down_proj ({"bias.o_proj": [L, hidden],
+    "bias.down_proj": [L, hidden]}).
+
+    Llama has no o_proj / down_proj bias, so the pruned checkpoint needs `mlp_bias=True` (zero
+    gate/up biases) and `attention_bias=True`, which in HF Llama adds q/k/v biases too; those must be
+    written as zeros. Writing these into the hard-pruned checkpoint is a follow-up of hard-prune."""
+    head_dim = _layers(model)[0].self_attn.head_dim
+    out: dict[str, list[Tensor]] = {"bias.o_proj": [], "bias.down_proj": []}
+    for index, layer in enumerate(_layers(model)):
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        removed_attn = torch.ones(o_proj.in_features, dtype=torch.bool)
+        kept_cols = (keep.q_heads[index].unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+        removed_attn[kept_cols] = False
+        removed_ffn = torch.ones(down_proj.in_features, dtype=torch.bool)
+        removed_ffn[keep.ffn[index]] = False
+        for name, module, kind, removed in (("bias.o_proj", o_proj, "attn", removed_attn),
+                                            ("bias.down_proj", down_proj, "ffn", removed_ffn)):
+            mean = stats.mean(kind)[index] * removed
+            with _gathered(module):
+                out[name].append((module.weight.detach().double().cpu() @ mean).float())
+    return {name: torch.stack(rows) for name, rows in out.items()}
+
+
+def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: str) -> dict[str, Tensor]:
+    """First-order Taylor (LLM-Pruner, vector-wise): |Σ_{w in unit} w · ∂L/∂w|, gradients summed over
+    the calibration batches.
+
+    For a linear y = x Wᵀ the sum over an output row r is Σ_t y_tr · ∂L/∂y_tr and over an input
+    column c it is Σ_t x_tc · ∂L/∂x_tc, so hooks on activations give it exactly without ever
+    materialising a weight gradient: parameters are frozen for the pass (no ZeRO-3 gradient
+    partitioning is triggered) and the embedding output is made to require grad instead."""
+    device = _device(model)
+    layers = _layers(model)
+    n_layers, n_q, n_kv = len(layers), shape.num_attention_heads, shape.num_key_value_heads
+    acc = {"q": torch.zeros(n_layers, n_q, dtype=torch.float64, device=device),
+           "o": torch.zeros(n_layers, n_q, dtype=torch.float64, device=device),
+           "kv": torch.zeros(n_layers, n_kv, dtype=torch.float64, device=device),
+           "ffn": torch.zeros(n_layers, shape.intermediate_size, dtype=torch.float64, device=device)}
+
+    def tap(name: str, index: int, group: int, use_input: bool):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            act = args[0] if use_input else output
+            saved = act.detach()
+
+            def on_grad(grad: Tensor) -> None:
+                prod = (saved.double() * grad.double()).reshape(-1, saved.shape[-1]).sum(0)
+                acc[name][index] += prod.view(-1, group).sum(1)
+            act.register_hook(on_grad)
+        return hook
+
+    hd = shape.head_dim
+    handles = [model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: output.requires_grad_(True))]
+    for index, layer in enumerate(layers):
+        sa, mlp = layer.self_attn, layer.mlp
+        handles += [sa.q_proj.register_forward_hook(tap("q", index, hd, False)),
+                    sa.o_proj.register_forward_hook(tap("o", index, hd, True)),
+                    mlp.gate_proj.register_forward_hook(tap("ffn", index, 1, False)),
+                    mlp.up_proj.register_forward_hook(tap("ffn", index, 1, False)),
+                    mlp.down_proj.register_forward_hook(tap("ffn", index, 1, True))]
+        if mode == "kv_group":
+            handles += [sa.k_proj.register_forward_hook(tap("kv", index, hd, False)),
+                        sa.v_proj.register_forward_hook(tap("kv", index, hd, False))]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with _eval_mode(model), torch.enable_grad():
+            for batch in batches:
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for handle in handles:
+            handle.remove()
+    _all_reduce_(*acc.values())
+    acc = {k: v.cpu() for k, v in acc.items()}
+    units = _to_units(acc["q"] + acc["o"], shape, mode)
+    if mode == "kv_group":
+        units = units + acc["kv"]
+    return {"attn": units.abs(), "ffn": acc["ffn"].abs()}
+
+
+def _random(shape: LlamaShape, mode: str, seed: int) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    layers = shape.num_hidden_layers
+    return {"attn": torch.rand(layers, attn_unit_count(shape, mode), generator=gen, dtype=torch.float64),
+            "ffn": torch.rand(layers, shape.intermediate_size, generator=gen, dtype=torch.float64)}
+
+
+def unit_scores(model: nn.Module, batches: Iterable[Tensor], method: str, shape: LlamaShape,
+                mode: str, seed: int = 0) -> dict[str, Tensor]:
+    """{"attn": [L, U], "ffn": [L, I]} float32 on CPU, identical on every rank; higher = keep.
+
+    `batches`: this rank's calibration LongTensors [b, T] (ignored by magnitude and random)."""
+    if method not in METHODS:
+        raise ImportanceError(f"importance method {method!r} is not one of {', '.join(METHODS)}")
+    if mode not in ("query_per_group", "kv_group"):
+        raise ImportanceError(f"attn_mode {mode!r} is not one of query_per_group, kv_group")
+    if method == "random":
+        scores = _random(shape, mode, seed)
+    elif method == "magnitude":
+        scores = _magnitude(model, shape, mode)
+    elif method == "taylor":
+        scores = _taylor(model, _batch_list(batches, _device(model)), shape, mode)
+    else:
+        stats = input_stats(model, batches)
+        scores = (_wanda_sp if method == "wanda_sp" else _flap)(model, stats, shape, mode)
+    return {name: value.float().cpu() for name, value in scores.items()}
