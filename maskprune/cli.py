@@ -4,6 +4,7 @@
     maskprune run configs/tiny.toml --run-dir runs/tiny --only mask_learn
     maskprune status runs/tiny [--json]
     maskprune reset runs/tiny mask_learn
+    maskprune plan --model llama-2-70b --nodes 4 --gpus-per-node 8 [--offload optimizer] [--dry-run]
 """
 from __future__ import annotations
 
@@ -124,6 +125,27 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    # Imported here: planning pulls in transformers, which the other commands do not need.
+    from dataclasses import asdict
+
+    from maskprune.planner import PlanSettings, format_report, load_model_config, plan_dry_run, plan_report
+
+    config = load_model_config(args.model)
+    settings = PlanSettings(nodes=args.nodes, gpus_per_node=args.gpus_per_node, offload=args.offload,
+                            micro_batch=args.micro_batch, seq_len=args.seq_len, lora_rank=args.lora_rank,
+                            checkpointing=args.checkpointing, sparsity=args.sparsity,
+                            attn_mode=args.attn_mode, ffn_alignment=args.ffn_alignment)
+    if args.dry_run:
+        dry = asdict(plan_dry_run(config, args.sparsity, args.attn_mode, args.ffn_alignment))
+        print(json.dumps(dry, indent=2) if args.json else
+              "\n".join(f"{key:18s} {value}" for key, value in dry.items()))
+        return 0
+    report = plan_report(config, settings)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskprune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("run_dir")
     reset.add_argument("stage", choices=STAGES)
     reset.set_defaults(func=cmd_reset)
+    planp = sub.add_parser("plan", help="per-GPU / per-node memory of each stage, or --dry-run the shape logic")
+    planp.add_argument("--model", required=True,
+                       help="preset (llama-2-70b, llama-3-70b, llama-2-7b, smollm2-135m) or a config.json / model dir")
+    planp.add_argument("--nodes", type=int, default=1)
+    planp.add_argument("--gpus-per-node", type=int, default=8)
+    planp.add_argument("--offload", choices=["none", "optimizer", "param"], default="none")
+    planp.add_argument("--micro-batch", type=int, default=1)
+    planp.add_argument("--seq-len", type=int, default=4096)
+    planp.add_argument("--lora-rank", type=int, default=8)
+    planp.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                       help="plan activations without activation checkpointing")
+    planp.add_argument("--sparsity", type=float, default=0.5, help="target.sparsity of the pruned model")
+    planp.add_argument("--attn-mode", choices=["query_per_group", "kv_group"], default="query_per_group")
+    planp.add_argument("--ffn-alignment", type=int, default=64)
+    planp.add_argument("--dry-run", action="store_true",
+                       help="only build source and pruned model on the meta device and check the shapes")
+    planp.add_argument("--json", action="store_true")
+    planp.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,0 +1,330 @@
+"""Memory planner and meta-device dry run: will a run fit, and what shape comes out, before a cluster
+is spent on it.
+
+    maskprune plan --model llama-2-70b --nodes 4 --gpus-per-node 8 [--offload optimizer] [--json]
+    maskprune plan --model path/to/config.json --dry-run --sparsity 0.5
+
+Parameters are counted on the meta device (DeepSpeed's `estimate_zero3_model_states_mem_needs_all_live`
+reads `numel()` of ZeRO-partitioned tensors and is wrong there); model-state bytes then use
+DeepSpeed's `estimate_zero3_model_states_mem_needs`. Activations use the formula of `block_activation_elems`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from maskprune.arch import (LlamaShape, admissible, attn_unit_count, budget_for_sparsity,
+                            check_loadable, shape_for)
+from maskprune.masks_io import keep_from_scores
+
+Offload = Literal["none", "optimizer", "param"]
+BF16 = 2  # bytes per weight/activation element in the runs we plan (ZeRO-3 bf16)
+FP32 = 4
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Published configs, built in code so planning needs no download.
+PRESETS: dict[str, dict] = {
+    "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=4096,
+                        rope_theta=10000.0, rms_norm_eps=1e-5),
+    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=8192,
+                        rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
+                       rope_theta=10000.0, rms_norm_eps=1e-5),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+class PlanError(ValueError):
+    """A model name or config the planner cannot use; the message says what it accepts."""
+
+
+def load_model_config(name_or_path: str) -> LlamaConfig:
+    if name_or_path in PRESETS:
+        return LlamaConfig(**PRESETS[name_or_path])
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise PlanError(f"--model {name_or_path}: neither a preset ({', '.join(PRESETS)}) nor a "
+                        "config.json / model directory")
+    raw = json.loads(path.read_text())
+    if raw.get("model_type", "llama") != "llama":
+        raise PlanError(f"{path}: model_type {raw.get('model_type')!r}; only Llama-family configs")
+    return LlamaConfig.from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- meta-device counts
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    largest_module: int  # DeepSpeed's "largest layer": most parameters one module holds directly
+    largest_block: int   # one decoder layer: what a layer-at-a-time pass holds
+
+
+def meta_model(config: LlamaConfig) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def count_params(model: torch.nn.Module) -> ParamCount:
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    block = max(sum(p.numel() for p in layer.parameters()) for layer in model.get_decoder().layers)
+    return ParamCount(total=sum(p.numel() for p in model.parameters()), largest_module=largest,
+                      largest_block=block)
+
+
+# ----------------------------------------------------------------------------- dry run
+
+@dataclass
+class DryRun:
+    source_params: int
+    pruned_params: int
+    attn_units: int
+    ffn_width: int
+    pruned_shape: dict[str, int]
+    prunable_sparsity: float  # fraction of attention + FFN weights removed
+    seconds: float
+
+
+def pruned_config(config: LlamaConfig, pruned: LlamaShape) -> LlamaConfig:
+    return LlamaConfig.from_dict({**config.to_dict(), **pruned.hf_overrides()})
+
+
+def plan_dry_run(config: LlamaConfig, sparsity: float, attn_mode: str = "query_per_group",
+                 ffn_alignment: int = 64) -> DryRun:
+    """The shape logic of a run without data: admissible target at `sparsity` (both types cut by the
+    same fraction first, then fitted to the budget), the keep-index export applied to meta weights,
+    and the pruned model built on the meta device and checked against it."""
+    start = time.perf_counter()
+    source = meta_model(config)
+    shape = LlamaShape.from_hf_config(config)
+    counted = count_params(source).total
+    if counted != shape.param_count():
+        raise PlanError(f"meta model has {counted} parameters but arch.LlamaShape counts "
+                        f"{shape.param_count()}; the config has parts the planner does not model")
+    units, width = admissible(shape, (1 - sparsity) * attn_unit_count(shape, attn_mode),
+                              (1 - sparsity) * shape.intermediate_size,
+                              budget_for_sparsity(shape, sparsity), attn_mode, ffn_alignment)
+    pruned = shape_for(shape, units, width, attn_mode)
+    check_loadable(pruned)
+    target = meta_model(pruned_config(config, pruned))
+    _check_export(source, target, shape, units, width, attn_mode)
+    pruned_total = count_params(target).total
+    return DryRun(source_params=counted, pruned_params=pruned_total, attn_units=units, ffn_width=width,
+                  pruned_shape=pruned.hf_overrides(),
+                  prunable_sparsity=1 - pruned.prunable_params() / shape.prunable_params(),
+                  seconds=time.perf_counter() - start)
+
+
+def _check_export(source: LlamaForCausalLM, target: LlamaForCausalLM, shape: LlamaShape, units: int,
+                  width: int, mode: str) -> None:
+    """Slice every source projection by keep indices (as hard-prune does) and compare with the
+    pruned model's shapes; meta tensors make this free."""
+    layers = shape.num_hidden_layers
+    keep = keep_from_scores(torch.rand(layers, attn_unit_count(shape, mode)),
+                            torch.rand(layers, shape.intermediate_size), shape, units, width, mode, "dry_run")
+    hd = shape.head_dim
+    for index, (src, dst) in enumerate(zip(source.model.layers, target.model.layers)):
+        q_rows = (keep.q_heads[index].unsqueeze(1) * hd + torch.arange(hd)).flatten()
+        kv_rows = (keep.kv_heads[index].unsqueeze(1) * hd + torch.arange(hd)).flatten()
+        ffn = keep.ffn[index]
+        sliced = {
+            "self_attn.q_proj": src.self_attn.q_proj.weight.index_select(0, q_rows),
+            "self_attn.k_proj": src.self_attn.k_proj.weight.index_select(0, kv_rows),
+            "self_attn.v_proj": src.self_attn.v_proj.weight.index_select(0, kv_rows),
+            "self_attn.o_proj": src.self_attn.o_proj.weight.index_select(1, q_rows),
+            "mlp.gate_proj": src.mlp.gate_proj.weight.index_select(0, ffn),
+            "mlp.up_proj": src.mlp.up_proj.weight.index_select(0, ffn),
+            "mlp.down_proj": src.mlp.down_proj.weight.index_select(1, ffn),
+        }
+        for name, tensor in sliced.items():
+            expected = dst.get_submodule(name).weight.shape
+            if tensor.shape != expected:
+                raise PlanError(f"layer {index} {name}: export gives {tuple(tensor.shape)}, "
+                                f"pruned model expects {tuple(expected)}")
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+@dataclass
+class PlanSettings:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    offload: Offload = "none"
+    micro_batch: int = 1
+    seq_len: int = 4096
+    lora_rank: int = 8
+    checkpointing: bool = True
+    sparsity: float = 0.5
+    attn_mode: str = "query_per_group"
+    ffn_alignment: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "micro_batch", "seq_len", "ffn_alignment"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.lora_rank < 0 or not 0.0 < self.sparsity < 1.0:
+            raise PlanError(f"--lora-rank must be >= 0 and --sparsity in (0, 1); got "
+                            f"{self.lora_rank}, {self.sparsity}")
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Item:
+    name: str
+    gpu_bytes: int       # per GPU
+    cpu_node_bytes: int  # per node (host memory)
+    formula: str
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    items: list[Item] = field(default_factory=list)
+
+    def gpu_bytes(self) -> int:
+        return sum(i.gpu_bytes for i in self.items)
+
+    def cpu_node_bytes(self) -> int:
+        return sum(i.cpu_node_bytes for i in self.items)
+
+
+def block_activation_elems(shape: LlamaShape, masked: bool = False, lora_rank: int = 0) -> int:
+    """Elements per token one decoder layer keeps for backward (SDPA/flash attention, so no T² score
+    matrix): norm input + normed input (2h) per sub-block, q and attention output (2·n_q·d), k and v
+    (2·n_kv·d), gate, up, act(gate) and down input (4·I). Masks keep the unmasked attention output
+    and FFN product (n_q·d + I); LoRA keeps each target's r-wide intermediate."""
+    h, q, kv, d, i = (shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads,
+                      shape.head_dim, shape.intermediate_size)
+    elems = 4 * h + 2 * q * d + 2 * kv * d + 4 * i
+    if masked:
+        elems += q * d + i
+    return elems + len(LORA_TARGETS) * lora_rank
+
+
+def activation_item(shape: LlamaShape, s: PlanSettings, masked: bool, lora_rank: int) -> Item:
+    tokens = s.micro_batch * s.seq_len
+    block = block_activation_elems(shape, masked, lora_rank) * tokens * BF16
+    boundaries = shape.num_hidden_layers * tokens * shape.hidden_size * BF16
+    full = shape.num_hidden_layers * block
+    if s.checkpointing:
+        return Item("activations (checkpointing)", boundaries + block, 0,
+                    f"L·B·T·h·2 layer inputs + one layer recomputed ({block_activation_elems(shape, masked, lora_rank)}"
+                    f" elems/token·2); without checkpointing {full / 2**30:.1f} GiB")
+    return Item("activations (no checkpointing)", full, 0,
+                f"L·B·T·{block_activation_elems(shape, masked, lora_rank)} elems·2; "
+                f"with checkpointing {(boundaries + block) / 2**30:.1f} GiB")
+
+
+def logits_item(shape: LlamaShape, s: PlanSettings, name: str, copies: int) -> Item:
+    size = s.micro_batch * s.seq_len * shape.vocab_size * FP32 * copies
+    return Item(name, size, 0, f"B·T·V·4 fp32 × {copies}")
+
+
+def model_states(params: int, largest: int, s: PlanSettings, name: str) -> Item:
+    """DeepSpeed's ZeRO-3 estimate (bf16 params + grads, fp32 master + Adam = 18 B/param, partitioned;
+    GPU also holds the largest module gathered in fp32; CPU includes its 1.5× buffer factor)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        params, largest, num_gpus_per_node=s.gpus_per_node, num_nodes=s.nodes,
+        cpu_offload=s.offload != "none", cpu_offload_params=s.offload == "param", zero_init=True)
+    return Item(name, int(gpu), int(cpu), f"estimate_zero3_model_states_mem_needs({params:,} params, "
+                f"offload={s.offload})")
+
+
+def lora_params(config: LlamaConfig, rank: int) -> int:
+    """r·(in + out) per target projection per layer (A [r, in], B [out, r])."""
+    model = meta_model(config)
+    layer = model.model.layers[0]
+    per_layer = sum(rank * (m.in_features + m.out_features)
+                    for name, m in layer.named_modules() if name.split(".")[-1] in LORA_TARGETS)
+    return per_layer * config.num_hidden_layers
+
+
+def plan_memory(config: LlamaConfig, s: PlanSettings) -> tuple[list[StagePlan], DryRun]:
+    shape = LlamaShape.from_hf_config(config)
+    counts = count_params(meta_model(config))
+    dry = plan_dry_run(config, s.sparsity, s.attn_mode, s.ffn_alignment)
+    target = LlamaConfig.from_dict({**config.to_dict(), **dry.pruned_shape})
+    pruned = LlamaShape.from_hf_config(target)
+    pruned_counts = count_params(meta_model(target))
+    offload_params = s.offload == "param"
+
+    frozen = 2 * counts.total // s.gpus
+    units = attn_unit_count(shape, s.attn_mode)
+    mask_floats = 2 * shape.num_hidden_layers * (units + shape.intermediate_size)  # value + grad
+    dual_floats = 2 * shape.num_hidden_layers + 1 + 2                              # per-layer, budget, targets
+    mask_learn = StagePlan("mask_learn", [
+        Item("frozen weights (bf16, ZeRO-3 partitioned)", 0 if offload_params else frozen,
+             frozen * s.gpus_per_node if offload_params else 0, f"2·{counts.total:,} / {s.gpus} GPUs"),
+        Item("gathered layers (current + prefetched)", 2 * counts.largest_block * BF16, 0,
+             f"2 × {counts.largest_block:,} params × 2 B"),
+        model_states(lora_params(config, s.lora_rank), 0, s, "LoRA params, grads, Adam"),
+        Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
+             "L·(U + I) scores and grads, 2L + 3 duals/targets"),
+        activation_item(shape, s, masked=True, lora_rank=s.lora_rank),
+        logits_item(shape, s, "student logits + grad", 2),
+        logits_item(shape, s, "teacher logits (same weights, masks off)", 1),
+        Item("teacher forward (no_grad, one layer live)",
+             block_activation_elems(shape) * s.micro_batch * s.seq_len * BF16, 0,
+             "one layer's activations, freed layer by layer"),
+    ])
+    continued = StagePlan("continued_pretrain", [
+        model_states(pruned_counts.total, pruned_counts.largest_module, s,
+                     f"model states of the pruned model ({pruned_counts.total:,} params)"),
+        activation_item(pruned, s, masked=False, lora_rank=0),
+        logits_item(pruned, s, "logits + grad", 2),
+    ])
+    source_block = counts.largest_block * BF16
+    hard_prune = StagePlan("hard_prune", [
+        Item("largest layer + its pruned copy (bf16, one process)", 0,
+             int(source_block * (2 - dry.prunable_sparsity)),
+             f"{counts.largest_block:,} params × 2 B × (1 + kept fraction)"),
+    ])
+    return [mask_learn, continued, hard_prune], dry
+
+
+def plan_report(config: LlamaConfig, s: PlanSettings) -> dict:
+    stages, dry = plan_memory(config, s)
+    return {"settings": asdict(s), "dry_run": asdict(dry),
+            "stages": {p.stage: {"gpu_bytes_per_gpu": p.gpu_bytes(),
+                                 "gpu_bytes_per_node": p.gpu_bytes() * s.gpus_per_node,
+                                 "cpu_bytes_per_node": p.cpu_node_bytes(),
+                                 "items": [asdict(i) for i in p.items]} for p in stages}}
+
+
+def format_report(report: dict) -> str:
+    gib = lambda b: f"{b / 2**30:9.2f}"  # noqa: E731
+    dry, s = report["dry_run"], report["settings"]
+    lines = [f"{s['nodes']} node(s) × {s['gpus_per_node']} GPUs, offload={s['offload']}, micro-batch "
+             f"{s['micro_batch']} × {s['seq_len']} tokens, LoRA r={s['lora_rank']}",
+             f"source {dry['source_params']:,} params → pruned {dry['pruned_params']:,} at sparsity "
+             f"{s['sparsity']} ({dry['attn_units']} attention units, {dry['ffn_width']} FFN channels "
+             f"per layer)", "",
+             f"{'stage / item':58s} {'GiB/GPU':>9s} {'GiB/node':>9s} {'CPU/node':>9s}"]
+    for stage, plan in report["stages"].items():
+        for item in plan["items"]:
+            lines.append(f"  {item['name'][:56]:56s} {gib(item['gpu_bytes'])} "
+                         f"{gib(item['gpu_bytes'] * s['gpus_per_node'])} {gib(item['cpu_node_bytes'])}")
+        lines.append(f"{stage + ' total':58s} {gib(plan['gpu_bytes_per_gpu'])} "
+                     f"{gib(plan['gpu_bytes_per_node'])} {gib(plan['cpu_bytes_per_node'])}")
+    lines += ["", "formulas (per GPU unless noted):"]
+    lines += [f"  {stage}: {item['name']}: {item['formula']}"
+              for stage, plan in report["stages"].items() for item in plan["items"]]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Memory planner and meta-device dry run, checked against hand-computed Llama-2/3-70B figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from maskprune.arch import LlamaShape, budget_for_sparsity
+from maskprune.cli import main
+from maskprune.planner import (PRESETS, PlanError, PlanSettings, count_params, load_model_config,
+                               meta_model, plan_dry_run, plan_memory)
+
+L2_70B_PARAMS = 68_976_648_192
+L2_70B_BLOCK = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192  # 855,654,400
+
+
+def test_meta_count_of_llama_2_70b_is_exact() -> None:
+    counts = count_params(meta_model(load_model_config("llama-2-70b")))
+    assert counts.total == L2_70B_PARAMS
+    assert counts.largest_block == L2_70B_BLOCK
+    assert counts.largest_module == 32000 * 8192  # the embedding / lm_head
+    assert LlamaShape.from_hf_config(load_model_config("llama-2-70b")).param_count() == L2_70B_PARAMS
+
+
+def test_llama_2_70b_on_4x8_gpus_matches_hand_computation() -> None:
+    settings = PlanSettings(nodes=4, gpus_per_node=8, micro_batch=1, seq_len=4096, lora_rank=8)
+    stages, dry = plan_memory(load_model_config("llama-2-70b"), settings)
+    ml = {item.name: item for item in stages[0].items}
+    assert ml["frozen weights (bf16, ZeRO-3 partitioned)"].gpu_bytes == 2 * L2_70B_PARAMS // 32
+    assert ml["gathered layers (current + prefetched)"].gpu_bytes == 2 * L2_70B_BLOCK * 2
+    # LoRA r=8 on q, k, v, o, gate, up, down: 8 · (in + out) each, 80 layers.
+    lora = 80 * 8 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672))
+    assert lora == 103_546_880
+    assert ml["LoRA params, grads, Adam"].gpu_bytes == int(18 * lora / 32)
+    assert ml["masks + duals (fp32, replicated)"].gpu_bytes == 4 * (2 * 80 * (64 + 28672) + 163)
+    # Checkpointed: 80 layer inputs [4096, 8192] bf16 + one masked LoRA layer recomputed.
+    per_token = 4 * 8192 + 2 * 8192 + 2 * 1024 + 4 * 28672 + 8192 + 28672 + 7 * 8
+    assert ml["activations (checkpointing)"].gpu_bytes == 80 * 4096 * 8192 * 2 + per_token * 4096 * 2
+    assert ml["student logits + grad"].gpu_bytes == 4096 * 32000 * 4 * 2
+    assert ml["teacher logits (same weights, masks off)"].gpu_bytes == 4096 * 32000 * 4
+    assert stages[0].gpu_bytes() / 2**30 == pytest.approx(16.55, abs=0.01)
+
+    # Continued pretraining of the 50% model: DeepSpeed's ZeRO-3 formula, no offload:
+    # 4 B × largest module (embedding) + 18 B × params / 32 GPUs.
+    assert (dry.attn_units, dry.ffn_width) == (32, 13952)
+    pruned = 2 * 32000 * 8192 + 8192 + 80 * (2 * 8192 * 4096 + 2 * 8192 * 1024 + 3 * 8192 * 13952
+                                              + 2 * 8192)
+    assert dry.pruned_params == pruned == 34_667_241_472
+    states = stages[1].items[0]
+    assert states.gpu_bytes == 4 * 32000 * 8192 + int(18 * pruned / 32)
+    assert stages[2].items[0].cpu_node_bytes == int(L2_70B_BLOCK * 2 * (2 - dry.prunable_sparsity))
+
+
+def test_param_offload_moves_frozen_weights_to_host_memory() -> None:
+    settings = PlanSettings(nodes=4, gpus_per_node=8, offload="param")
+    stages, _ = plan_memory(load_model_config("llama-2-70b"), settings)
+    frozen = stages[0].items[0]
+    assert frozen.gpu_bytes == 0 and frozen.cpu_node_bytes == 2 * L2_70B_PARAMS // 32 * 8
+    assert stages[1].items[0].gpu_bytes == 4 * 32000 * 8192  # only the largest module on the GPU
+
+
+def test_dry_run_llama_3_70b_in_seconds() -> None:
+    config = load_model_config("llama-3-70b")
+    dry = plan_dry_run(config, 0.5)
+    shape = LlamaShape.from_hf_config(config)
+    assert dry.source_params == 70_553_706_496
+    assert dry.seconds < 30
+    pruned = shape.replace(num_attention_heads=dry.pruned_shape["num_attention_heads"],
+                           num_key_value_heads=dry.pruned_shape["num_key_value_heads"],
+                           intermediate_size=dry.ffn_width)
+    assert dry.pruned_params == pruned.param_count()
+    assert pruned.prunable_params() <= budget_for_sparsity(shape, 0.5)
+    assert dry.ffn_width % 64 == 0 and dry.pruned_shape["num_key_value_heads"] == 8
+    kv = plan_dry_run(config, 0.5, attn_mode="kv_group")
+    assert kv.pruned_shape["num_attention_heads"] == 8 * kv.pruned_shape["num_key_value_heads"]
+
+
+def test_cli_plan_json_and_config_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **PRESETS["smollm2-135m"]}))
+    assert main(["plan", "--model", str(tmp_path), "--nodes", "1", "--gpus-per-node", "2",
+                 "--seq-len", "512", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dry_run"]["source_params"] == 134_515_008
+    assert set(report["stages"]) == {"mask_learn", "continued_pretrain", "hard_prune"}
+    assert main(["plan", "--model", "smollm2-135m", "--dry-run", "--sparsity", "0.3"]) == 0
+    assert "pruned_params" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-9-1t"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    with pytest.raises(PlanError, match="--nodes"):
+        PlanSettings(nodes=0)
