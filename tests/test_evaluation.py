@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import REPO, cpu_env
 from maskprune.config import ConfigError, EvaluateConfig
+from maskprune.data import TokenShards
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
-                                  param_count, perplexity, text_tokens)
+                                  param_count, perplexity, shard_tokens, text_tokens)
 from maskprune.rundir import RunDir
 
 
@@ -84,8 +86,8 @@ def test_evaluate_config_is_checked():
 
 
 def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path):
-    """The evaluate stage on a copy of a prepared run; hard_prune is marked done with the dense
-    model itself, so the two columns must agree on everything but speed."""
+    """The tokenize and evaluate stages on a copy of a prepared run; hard_prune is marked done with
+    the dense model itself, so the two columns must agree on everything but speed."""
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_prepared, run_dir, ignore=shutil.ignore_patterns("evaluate"))
     task = tmp_path / "capitals.jsonl"
@@ -96,15 +98,20 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     cfg.evaluate.tasks, cfg.evaluate.eval_text_max_tokens = [str(task)], 3000
     run.write_config(cfg)
     run.mark_done("hard_prune", {"model": run.state("prepare").outputs["model"]})
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_evaluate.py"),
-                           "--run-dir", str(run_dir)], env=cpu_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in ("tokenize", "evaluate"):
+        proc = subprocess.run([sys.executable, str(REPO / "pipeline" / f"stage_{stage}.py"),
+                               "--run-dir", str(run_dir)], env=cpu_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    shards = TokenShards(run_dir / "tokenize", "valid")
+    stream = shard_tokens(run_dir / "tokenize", 3000)
+    assert stream.tolist() == np.concatenate([shards[i] for i in range(len(shards))])[:3000].tolist()
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     dense, pruned = results["models"]["dense"], results["models"]["pruned"]
     assert set(results["conventions"]) == {"128", "512"}
     assert dense["ppl"] == pruned["ppl"] and dense["zero_shot"] == pruned["zero_shot"]
-    assert 1.0 < dense["ppl"]["eval_text"]["128"]["ppl"] < 1024  # a trained model beats uniform
+    for source in ("eval_text", "valid_shards"):  # a trained model beats the uniform 1024
+        assert dense["tokens"][source] == 3000 and 1.0 < dense["ppl"][source]["128"]["ppl"] < 1024
     assert 0.0 <= dense["zero_shot"]["capitals"]["acc"] <= 1.0
     assert "pruned+cpt" in results["skipped"]
     table = (run_dir / "evaluate" / "results.md").read_text()
