@@ -213,6 +213,13 @@ class HardPruneConfig:
     equivalence_sequences: int = 4
     equivalence_tolerance: float = 1e-4
     dtype: Literal["float32", "bfloat16", "float16", "source"] = "source"
+    equivalence_seq_len: int = 32
+    # A dense fp32 reference above this size is not built whole; sampled layers are compared
+    # block by block instead.
+    equivalence_full_max_mb: int = 4000
+    equivalence_layers: int = 3
+    # A ZeRO-3 checkpoint (root or tag folder) to prune instead of mask_learn's outputs.
+    checkpoint: str = ""
 
 
 @dataclass

@@ -1,0 +1,266 @@
+"""Keep indices (+ LoRA) → a plain, uniform HF Llama checkpoint, one tensor at a time.
+
+`plan_export` decides every output tensor's source, row/column indices and shape from the config
+and keep indices alone (so it also runs for 70B configs on paper); `write_export` streams: read one
+source tensor (memory-mapped), merge its LoRA delta, slice, cast, append to the open shard.
+`build_pruned_model` wraps that in a staging folder, the equivalence check and the report, and
+publishes only a complete, checked folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from maskprune.arch import LlamaShape, check_loadable
+from maskprune.lora_merge import LoraAdapter
+from maskprune.masks_io import KeepIndices
+from maskprune.safetensors_io import ShardedWriter
+
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                "added_tokens.json", "chat_template.jinja")
+# Buffers some old checkpoints carry; the model recomputes them from the rope parameters.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(ValueError):
+    """Keep indices or weights that cannot become a uniform checkpoint; the message says why."""
+
+
+class WeightSource(Protocol):
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str                  # output name (layers renumbered)
+    source: str                # source tensor name
+    shape: tuple[int, ...]     # output shape
+    source_shape: tuple[int, ...]
+    rows: torch.Tensor | None  # kept indices of dim 0, None = all
+    cols: torch.Tensor | None  # kept indices of dim 1, None = all
+
+
+@dataclass
+class ExportPlan:
+    config: dict[str, Any]
+    specs: list[TensorSpec]
+    params_before: int
+    params_after: int
+    keep_digest: str
+    kept_layers: list[int] = field(default_factory=list)
+    source_names: set[str] = field(default_factory=set)  # every tensor the source must hold
+
+
+def full_keep(shape: LlamaShape) -> KeepIndices:
+    """Keep everything: the plan of a plain consolidation (continued-pretrain checkpoints)."""
+    layers = shape.num_hidden_layers
+    return KeepIndices(q_heads=torch.arange(shape.num_attention_heads).repeat(layers, 1),
+                       kv_heads=torch.arange(shape.num_key_value_heads).repeat(layers, 1),
+                       ffn=torch.arange(shape.intermediate_size).repeat(layers, 1),
+                       method="none", attn_mode="query_per_group")
+
+
+def keep_digest(keep: KeepIndices) -> str:
+    """sha256 of the kept indices, so a report ties a checkpoint to the exact masks it came from."""
+    digest = hashlib.sha256()
+    for name in ("q_heads", "kv_heads", "ffn", "hidden", "layers"):
+        value = getattr(keep, name)
+        if value is not None:
+            digest.update(name.encode() + str(list(value.shape)).encode())
+            digest.update(value.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _blocks(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads.long().unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _check_keep(keep: KeepIndices, shape: LlamaShape) -> None:
+    keep.validate()
+    limits = {"q_heads": shape.num_attention_heads, "kv_heads": shape.num_key_value_heads,
+              "ffn": shape.intermediate_size}
+    for name, limit in limits.items():
+        value = getattr(keep, name)
+        if value.shape[0] != shape.num_hidden_layers or int(value.max()) >= limit or int(value.min()) < 0:
+            raise ExportError(f"keep.{name}: {tuple(value.shape)} with values up to {int(value.max())} "
+                              f"does not fit the source ({shape.num_hidden_layers} layers, {limit} units)")
+    for name, limit in (("hidden", shape.hidden_size), ("layers", shape.num_hidden_layers)):
+        value = getattr(keep, name)
+        if value is not None and (value.dim() != 1 or not bool((value[1:] > value[:-1]).all())
+                                  or int(value.max()) >= limit or int(value.min()) < 0):
+            raise ExportError(f"keep.{name}: must be sorted unique indices below {limit}")
+    n_q, n_kv = keep.q_heads.shape[1], keep.kv_heads.shape[1]
+    if n_q % n_kv:
+        raise ExportError(f"keep indices give {n_q} query heads over {n_kv} KV heads: not a whole GQA group")
+    # The pruned model serves its query head j from its KV head j // g'; that must be the KV head
+    # the source served it from (h // g), or slicing would silently rewire attention.
+    served = keep.q_heads // shape.group_size
+    wanted = keep.kv_heads.repeat_interleave(n_q // n_kv, dim=1)
+    if not torch.equal(served, wanted):
+        layer = int((served != wanted).any(dim=1).nonzero()[0])
+        raise ExportError(f"keep indices of layer {layer}: kept query heads {keep.q_heads[layer].tolist()} "
+                          f"are not served by the kept KV heads {keep.kv_heads[layer].tolist()} in "
+                          "uniform groups; use keep_from_scores in either GQA mode")
+
+
+def plan_export(config: dict[str, Any], keep: KeepIndices | None) -> ExportPlan:
+    """Every output tensor and the new config, from the source config and keep indices alone."""
+    src = LlamaShape.from_hf_config(config)
+    keep = keep if keep is not None else full_keep(src)
+    _check_keep(keep, src)
+    hd = src.head_dim
+    hidden = keep.hidden
+    d_out = src.hidden_size if hidden is None else len(hidden)
+    layers = list(range(src.num_hidden_layers)) if keep.layers is None else keep.layers.tolist()
+    new_shape = src.replace(hidden_size=d_out, num_hidden_layers=len(layers),
+                            num_attention_heads=keep.q_heads.shape[1],
+                            num_key_value_heads=keep.kv_heads.shape[1],
+                            intermediate_size=keep.ffn.shape[1])
+    check_loadable(new_shape)
+
+    specs: list[TensorSpec] = []
+
+    def add(out: str, source: str, rows: torch.Tensor | None, cols: torch.Tensor | None,
+            full: tuple[int, ...]) -> None:
+        shape = (len(rows) if rows is not None else full[0],
+                 *((len(cols) if cols is not None else full[1],) if len(full) > 1 else ()))
+        specs.append(TensorSpec(out, source, shape, full, rows, cols))
+
+    d, n_q, n_kv, inter = src.hidden_size, src.num_attention_heads, src.num_key_value_heads, src.intermediate_size
+    add("model.embed_tokens.weight", "model.embed_tokens.weight", None, hidden, (src.vocab_size, d))
+    for new, old in enumerate(layers):
+        p, s = f"model.layers.{new}.", f"model.layers.{old}."
+        q, kv, ffn = _blocks(keep.q_heads[old], hd), _blocks(keep.kv_heads[old], hd), keep.ffn[old].long()
+        add(p + "input_layernorm.weight", s + "input_layernorm.weight", hidden, None, (d,))
+        for proj, rows, full in (("q_proj", q, n_q * hd), ("k_proj", kv, n_kv * hd), ("v_proj", kv, n_kv * hd)):
+            add(p + f"self_attn.{proj}.weight", s + f"self_attn.{proj}.weight", rows, hidden, (full, d))
+            if src.attention_bias:
+                add(p + f"self_attn.{proj}.bias", s + f"self_attn.{proj}.bias", rows, None, (full,))
+        add(p + "self_attn.o_proj.weight", s + "self_attn.o_proj.weight", hidden, q, (d, n_q * hd))
+        if src.attention_bias:
+            add(p + "self_attn.o_proj.bias", s + "self_attn.o_proj.bias", hidden, None, (d,))
+        add(p + "post_attention_layernorm.weight", s + "post_attention_layernorm.weight", hidden, None, (d,))
+        for proj in ("gate_proj", "up_proj"):
+            add(p + f"mlp.{proj}.weight", s + f"mlp.{proj}.weight", ffn, hidden, (inter, d))
+            if src.mlp_bias:
+                add(p + f"mlp.{proj}.bias", s + f"mlp.{proj}.bias", ffn, None, (inter,))
+        add(p + "mlp.down_proj.weight", s + "mlp.down_proj.weight", hidden, ffn, (d, inter))
+        if src.mlp_bias:
+            add(p + "mlp.down_proj.bias", s + "mlp.down_proj.bias", hidden, None, (d,))
+    add("model.norm.weight", "model.norm.weight", hidden, None, (d,))
+    if not src.tie_word_embeddings:
+        add("lm_head.weight", "lm_head.weight", None, hidden, (src.vocab_size, d))
+
+    new_config = dict(config)
+    new_config.update(new_shape.hf_overrides())
+    if isinstance(config.get("layer_types"), list):
+        new_config["layer_types"] = [config["layer_types"][i] for i in layers]
+    return ExportPlan(config=new_config, specs=specs, params_before=src.param_count(),
+                      params_after=sum(_numel(s.shape) for s in specs), keep_digest=keep_digest(keep),
+                      kept_layers=layers, source_names=_source_names(src))
+
+
+def _source_names(src: LlamaShape) -> set[str]:
+    suffixes = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        suffixes += [f"self_attn.{proj}.weight"] + ([f"self_attn.{proj}.bias"] if src.attention_bias else [])
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        suffixes += [f"mlp.{proj}.weight"] + ([f"mlp.{proj}.bias"] if src.mlp_bias else [])
+    names = {f"model.layers.{i}.{s}" for i in range(src.num_hidden_layers) for s in suffixes}
+    return names | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+
+
+def merged_weight(source: WeightSource, lora: LoraAdapter | None, name: str) -> torch.Tensor:
+    """The source tensor with its LoRA delta merged (in fp32 when there is one)."""
+    weight = source.get(name)
+    delta = lora.delta(name) if lora is not None else None
+    return weight if delta is None else weight.float() + delta
+
+
+def slice_tensor(weight: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    if spec.rows is not None:
+        weight = weight.index_select(0, spec.rows)
+    if spec.cols is not None:
+        weight = weight.index_select(1, spec.cols)
+    return weight
+
+
+def output_dtype(dtype: str, source: WeightSource, name: str) -> torch.dtype:
+    return source.dtype(name) if dtype == "source" else DTYPE_BY_NAME[dtype]
+
+
+def check_source(plan: ExportPlan, source: WeightSource) -> None:
+    """Every tensor the plan needs, with the shape the config promises; nothing unexplained.
+    (A tied checkpoint may store lm_head.weight anyway; that copy is dropped.)"""
+    names = set(source.names())
+    missing = sorted({s.source for s in plan.specs} - names)
+    extra = sorted(n for n in names - plan.source_names if not n.endswith(IGNORED_SUFFIXES))
+    if missing or extra:
+        raise ExportError(f"source weights do not match config.json: missing {missing[:5]}, "
+                          f"unexpected {extra[:5]}; is this a Llama checkpoint of that config?")
+    for spec in plan.specs:
+        if tuple(source.shape(spec.source)) != spec.source_shape:
+            raise ExportError(f"{spec.source}: shape {tuple(source.shape(spec.source))} in the weights, "
+                              f"{spec.source_shape} in config.json")
+
+
+def write_export(plan: ExportPlan, source: WeightSource, lora: LoraAdapter | None, out_dir: Path,
+                 shard_size_mb: int, dtype: str, files_dir: Path | None, progress: bool = True) -> dict:
+    """Stream the planned tensors into `out_dir`; returns the shapes written."""
+    check_source(plan, source)
+    dtypes = {s.name: output_dtype(dtype, source, s.source) for s in plan.specs}
+    writer = ShardedWriter(out_dir, [(s.name, s.shape, dtypes[s.name]) for s in plan.specs],
+                           shard_size_mb << 20)
+    for spec in tqdm(plan.specs, desc="export", unit="tensor", disable=not progress):
+        writer.write(spec.name, slice_tensor(merged_weight(source, lora, spec.source), spec)
+                     .to(dtypes[spec.name]).contiguous())
+    writer.close()
+    config = dict(plan.config)
+    config["dtype"] = str(dtypes["model.embed_tokens.weight"]).removeprefix("torch.")
+    config.pop("torch_dtype", None)  # the old name of the same field; one source of truth
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if files_dir is not None:
+        for name in COPIED_FILES:
+            if (files_dir / name).is_file():
+                shutil.copy2(files_dir / name, out_dir / name)
+    return {s.name: list(s.shape) for s in plan.specs}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def dry_run(plan: ExportPlan) -> int:
+    """Every slice on meta tensors and the pruned model built on the meta device: proves the
+    export path's shapes for configs far too big to hold (70B) in seconds; returns its parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for spec in plan.specs:
+        meta = TensorSpec(spec.name, spec.source, spec.shape, spec.source_shape,
+                          *(i.to("meta") if i is not None else None for i in (spec.rows, spec.cols)))
+        out = slice_tensor(torch.empty(spec.source_shape, device="meta"), meta)
+        if tuple(out.shape) != spec.shape:
+            raise ExportError(f"{spec.name}: slicing gives {tuple(out.shape)}, planned {spec.shape}")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig.from_dict(plan.config))
+    loaded = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    planned = {spec.name: spec.shape for spec in plan.specs}
+    if loaded != planned:
+        raise ExportError(f"transformers builds {sorted(set(loaded) ^ set(planned))[:5]} differently "
+                          "from the plan")
+    return sum(p.numel() for p in model.parameters())
