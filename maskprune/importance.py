@@ -3,8 +3,8 @@
 Every method returns the layout `keep_from_scores` takes: {"attn": [L, U], "ffn": [L, I]}, higher =
 keep, U = query heads (query_per_group) or KV groups (kv_group), see `arch.attn_unit_count`.
 
-Works on a plain HF Llama and on one partitioned by ZeRO-3 (inside a DeepSpeed engine, whose hooks
-gather each module's weights for its forward/backward):
+Works on a plain HF Llama and on one partitioned by ZeRO-3, with or without a DeepSpeed engine
+(without one, `_zero3_gathering` gathers one decoder layer at a time for the forward/backward):
 - forward hooks only accumulate activation statistics; they never read weights, so they do not care
   whether DeepSpeed's release hook ran before them;
 - statistics are sums (float64) all-reduced over ranks, so every rank derives identical scores and
@@ -84,6 +84,53 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextlib.contextmanager
+def _zero3_gathering(model: nn.Module, backward: bool) -> Iterator[None]:
+    """Gather a ZeRO-3 model's weights piece by piece (one decoder layer, or one other module that
+    holds weights) around its forward, and for Taylor around its backward, when no DeepSpeed engine
+    does it: the mask-learn stage scores the model before it builds its engine. With an engine (its
+    hooks set `ds_inflight_param_registry` on the module) or without ZeRO-3 there is nothing to do;
+    gathering on top of an engine would release weights its coordinator still counts as live."""
+    if hasattr(model, "ds_inflight_param_registry") or not any(hasattr(p, "ds_id")
+                                                                for p in model.parameters()):
+        yield
+        return
+    import deepspeed
+
+    layers = list(_layers(model))
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    others = [m for m in model.modules()
+              if id(m) not in inside and next(m.parameters(recurse=False), None) is not None]
+    pieces = [(layer, list(layer.parameters())) for layer in layers] + \
+             [(m, list(m.parameters(recurse=False))) for m in others]
+    live: dict[int, deepspeed.zero.GatheredParameters] = {}
+
+    def hooks(params: list[nn.Parameter]):
+        def gather(module: nn.Module, *_: object) -> None:
+            live[id(module)] = deepspeed.zero.GatheredParameters(params)
+            live[id(module)].__enter__()
+
+        def release(module: nn.Module, *_: object) -> None:
+            live.pop(id(module)).__exit__(None, None, None)
+        return gather, release
+
+    handles = []
+    for module, params in pieces:
+        gather, release = hooks(params)
+        handles += [module.register_forward_pre_hook(gather), module.register_forward_hook(release)]
+        # The embedding's backward is never run (its output is where gradients start).
+        if backward and module is not model.get_input_embeddings():
+            handles += [module.register_full_backward_pre_hook(gather),
+                        module.register_full_backward_hook(release)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for context in live.values():
+            context.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
@@ -140,7 +187,7 @@ def input_stats(model: nn.Module, batches: Iterable[Tensor]) -> InputStats:
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(tap("ffn", index)))
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
             for batch in batches:
                 model(input_ids=batch, use_cache=False)
                 tokens += batch.numel()
@@ -300,7 +347,7 @@ def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: st
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with _eval_mode(model), torch.enable_grad():
+        with _eval_mode(model), torch.enable_grad(), _zero3_gathering(model, backward=True):
             for batch in batches:
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
     finally:

@@ -146,9 +146,10 @@ def test_zero3_two_ranks_give_the_single_process_scores(tmp_path: Path) -> None:
         for method in METHODS:
             single = unit_scores(model, batches, method, shape, mode)
             for key, value in single.items():
-                name = f"{mode}.{method}.{key}"
-                assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: ranks disagree"
-                torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-5, msg=name)
+                for where in ("bare", "engine"):
+                    name = f"{where}.{mode}.{method}.{key}"
+                    assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: ranks disagree"
+                    torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def _token_rows(tokenizer, split: str, rows: int, seq_len: int = 128) -> torch.Tensor:

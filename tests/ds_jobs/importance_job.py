@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 tests/ds_jobs/importance_job.py MODEL_DIR BATCHES.pt OUT_DIR
 
 BATCHES.pt holds a list of LongTensors; rank r takes batches r, r + world, ... . Each rank writes
-OUT_DIR/rank{r}.safetensors with "{mode}.{method}.{attn|ffn}" tensors for both attention modes.
+OUT_DIR/rank{r}.safetensors with "{bare|engine}.{mode}.{method}.{attn|ffn}" tensors: scored
+before and after deepspeed.initialize, in both attention modes.
 """
 from __future__ import annotations
 
@@ -38,15 +39,24 @@ def main() -> None:
     hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive: from_pretrained partitions under zero.Init
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()), "not partitioned"
-    # The engine installs ZeRO-3's gather/release hooks, as in the mask-learn stage.
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     batches = torch.load(args.batches, weights_only=True)[info.rank::info.world_size]
     shape = LlamaShape.from_hf_config(model.config)
     out = {}
-    for mode in ("query_per_group", "kv_group"):
-        for method in METHODS:
-            scores = unit_scores(engine.module, batches, method, shape, mode)
-            out.update({f"{mode}.{method}.{k}": v for k, v in scores.items()})
+
+    def score_all(prefix: str, module: torch.nn.Module) -> None:
+        for mode in ("query_per_group", "kv_group"):
+            for method in METHODS:
+                scores = unit_scores(module, batches, method, shape, mode)
+                out.update({f"{prefix}.{mode}.{method}.{k}": v for k, v in scores.items()})
+
+    # Before any engine exists (as the mask-learn stage scores), then inside one, whose hooks
+    # gather the weights instead.
+    model.requires_grad_(False)
+    score_all("bare", model)
+    assert all(p.numel() == 0 for p in model.parameters()), "weights left gathered"
+    model.requires_grad_(True)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    score_all("engine", engine.module)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     save_file(out, str(Path(args.out_dir) / f"rank{info.rank}.safetensors"))
     del hf_ds
