@@ -193,9 +193,10 @@ class MaskLearnConfig:
     # Step sizes are normalised per structure type by the mean |dL/dm| at step 0 (METHOD_NOTES 2).
     mask_lr_alpha: float = 0.02
     dual_lr_layer: float = 0.05
-    dual_lr_budget: float = 0.05
-    target_lr: float = 0.05
-    rho: float = 1.0
+    dual_lr_budget: float = 0.1
+    target_lr: float = 0.2
+    rho: float = 4.0
+    rho_layer: float = 1.0
     budget_warmup_steps: int = 20
     hardening_fraction: float = 0.25
     init: Literal["wanda_sp", "ones"] = "wanda_sp"

@@ -44,10 +44,11 @@ class MaskLearner:
     valid: TokenShards
     checkpointer: Checkpointer
     meta: dict[str, Any]
-    writer: MetricWriter
+    tb_dir: Path
     progress_path: Path
     explicit_units: tuple[int, int] | None = None  # target.arch given: the shape is not learned
     step: int = 0
+    writer: MetricWriter | None = None
 
     @property
     def ml(self):
@@ -128,7 +129,7 @@ class MaskLearner:
         stats = {f"loss/{k}": v for k, v in sums.items()}
         if self.step < self.hardening_start:
             lr = StepSizes(self.ml.mask_lr_alpha, self.ml.dual_lr_layer, self.ml.dual_lr_budget,
-                           self.ml.target_lr, self.ml.rho)
+                           self.ml.target_lr, self.ml.rho, self.ml.rho_layer)
             stats.update(minimax_step({"attn": self.masks.attn_scores.data, "ffn": self.masks.ffn_scores.data},
                                       grads, self.minimax, self.budget, self.step, lr))
             stats["loss/lagrangian"] = self.lagrangian(sums["total"])
@@ -229,6 +230,8 @@ class MaskLearner:
         """Train to the last step; False if stopped early on request (after a checkpoint)."""
         train = self.ml.train
         self.restore()
+        # purge_step drops events logged after this checkpoint by the run that was cut short.
+        self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1 if self.step else None)
         while self.step < train.steps:
             if self.step >= self.hardening_start and self.masks.fixed_attn is None:
                 self.harden()

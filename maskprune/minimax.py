@@ -93,7 +93,9 @@ class StepSizes:
     dual_layer: float
     dual_budget: float
     target: float
-    rho: float
+    rho: float  # augmented-Lagrangian weight of the budget term in the s step
+    rho_layer: float  # the same for the per-layer terms in the prox threshold (gentler: the
+    # threshold cuts every unit below it at once, so a large weight overshoots the target)
 
 
 def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
@@ -121,7 +123,7 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
             m.sub_(step_m * grads[t])
             counts = (m > 0).sum(1).to(torch.float64)
             violation = (counts - state.s[t]) / units
-            y_eff = (state.y[t] + lr.rho * violation).clamp_min(0.0)
+            y_eff = (state.y[t] + lr.rho_layer * violation).clamp_min(0.0)
             # Threshold in normalised units: scores start with mean 1 per layer, so y_eff ≈ 0.5
             # cuts units below 1.
             threshold = torch.sqrt(2.0 * y_eff).to(m.dtype)

@@ -16,7 +16,6 @@ from maskprune.lora import attach_lora, lora_state_dict, save_adapter
 from maskprune.mask_learn import PREEMPTED_EXIT_CODE, MaskLearner, init_scores, write_summary
 from maskprune.masking import MaskState, attach_masks
 from maskprune.masks_io import keep_from_scores, save_keep_indices
-from maskprune.metrics import MetricWriter
 from maskprune.minimax import BudgetModel, MinimaxState
 from maskprune.stage import StageRun
 from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
@@ -104,7 +103,7 @@ def main() -> int:
         checkpointer=Checkpointer(run.dir / "checkpoints", ml.train.keep_last),
         meta={"stage": "mask_learn", "model_dir": model_dir, "frozen_excluded": True,
               "lora": {"r": ml.lora.rank, "alpha": ml.lora.alpha, "targets": ml.lora.targets}},
-        writer=MetricWriter(run.tb_dir), progress_path=run.dir / "progress.json",
+        tb_dir=run.tb_dir, progress_path=run.dir / "progress.json",
         explicit_units=explicit)
     if not learner.run(StopFlag(run.run.root / "STOP")):
         return PREEMPTED_EXIT_CODE

@@ -130,7 +130,7 @@ def test_minimax_moves_targets_down_to_the_budget_and_masks_follow() -> None:
               "ffn": torch.rand(4, 192, generator=generator) + 0.5}
     state = MinimaxState(s={"attn": 4.0, "ffn": 192.0},
                          y={"attn": torch.zeros(4, dtype=torch.float64), "ffn": torch.zeros(4, dtype=torch.float64)})
-    lr = StepSizes(mask_alpha=0.02, dual_layer=0.5, dual_budget=2.0, target=0.2, rho=2.0)
+    lr = StepSizes(mask_alpha=0.02, dual_layer=0.5, dual_budget=2.0, target=0.2, rho=2.0, rho_layer=2.0)
     for step in range(150):
         grads = {k: torch.randn(v.shape, generator=generator) * 0.01 for k, v in scores.items()}
         stats = minimax_step(scores, grads, state, budget, step, lr)
