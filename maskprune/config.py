@@ -67,7 +67,9 @@ class DataSource:
     kind: Literal["treebank", "text", "jsonl", "parquet", "hf_disk"] = "treebank"
     path: str = ""
     split: str = "train"
-    field: str = "text"
+    field: str = "text"  # jsonl / parquet / hf_disk: the column holding each document's text
+    # Mixture: the train split holds sources in proportion to their weights (a source is repeated
+    # or cut at a token boundary to get there); the validation split holds every source's share as is.
     weight: float = 1.0
 
     def validate(self) -> None:
@@ -88,8 +90,24 @@ class DataConfig:
     eval_text: DataSource = field(default_factory=lambda: DataSource(kind="treebank", split="test"))
     # Undecodable bytes: "error" stops, "replace" counts and reports them.
     decode_errors: Literal["error", "replace"] = "error"
+    # "model": the prepared model's HF tokenizer; "sentencepiece" / "gguf": the file at tokenizer_path;
+    # "train_sentencepiece": a SentencePiece BPE trained on the corpus (vocab: tokenizer_vocab_size,
+    # 0 = the model's vocab_size).
+    tokenizer: Literal["model", "sentencepiece", "gguf", "train_sentencepiece"] = "model"
+    tokenizer_path: str = ""
+    tokenizer_vocab_size: int = 0
+    # Shard element type; "auto" = uint16 when every id fits, else uint32.
+    token_dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    # Local tokenizer processes when not under MPI (0 = one per CPU core).
+    workers: int = 0
+    # Text/JSONL files are cut into work units of about this size: the grain of parallelism and resume.
+    chunk_mb: float = 64.0
 
     def validate(self) -> None:
+        if self.tokenizer in ("sentencepiece", "gguf") and not self.tokenizer_path:
+            raise ConfigError(f"data.tokenizer_path: required when data.tokenizer = {self.tokenizer!r}")
+        if self.workers < 0 or self.chunk_mb <= 0 or self.tokenizer_vocab_size < 0:
+            raise ConfigError("data.workers / data.tokenizer_vocab_size: must be >= 0; data.chunk_mb: > 0")
         if not self.sources:
             raise ConfigError("data.sources: at least one source is required")
         if self.seq_len < 8:
