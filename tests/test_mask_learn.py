@@ -1,0 +1,98 @@
+"""Mask-learn under 2-rank ZeRO-3 on CPU: exact uniform target shape, per-layer choices, exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import copy_run
+from helpers import BIN, REPO, cpu_env, run_cli
+from maskprune.masks_io import load_keep_indices
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
+         "--set", "mask_learn.budget_warmup_steps=4", "--set", "mask_learn.train.eval_every=6"]
+
+
+def run_mask_learn(run_dir: Path) -> subprocess.CompletedProcess:
+    return run_cli("run", "configs/tiny.toml", "--run-dir", str(run_dir), "--until", "mask_learn", *STEPS)
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_tokenized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = copy_run(tiny_tokenized, tmp_path_factory.mktemp("ml") / "run")
+    run_mask_learn(run_dir)
+    return run_dir
+
+
+def test_reaches_exact_uniform_target_with_zero_violation(learned: Path) -> None:
+    summary = json.loads((learned / "mask_learn" / "summary.json").read_text())
+    assert summary["final_violation"] == 0.0
+    assert summary["params"]["prunable_final"] <= summary["budget"] == 0.5 * summary["params"]["prunable_source"]
+    keep = load_keep_indices(learned / "mask_learn" / "masks.safetensors")
+    final = summary["final_shape"]
+    assert keep.q_heads.shape == (4, final["num_attention_heads"])
+    assert keep.kv_heads.shape == (4, final["num_key_value_heads"]) == (4, 2)
+    assert keep.ffn.shape == (4, final["intermediate_size"])
+    assert final["intermediate_size"] % 8 == 0 and 64 % final["num_attention_heads"] == 0
+    # Equal counts, different choices: not every layer kept the same FFN channels.
+    assert len({tuple(row.tolist()) for row in keep.ffn}) > 1
+
+
+def test_outputs_adapter_tensorboard_and_checkpoints(learned: Path) -> None:
+    adapter = load_file(str(learned / "mask_learn" / "lora" / "adapter_model.safetensors"))
+    assert adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)
+    assert adapter["base_model.model.model.layers.3.mlp.down_proj.lora_B.weight"].shape == (64, 8)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # LoRA trained
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(learned / "tb" / "mask_learn"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("loss/ce", "loss/distill", "loss/lagrangian", "dual/z", "target_dims/attn",
+                "target_dims/ffn", "sparsity/params_ratio", "sparsity/violation/ffn",
+                "throughput/tokens_per_s", "memory/rss_gib", "lr/lora", "loss/valid_ppl"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("loss/ce")] == list(range(1, 13))
+    assert "mask_scores/ffn" in events.Tags()["histograms"]
+    tags = sorted(p.name for p in (learned / "mask_learn" / "checkpoints").glob("step*"))
+    assert tags == ["step00000008", "step00000012"]  # keep_last = 2
+    assert all((learned / "mask_learn" / "checkpoints" / t / "COMPLETE").is_file() for t in tags)
+
+
+def test_kill_and_resume_gives_the_same_final_masks(learned: Path, tiny_tokenized: Path,
+                                                     tmp_path: Path) -> None:
+    run_dir = copy_run(tiny_tokenized, tmp_path / "run")
+    argv = [str(BIN / "maskprune"), "run", "configs/tiny.toml", "--run-dir", str(run_dir),
+            "--until", "mask_learn", *STEPS]
+    proc = subprocess.Popen(argv, cwd=REPO, env=cpu_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = run_dir / "mask_learn" / "progress.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if progress.is_file() and json.loads(progress.read_text())["step"] >= 6:
+            break
+        assert proc.poll() is None, "the stage ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run (after step 6)
+    proc.wait()
+    assert (run_dir / "mask_learn" / "checkpoints" / "step00000004" / "COMPLETE").is_file()
+    result = run_mask_learn(run_dir)
+    assert "resume" in result.stdout
+    fresh = load_file(str(learned / "mask_learn" / "masks.safetensors"))
+    resumed = load_file(str(run_dir / "mask_learn" / "masks.safetensors"))
+    assert fresh.keys() == resumed.keys()
+    for name in fresh:
+        assert torch.equal(fresh[name], resumed[name]), name
+    lora_fresh = load_file(str(learned / "mask_learn" / "lora" / "adapter_model.safetensors"))
+    lora_resumed = load_file(str(run_dir / "mask_learn" / "lora" / "adapter_model.safetensors"))
+    for name in lora_fresh:
+        assert torch.equal(lora_fresh[name], lora_resumed[name]), name
