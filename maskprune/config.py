@@ -246,7 +246,18 @@ class ContinuedPretrainConfig:
     ds_config: str = "ds_configs/zero3_cpu_fp32.json"
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4, weight_decay=0.01))
     activation_checkpointing: bool = False
+    # kl_weight > 0: distil from the dense source model (prepare's), itself partitioned by ZeRO-3.
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(kl_weight=0.0))
+    shard_size_mb: int = 2000  # safetensors shard size of the exported HF model
+
+    def validate(self) -> None:
+        if self.distill.kl_weight < 0:
+            raise ConfigError(f"continued_pretrain.distill.kl_weight: must be >= 0, got {self.distill.kl_weight}")
+        if self.distill.hidden_weight != 0:
+            raise ConfigError("continued_pretrain.distill.hidden_weight: only logit distillation "
+                              "(kl_weight) is supported here; set hidden_weight = 0")
+        if self.shard_size_mb < 1:
+            raise ConfigError("continued_pretrain.shard_size_mb: must be >= 1")
 
 
 @dataclass
@@ -338,6 +349,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {where}")
 
 
+def _closest(key: str, names: list[str]) -> str | None:
+    """The valid key a typo or a long spelling most likely meant (learning_rate -> lr)."""
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    initials = "".join(word[0] for word in key.split("_") if word)
+    return initials if initials in names else None
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -345,8 +365,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
         if key not in hints:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else \
+            close = _closest(key, names)
+            hint = f"; did you mean {(where + '.' if where else '') + close!r}?" if close else \
                 f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{path}: unknown key{hint}")
         kwargs[key] = _convert(value, hints[key], path)
