@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maskprune.config import TrainLoopConfig
+from maskprune.data import TokenShards, eval_batches
 from maskprune.dist import barrier, rank
 from maskprune.rundir import atomic_write_json, atomic_write_text
 
@@ -179,3 +180,26 @@ class Checkpointer:
         state_path = folder / "maskprune_state.safetensors"
         tensors = load_file(str(state_path)) if state_path.is_file() else {}
         return client_state, tensors
+
+
+# ----------------------------------------------------------------------------- validation
+
+@torch.no_grad()
+def validation_loss(engine: Any, valid: TokenShards, batch_size: int, max_batches: int,
+                    device: torch.device) -> float:
+    """Mean next-token loss over the first `max_batches` global batches of `valid`, averaged over
+    every rank's batches so all ranks return the same number."""
+    total, count = 0.0, 0
+    for batch in eval_batches(valid, batch_size, rank(), _world(), max_batches):
+        batch = batch.to(device)
+        total += engine(input_ids=batch, labels=batch).loss.item()
+        count += 1
+    # On the device: NCCL reduces only GPU tensors.
+    values = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return values[0].item() / max(values[1].item(), 1.0)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
