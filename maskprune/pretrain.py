@@ -1,0 +1,182 @@
+"""The continued-pretrain loop: full-parameter training of the pruned model under ZeRO-3.
+
+Per optimizer step, `grad_accum` micro-batches: forward (plus a no-grad pass of the dense teacher when
+distilling), `engine.backward`, `engine.step` (DeepSpeed applies the update, clipping and schedule at
+the accumulation boundary). Checkpoints carry the data position, so `resume = "auto"` continues the
+same sample stream; the Checkpointer restores per-rank RNG.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maskprune.config import ContinuedPretrainConfig
+from maskprune.data import BatchIterator, TokenShards
+from maskprune.dist import DistInfo, StopFlag, log
+from maskprune.losses import distill_kl
+from maskprune.metrics import MetricWriter, memory_metrics
+from maskprune.rundir import atomic_write_json
+from maskprune.training import Checkpointer, build_zero3_model, tag_for, validation_loss
+
+
+class TeacherMismatchError(ValueError):
+    pass
+
+
+def check_teacher_vocab(student_config: Any, teacher_config: Any, teacher_dir: str) -> None:
+    """KL over logits compares token by token: both models must share one vocabulary."""
+    if student_config.vocab_size != teacher_config.vocab_size:
+        raise TeacherMismatchError(
+            f"continued_pretrain.distill: teacher {teacher_dir} has vocab_size {teacher_config.vocab_size}, "
+            f"the pruned model {student_config.vocab_size}; logit distillation needs the same "
+            "tokenizer — set continued_pretrain.distill.kl_weight = 0")
+
+
+def build_teacher(teacher_dir: str, student_config: Any, ds: dict[str, Any]) -> tuple[Any, Any]:
+    """The dense model partitioned by ZeRO-3 like the student, wrapped in an engine without an
+    optimizer (as TRL does for its reference model). Returns (engine, HfDeepSpeedConfig to keep alive)."""
+    import deepspeed
+    from transformers import AutoConfig
+
+    check_teacher_vocab(student_config, AutoConfig.from_pretrained(teacher_dir), teacher_dir)
+    teacher_ds = copy.deepcopy(ds)
+    teacher_ds.pop("optimizer", None)
+    teacher_ds.pop("scheduler", None)
+    model, hf_ds = build_zero3_model(teacher_dir, teacher_ds)
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=teacher_ds)
+    engine.eval()
+    return engine, hf_ds
+
+
+@dataclass
+class Pretrainer:
+    cfg: ContinuedPretrainConfig
+    dist: DistInfo
+    engine: Any
+    teacher: Any | None
+    train_iter: BatchIterator
+    valid: TokenShards
+    checkpointer: Checkpointer
+    meta: dict[str, Any]
+    tb_dir: Path
+    progress_path: Path
+    step: int = 0
+    writer: MetricWriter | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * self.valid.seq_len * self.dist.world_size * t.grad_accum
+
+    def micro_losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = batch.to(self.dist.device)
+        out = self.engine(input_ids=batch, labels=batch)
+        losses = {"ce": out.loss}
+        total = out.loss
+        distill = self.cfg.distill
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=batch).logits
+            losses["distill"] = distill_kl(out.logits, teacher_logits, distill.temperature)
+            total = total + distill.kl_weight * losses["distill"]
+        losses["total"] = total
+        return losses
+
+    def train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        accum = self.cfg.train.grad_accum
+        lr = self.engine.get_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(accum):
+            losses = self.micro_losses(next(self.train_iter))
+            self.engine.backward(losses["total"])
+            self.engine.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().double() / accum
+        names = sorted(sums)
+        # The logged loss is the mean over every rank's micro-batches, not rank 0's alone.
+        values = torch.stack([sums[n] for n in names])  # on the device: NCCL reduces only GPU tensors
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)
+            values /= self.dist.world_size
+        values = values.cpu()
+        stats = {("loss/train" if n == "total" else f"loss/{n}"): v.item() for n, v in zip(names, values)}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            stats["grad/norm"] = float(grad_norm)
+        stats["lr/model"] = lr
+        stats["throughput/tokens_per_s"] = self.tokens_per_step / (time.perf_counter() - started)
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        # Events up to this step must be on disk before the checkpoint exists: a kill after it
+        # resumes here and purges only what comes later.
+        self.writer.flush()
+        self.checkpointer.save(self.engine, self.step,
+                               client_state={"step": self.step, "data": self.train_iter.state_dict()},
+                               meta=self.meta)
+
+    def restore(self) -> None:
+        if self.cfg.train.resume != "auto":
+            return
+        tag = self.checkpointer.latest()
+        if tag is None:
+            return
+        client, _ = self.checkpointer.load(self.engine, tag)
+        self.step = int(client["step"])
+        self.train_iter.load_state_dict(client["data"])
+        log(f"continued_pretrain: resumed from {self.checkpointer.root / tag} at step {self.step}")
+
+    def final_checkpoint(self) -> Path:
+        return self.checkpointer.root / tag_for(self.cfg.train.steps)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: StopFlag) -> bool:
+        """Train to the last step; False if stopped early on request (after a checkpoint)."""
+        train = self.cfg.train
+        self.restore()
+        # Events past this step came from a run cut short before its next checkpoint: drop them,
+        # so the curves continue instead of overlapping (also when no checkpoint existed yet).
+        self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)
+        log(f"continued_pretrain: {self.tokens_per_step:,} tokens per step ({train.micro_batch_size} micro "
+            f"x {self.valid.seq_len} tokens x {self.dist.world_size} ranks x {train.grad_accum} accum), "
+            f"steps {self.step + 1}..{train.steps}"
+            + (f", distilling with kl_weight {self.cfg.distill.kl_weight}" if self.teacher else ""))
+        while self.step < train.steps:
+            stats = self.train_step()
+            self.step += 1
+            stats["throughput/tokens_seen"] = self.step * self.tokens_per_step
+            if self.step % train.log_every == 0 or self.step == train.steps:
+                stats.update(memory_metrics())
+                self.writer.scalars(stats, self.step)
+                log(f"continued_pretrain step {self.step}/{train.steps} loss {stats['loss/train']:.4f} "
+                    f"lr {stats['lr/model']:.2e} grad_norm {stats.get('grad/norm', float('nan')):.3f} "
+                    f"{stats['throughput/tokens_per_s']:.0f} tok/s")
+            if self.step % train.eval_every == 0 or self.step == train.steps:
+                valid = validation_loss(self.engine, self.valid, train.micro_batch_size,
+                                        train.eval_batches, self.dist.device)
+                self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": math.exp(min(valid, 50))},
+                                    self.step)
+                log(f"continued_pretrain step {self.step}: valid loss {valid:.4f} "
+                    f"ppl {math.exp(min(valid, 50)):.2f}")
+            stopping = stop.should_stop()
+            if self.step % train.checkpoint_every == 0 or self.step == train.steps or stopping:
+                self.save()
+            if self.dist.is_rank0:
+                atomic_write_json(self.progress_path, {"step": self.step, "steps": train.steps})
+            if stopping and self.step < train.steps:
+                log(f"continued_pretrain: stop requested; checkpoint at step {self.step} saved, exiting")
+                self.writer.close()
+                return False
+        self.writer.close()
+        return True
+

@@ -1,0 +1,71 @@
+"""Stage 4, continued_pretrain: full-parameter recovery training of the pruned model under ZeRO-3.
+
+    deepspeed --num_gpus 2 pipeline/stage_continued_pretrain.py --run-dir runs/tiny
+
+Trains hard_prune's model on the tokenize stage's train split (optionally distilling from prepare's
+dense model), validates on the valid split, checkpoints to RUN/continued_pretrain/checkpoints/
+(resumable with resume = "auto") and exports the last checkpoint as a plain HF model to
+RUN/continued_pretrain/model/.
+"""
+import sys
+
+import torch
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from maskprune.config import HardPruneConfig
+from maskprune.data import BatchIterator, TokenShards
+from maskprune.dist import StopFlag, init_distributed, log, stage_argv_parser
+from maskprune.mask_learn import PREEMPTED_EXIT_CODE
+from maskprune.pretrain import Pretrainer, build_teacher
+from maskprune.prune_job import build_pruned_model, job_from_checkpoint
+from maskprune.stage import StageRun
+from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
+
+
+def main() -> int:
+    args = stage_argv_parser(__doc__).parse_args()
+    dist = init_distributed()
+    run = StageRun("continued_pretrain", args.run_dir, is_rank0=dist.is_rank0)
+    cpt = run.cfg.continued_pretrain
+    torch.manual_seed(cpt.train.seed)
+    ds = load_ds_config(cpt.ds_config, cpt.train)
+    model_dir = run.upstream("hard_prune", "model")
+    model, hf_ds = build_zero3_model(model_dir, ds)  # hf_ds (and teacher_hf_ds) must stay alive
+    model.config.use_cache = False  # no KV cache in training; checkpointing requires it off
+    if cpt.activation_checkpointing:
+        # Non-reentrant (PyTorch's recommended mode): a recomputed layer runs its forward again,
+        # and ZeRO-3's forward hooks gather its parameters for it as they did the first time.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    teacher, teacher_hf_ds = None, None
+    if cpt.distill.kl_weight > 0:
+        teacher, teacher_hf_ds = build_teacher(run.upstream("prepare", "model"), model.config, ds)
+    engine = init_engine(model, list(model.parameters()), ds, cpt.train)
+    data = run.upstream("tokenize", "data")
+    trainer = Pretrainer(
+        cfg=cpt, dist=dist, engine=engine, teacher=teacher,
+        train_iter=BatchIterator(TokenShards(data, "train"), cpt.train.micro_batch_size, dist.rank,
+                                 dist.world_size, cpt.train.seed),
+        valid=TokenShards(data, "valid"),
+        checkpointer=Checkpointer(run.dir / "checkpoints", cpt.train.keep_last),
+        meta={"stage": "continued_pretrain", "model_dir": model_dir, "lora": None, "masks": None,
+              "frozen_excluded": False},
+        tb_dir=run.tb_dir, progress_path=run.dir / "progress.json")
+    if not trainer.run(StopFlag(run.run.root / "STOP")):
+        return PREEMPTED_EXIT_CODE
+    out = run.dir / "model"
+    # Training is over: from here models load plainly. With the ZeRO-3 config still registered, the
+    # export's check would partition its reference model across ranks that are no longer there.
+    unset_hf_deepspeed_config()
+    if dist.is_rank0:
+        # tools/zero_to_hf.py's path: fp32 partitions read one parameter at a time, written in the
+        # pruned model's dtype, checked against the checkpoint, published whole (staging folder).
+        report = build_pruned_model(job_from_checkpoint(trainer.final_checkpoint()), out,
+                                    HardPruneConfig(shard_size_mb=cpt.shard_size_mb), progress=False)
+        log(f"continued_pretrain: exported {trainer.final_checkpoint().name} -> {out} "
+            f"({report['params_after']:,} parameters, check max |diff| {report['max_abs_diff']})")
+    run.finish({"model": str(out), "checkpoints": str(run.dir / "checkpoints")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Continued pretraining on 2 CPU ranks under ZeRO-3: the loss falls on real text, a SIGKILLed run
+resumed with resume = "auto" ends in the very same weights, and its TensorBoard curves do not overlap.
+
+The pruned model is a small random-init Llama (built in code, with the prepared model's tokenizer)
+recorded as hard_prune's output, so these tests need only the prepare and tokenize stages.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from helpers import BIN, REPO, cpu_env, run_cli
+from maskprune.config import ContinuedPretrainConfig, ConfigError, DistillConfig, load_config
+from maskprune.data import TokenShards, eval_batches
+from maskprune.pretrain import TeacherMismatchError, check_teacher_vocab
+from maskprune.rundir import RunDir
+from maskprune.safetensors_io import SafetensorsDir
+
+STAGE = REPO / "pipeline" / "stage_continued_pretrain.py"
+STEPS = 12
+SETTINGS = [f"continued_pretrain.train.steps={STEPS}", "continued_pretrain.train.micro_batch_size=2",
+            "continued_pretrain.train.grad_accum=2", "continued_pretrain.train.warmup_steps=2",
+            "continued_pretrain.train.lr=3e-3", "continued_pretrain.train.checkpoint_every=3",
+            "continued_pretrain.train.keep_last=2", "continued_pretrain.train.eval_every=6",
+            "continued_pretrain.train.eval_batches=2"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_pruned_model(out: Path, prepared: Path) -> None:
+    """What hard_prune would hand over: a smaller uniform Llama (2 heads / 1 KV, FFN 96, 2 layers)."""
+    source = AutoConfig.from_pretrained(prepared)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=source.vocab_size, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=96,
+                         max_position_embeddings=512, bos_token_id=source.bos_token_id,
+                         eos_token_id=source.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (prepared / name).is_file():
+            shutil.copy2(prepared / name, out / name)
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prepare + tokenize done (real Penn Treebank text), hard_prune recorded as done."""
+    run_dir = tmp_path_factory.mktemp("cpt") / "base"
+    shutil.copytree(tiny_prepared, run_dir)
+    run_cli("run", "configs/tiny.toml", "--run-dir", str(run_dir), "--until", "tokenize")
+    run = RunDir(run_dir)
+    run.write_config(load_config(REPO / "configs" / "tiny.toml", SETTINGS))
+    pruned = run.stage_dir("hard_prune") / "model"
+    make_pruned_model(pruned, Path(run.state("prepare").outputs["model"]))
+    run.mark_running("hard_prune", run.load_config())
+    run.mark_done("hard_prune", {"model": str(pruned)})
+    return run_dir
+
+
+def fresh_run(base: Path, dest: Path, *settings: str) -> Path:
+    shutil.copytree(base, dest)
+    if settings:
+        run = RunDir(dest)
+        run.write_config(load_config(REPO / "configs" / "tiny.toml", [*SETTINGS, *settings]))
+    return dest
+
+
+def stage_argv(run_dir: Path) -> list[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(STAGE),
+            "--run-dir", str(run_dir)]
+
+
+def run_stage(run_dir: Path, timeout: float = 900) -> str:
+    proc = subprocess.run(stage_argv(run_dir), cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"stage failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb" / "continued_pretrain"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    source = SafetensorsDir(model_dir)
+    return {name: source.get(name) for name in source.names()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base_run: Path) -> tuple[Path, str]:
+    run_dir = fresh_run(base_run, base_run.parent / "uninterrupted")
+    return run_dir, run_stage(run_dir)
+
+
+@pytest.mark.slow
+def test_loss_falls_and_the_export_is_the_trained_model(uninterrupted: tuple[Path, str]) -> None:
+    run_dir, stdout = uninterrupted
+    losses = [v for _, v in scalars(run_dir, "loss/train")]
+    assert len(losses) == STEPS
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert "1,024 tokens per step" in stdout  # 2 micro x 128 tokens x 2 ranks x 2 accum
+    for tag in ("loss/valid", "loss/valid_ppl", "lr/model", "grad/norm", "throughput/tokens_seen",
+                "throughput/tokens_per_s", "memory/rss_gib"):
+        assert scalars(run_dir, tag), tag
+    state = RunDir(run_dir).state("continued_pretrain")
+    assert state.status == "done"
+    model_dir = Path(state.outputs["model"])
+    checkpoints = Path(state.outputs["checkpoints"])
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step00000009", "step00000012"]
+    meta = json.loads((checkpoints / "step00000012" / "maskprune_meta.json").read_text())
+    assert meta["stage"] == "continued_pretrain" and meta["lora"] is None and meta["masks"] is None
+
+    # The exported model is the trained one: it reproduces the final validation loss the engine logged.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    valid = TokenShards(RunDir(run_dir).state("tokenize").outputs["data"], "valid")
+    with torch.no_grad():
+        per_rank = [[model(input_ids=b, labels=b).loss.item() for b in eval_batches(valid, 2, r, 2, 2)]
+                    for r in range(2)]
+    mean = sum(map(sum, per_rank)) / sum(map(len, per_rank))
+    assert abs(mean - scalars(run_dir, "loss/valid")[-1][1]) < 1e-4
+    assert (model_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_reproduce_the_uninterrupted_weights(
+        base_run: Path, uninterrupted: tuple[Path, str]) -> None:
+    run_dir = fresh_run(base_run, base_run.parent / "killed")
+    progress = run_dir / "continued_pretrain" / "progress.json"
+    proc = subprocess.Popen(stage_argv(run_dir), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 900
+    try:
+        # Past the first checkpoint (step 3) and well before the end.
+        while not (progress.is_file() and json.loads(progress.read_text())["step"] >= 5):
+            assert proc.poll() is None, f"stage exited ({proc.returncode}) before step 5"
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = json.loads(progress.read_text())["step"]
+    assert killed_at < STEPS
+    stdout = run_stage(run_dir)
+    assert "resumed from" in stdout
+
+    expected = weights(Path(RunDir(uninterrupted[0]).state("continued_pretrain").outputs["model"]))
+    got = weights(run_dir / "continued_pretrain" / "model")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+    # Every step's training loss exactly once, and the same values as the uninterrupted run.
+    train = scalars(run_dir, "loss/train")
+    assert [s for s, _ in train] == list(range(1, STEPS + 1))
+    assert [v for _, v in train] == [v for _, v in scalars(uninterrupted[0], "loss/train")]
+
+
+@pytest.mark.slow
+def test_distillation_with_activation_checkpointing(base_run: Path) -> None:
+    run_dir = fresh_run(base_run, base_run.parent / "distill", "continued_pretrain.train.steps=4",
+                        "continued_pretrain.distill.kl_weight=0.5",
+                        "continued_pretrain.activation_checkpointing=true")
+    run_stage(run_dir)
+    distill = [v for _, v in scalars(run_dir, "loss/distill")]
+    ce = [v for _, v in scalars(run_dir, "loss/ce")]
+    total = [v for _, v in scalars(run_dir, "loss/train")]
+    assert len(distill) == 4 and all(d > 0 for d in distill)
+    for c, d, t in zip(ce, distill, total):
+        assert abs(c + 0.5 * d - t) < 1e-5
+    assert (run_dir / "continued_pretrain" / "model" / "config.json").is_file()
+
+
+def test_distillation_refuses_a_teacher_with_another_vocabulary() -> None:
+    with pytest.raises(TeacherMismatchError, match="vocab_size 32000"):
+        check_teacher_vocab(LlamaConfig(vocab_size=1024), LlamaConfig(vocab_size=32000), "dense/")
+    check_teacher_vocab(LlamaConfig(vocab_size=1024), LlamaConfig(vocab_size=1024), "dense/")
+
+
+def test_config_refuses_hidden_state_distillation() -> None:
+    with pytest.raises(ConfigError, match="hidden_weight"):
+        ContinuedPretrainConfig(distill=DistillConfig(kl_weight=1.0, hidden_weight=0.5)).validate()
