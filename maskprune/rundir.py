@@ -25,14 +25,15 @@ from maskprune.config import ExperimentConfig, config_to_dict, dump_config, load
 
 STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain", "evaluate")
 
-# Which config sections and which upstream stages each stage reads.
+# Which config sections (dotted for a single field) and which upstream stages each stage reads.
+# prepare reads the text only to build the tiny model, so tokenize-only settings do not touch it.
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "prepare": (("model", "data"), ()),
+    "prepare": (("model", "data.sources", "data.seq_len"), ()),
     "tokenize": (("data",), ("prepare",)),
     "mask_learn": (("target", "mask_learn"), ("prepare", "tokenize")),
     "hard_prune": (("hard_prune",), ("prepare", "mask_learn")),
     "continued_pretrain": (("continued_pretrain",), ("prepare", "tokenize", "hard_prune")),
-    "evaluate": (("evaluate", "data"), ("prepare", "tokenize", "hard_prune", "continued_pretrain")),
+    "evaluate": (("evaluate", "data.eval_text"), ("prepare", "tokenize", "hard_prune", "continued_pretrain")),
 }
 
 
@@ -56,7 +57,12 @@ def atomic_write_json(path: Path, value: Any) -> None:
 def config_hash(cfg: ExperimentConfig, stage: str) -> str:
     sections, _ = STAGE_INPUTS[stage]
     raw = config_to_dict(cfg)
-    chosen = {name: raw[name] for name in sections}
+    chosen = {}
+    for name in sections:
+        value: Any = raw
+        for part in name.split("."):
+            value = value[part]
+        chosen[name] = value
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
