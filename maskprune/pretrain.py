@@ -149,7 +149,7 @@ class Pretrainer:
         self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)
         log(f"continued_pretrain: {self.tokens_per_step:,} tokens per step ({train.micro_batch_size} micro "
             f"x {self.valid.seq_len} tokens x {self.dist.world_size} ranks x {train.grad_accum} accum), "
-            f"steps {self.step + 1}..{train.steps}"
+            f"at step {self.step} of {train.steps}"
             + (f", distilling with kl_weight {self.cfg.distill.kl_weight}" if self.teacher else ""))
         while self.step < train.steps:
             stats = self.train_step()
