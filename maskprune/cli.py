@@ -4,6 +4,7 @@
     maskprune run configs/tiny.toml --run-dir runs/tiny --only mask_learn
     maskprune status runs/tiny [--json]
     maskprune reset runs/tiny mask_learn
+    maskprune report runs/tiny
     maskprune plan --model llama-2-70b --nodes 4 --gpus-per-node 8 [--offload optimizer] [--dry-run]
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from maskprune.config import ConfigError, load_config
 from maskprune.launcher import stage_command, stage_env, stop_file_path
 from maskprune.rundir import STAGES, RunDir, RunDirError, plan
+from maskprune.stage import preflight
 
 
 class CliError(RuntimeError):
@@ -55,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(refused)} differs "
                        "from the one this run was started with; pass --force to re-run them, or "
                        "use a new --run-dir")
+    preflight(cfg, [d.stage for d in selected if d.action == "run"])
     run_dir.write_config(cfg)
     env = stage_env(cfg.launcher)
     stop_file = stop_file_path(run_dir.root)
@@ -146,6 +149,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from maskprune.report import write_report  # matplotlib / tensorboard only for this command
+
+    _, summary = write_report(Path(args.run_dir))
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskprune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only build source and pruned model on the meta device and check the shapes")
     planp.add_argument("--json", action="store_true")
     planp.set_defaults(func=cmd_plan)
+    report = sub.add_parser("report", help="write RUN/report.md with plots and print a short summary")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
