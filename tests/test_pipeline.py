@@ -1,0 +1,79 @@
+"""The walking skeleton: `maskprune run` carries a tiny GQA Llama through every stage on 2 ZeRO-3
+CPU ranks and out as a plain, uniform Hugging Face checkpoint; reruns, resets and config changes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import copy_run
+from helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["--set", "mask_learn.train.steps=8", "--set", "mask_learn.budget_warmup_steps=3",
+         "--set", "mask_learn.train.checkpoint_every=4", "--set", "mask_learn.train.eval_every=4",
+         "--set", "continued_pretrain.train.steps=6", "--set", "continued_pretrain.train.checkpoint_every=3",
+         "--set", "continued_pretrain.train.eval_every=3"]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_tokenized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = copy_run(tiny_tokenized, tmp_path_factory.mktemp("pipeline") / "run")
+    run_cli("run", "configs/tiny.toml", "--run-dir", str(run_dir), *SHORT, timeout=1500)
+    return run_dir
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads(run_cli("status", str(run_dir), "--json").stdout)
+
+
+def test_final_checkpoint_is_a_plain_uniform_smaller_hf_model(finished: Path) -> None:
+    info = status(finished)
+    assert all(stage["status"] == "done" for stage in info["stages"].values())
+    final = Path(info["final_checkpoint"])
+    assert final == finished / "continued_pretrain" / "model"
+    model = AutoModelForCausalLM.from_pretrained(final)  # no custom code, no trust_remote_code
+    source = AutoModelForCausalLM.from_pretrained(info["stages"]["prepare"]["outputs"]["model"])
+    q_rows = {layer.self_attn.q_proj.weight.shape[0] for layer in model.model.layers}
+    kv_rows = {layer.self_attn.k_proj.weight.shape[0] for layer in model.model.layers}
+    ffn = {layer.mlp.gate_proj.weight.shape[0] for layer in model.model.layers}
+    assert len(q_rows) == len(kv_rows) == len(ffn) == 1  # every layer the same shape
+    assert q_rows == {model.config.num_attention_heads * model.config.head_dim}
+    assert ffn == {model.config.intermediate_size}
+    assert model.num_parameters() < source.num_parameters()
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    assert model(input_ids=ids).logits.shape == (1, 16, model.config.vocab_size)
+    results = json.loads((finished / "evaluate" / "results.json").read_text())
+    assert set(results["models"]) == {"dense", "pruned", "pruned+cpt"}
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("state.json")}
+    out = run_cli("run", "configs/tiny.toml", "--run-dir", str(finished), *SHORT).stdout
+    assert "nothing to do" in out
+    assert out.count("done, skipped") == 6
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("state.json")} == before
+
+
+def test_changed_config_is_refused_without_force(finished: Path) -> None:
+    proc = run_cli("run", "configs/tiny.toml", "--run-dir", str(finished), *SHORT,
+                   "--set", "continued_pretrain.train.lr=5e-4", check=False)
+    assert proc.returncode == 2
+    assert "continued_pretrain" in proc.stderr and "--force" in proc.stderr
+    assert "mask_learn" not in proc.stderr
+
+
+def test_reset_reruns_that_stage_and_the_ones_after_it(finished: Path) -> None:
+    before = status(finished)["stages"]
+    run_cli("reset", str(finished), "hard_prune")
+    out = run_cli("run", "configs/tiny.toml", "--run-dir", str(finished), *SHORT, timeout=1500).stdout
+    after = status(finished)["stages"]
+    for stage in ("prepare", "tokenize", "mask_learn"):
+        assert f"{stage}: done, skipped" in out
+    for stage in ("hard_prune", "continued_pretrain", "evaluate"):
+        assert f"{stage}: running" in out
+        assert after[stage]["attempts"] == before[stage]["attempts"] + 1
