@@ -79,6 +79,7 @@ def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progres
     try:
         shapes = write_export(plan, job.source, job.lora, tmp, cfg.shard_size_mb, cfg.dtype,
                               job.files_dir, progress)
+        written = time.time()
         check: dict[str, Any] = {"mode": "skipped", "max_abs_diff": None}
         if cfg.equivalence_sequences > 0:
             args = (plan, job.config, job.source, job.lora, keep, cfg.dtype, tmp,
@@ -99,7 +100,7 @@ def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progres
             "config": {k: plan.config[k] for k in LlamaShape.from_hf_config(plan.config).hf_overrides()},
             "dtype": cfg.dtype, "lora_merged": job.lora is not None, "shapes": shapes,
             "equivalence": check, "max_abs_diff": check["max_abs_diff"],
-            "seconds": round(time.time() - started, 2),
+            "seconds": {"write": round(written - started, 2), "check": round(time.time() - written, 2)},
         }
         atomic_write_json(tmp / "prune_report.json", report)
         publish_dir(tmp, final)

@@ -12,7 +12,10 @@ the Adam moments nor frozen fragments are read until one parameter asks for its 
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,33 @@ def _load_mmap(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
+_MADV_DONTNEED = 4
+
+
+def _drop_pages(tensor: torch.Tensor) -> None:
+    """Unmap the file pages a read touched (clean pages of a private file mapping: the kernel
+    re-reads them from disk if needed). Otherwise every parameter read leaves its pages counted
+    in RSS until the checkpoint is closed, and peak RSS grows to the checkpoint's size."""
+    if sys.platform != "linux" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    aligned = start - start % mmap.PAGESIZE
+    length = start + tensor.numel() * tensor.element_size() - aligned
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
+def _file_mappings(tag_dir: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps files of `tag_dir` (from /proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip().startswith(str(tag_dir)):
+                low, high = fields[0].split("-")
+                ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
 class ZeroCheckpoint:
     """fp32 master weights of a ZeRO-3 tag, as a WeightSource (names, shape, dtype, get)."""
 
@@ -102,6 +132,7 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{tag_dir}: {len(optim)} optimizer and {len(model_states)} model files "
                                   f"for {world} ranks; a rank's save is missing")
         groups = [o[FP32_FLAT_GROUPS] for o in optim]
+        self._mapped = [flat for rank in groups for flat in rank]  # all memory-mapped (mmap=True)
         bounds = [0]
         for flat in groups[0]:
             bounds.append(bounds[-1] + flat.numel())
@@ -118,6 +149,12 @@ class ZeroCheckpoint:
         frozen = model_states[0].get(FROZEN_PARAM_SHAPES) or {}
         self._frozen = {name: (shape, [m[FROZEN_PARAM_FRAGMENTS][name] for m in model_states])
                         for name, shape in frozen.items()}
+        self._mapped += [f for _, fragments in self._frozen.values() for f in fragments]
+        # Only pages of the checkpoint files may be dropped: on anonymous memory madvise would
+        # zero the data instead.
+        files = _file_mappings(tag_dir.resolve()) if sys.platform == "linux" else []
+        self._mapped = [t for t in self._mapped
+                        if any(low <= t.data_ptr() < high for low, high in files)]
         self._alias = dict(model_states[0].get("shared_params") or {})
 
     def names(self) -> list[str]:
@@ -136,6 +173,10 @@ class ZeroCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         name = self._alias.get(name, name)
         if name in self._params:
-            return self._params[name].contiguous().clone()  # clone: drop the padded concat buffer
-        shape, fragments = self._frozen[name]
-        return torch.cat([f.reshape(-1) for f in fragments])[:shape.numel()].view(shape).clone()
+            value = self._params[name].contiguous().clone()  # clone: drop the padded concat buffer
+        else:
+            shape, fragments = self._frozen[name]
+            value = torch.cat([f.reshape(-1) for f in fragments])[:shape.numel()].view(shape).clone()
+        for mapped in self._mapped:  # the copy is ours now; the mapped pages can go
+            _drop_pages(mapped)
+        return value
