@@ -17,7 +17,7 @@ import torch
 
 from maskprune.arch import LlamaShape, admissible, attn_unit_count
 from maskprune.config import ExperimentConfig
-from maskprune.data import BatchIterator, TokenShards, eval_batches
+from maskprune.data import BatchIterator, TokenShards
 from maskprune.dist import DistInfo, StopFlag, log
 from maskprune.lora import LoraSwitch
 from maskprune.losses import distill_kl, hidden_mse
@@ -26,7 +26,7 @@ from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.metrics import MetricWriter, memory_metrics
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
-from maskprune.training import Checkpointer
+from maskprune.training import Checkpointer, validation_loss
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
@@ -70,14 +70,14 @@ class MaskLearner:
 
     def current_keep(self) -> KeepIndices:
         attn_units, ffn_width = self.target_units()
-        return keep_from_scores(self.masks.attn_scores.detach(), self.masks.ffn_scores.detach(),
+        return keep_from_scores(self.masks.attn_scores.detach().cpu(), self.masks.ffn_scores.detach().cpu(),
                                 self.masks.shape, attn_units, ffn_width, self.cfg.target.attn_mode,
                                 method="maskprune")
 
     def harden(self) -> None:
         keep = self.current_keep()
         attn, ffn = fixed_masks_from_keep(keep.q_heads, keep.ffn, self.masks.shape, self.masks.mode)
-        self.masks.fixed_attn, self.masks.fixed_ffn = attn, ffn
+        self.masks.fixed_attn, self.masks.fixed_ffn = attn.to(self.dist.device), ffn.to(self.dist.device)
         log(f"mask_learn: hardening from step {self.step}: every layer keeps "
             f"{keep.q_heads.shape[1]} query heads / {keep.kv_heads.shape[1]} KV heads, "
             f"{keep.ffn.shape[1]} FFN channels; only LoRA trains from here")
@@ -149,22 +149,10 @@ class MaskLearner:
         return value
 
     # ------------------------------------------------------------------ validation, logging
-    @torch.no_grad()
-    def validation_loss(self) -> float:
-        total, count = 0.0, 0
-        for batch in eval_batches(self.valid, self.ml.train.micro_batch_size, self.dist.rank,
-                                  self.dist.world_size, self.ml.train.eval_batches):
-            total += self.engine(input_ids=batch.to(self.dist.device), labels=batch.to(self.dist.device)).loss.item()
-            count += 1
-        values = torch.tensor([total, float(count)], dtype=torch.float64)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(values)
-        return values[0].item() / max(values[1].item(), 1.0)
-
     def log_layers(self) -> None:
         attn_kept, ffn_kept = self.masks.kept_counts()
         if self.masks.fixed_attn is not None:
-            attn_kept, ffn_kept = self.masks.fixed_attn.sum(1), self.masks.fixed_ffn.sum(1)
+            attn_kept, ffn_kept = self.masks.fixed_attn.sum(1).cpu(), self.masks.fixed_ffn.sum(1).cpu()
         units = attn_unit_count(self.masks.shape, self.masks.mode)
         image = torch.stack([attn_kept.float() / units,
                              ffn_kept.float() / self.masks.shape.intermediate_size], dim=1)
@@ -173,8 +161,8 @@ class MaskLearner:
         self.writer.image("kept_units/per_layer", pixels.unsqueeze(-1).repeat(1, 1, 3).numpy(), self.step)
         self.writer.histogram("kept_units/attn", attn_kept.float(), self.step)
         self.writer.histogram("kept_units/ffn", ffn_kept.float(), self.step)
-        self.writer.histogram("mask_scores/attn", self.masks.attn_scores.detach(), self.step)
-        self.writer.histogram("mask_scores/ffn", self.masks.ffn_scores.detach(), self.step)
+        self.writer.histogram("mask_scores/attn", self.masks.attn_scores.detach().cpu(), self.step)
+        self.writer.histogram("mask_scores/ffn", self.masks.ffn_scores.detach().cpu(), self.step)
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -208,7 +196,8 @@ class MaskLearner:
         self.masks.ffn_scores.data.copy_(tensors["mask.ffn"])
         self.minimax = MinimaxState.from_tensors(tensors)
         if "fixed.attn" in tensors:
-            self.masks.fixed_attn, self.masks.fixed_ffn = tensors["fixed.attn"], tensors["fixed.ffn"]
+            self.masks.fixed_attn = tensors["fixed.attn"].to(self.dist.device)
+            self.masks.fixed_ffn = tensors["fixed.ffn"].to(self.dist.device)
         log(f"mask_learn: resumed from {self.checkpointer.root / tag} at step {self.step}")
 
     def final_keep(self) -> KeepIndices:
@@ -221,7 +210,7 @@ class MaskLearner:
         shape = self.masks.shape
         units = int(attn[0].sum().item())
         width = int(ffn[0].sum().item())
-        keep = keep_from_scores(attn, ffn, shape, units, width, self.masks.mode, "maskprune")
+        keep = keep_from_scores(attn.cpu(), ffn.cpu(), shape, units, width, self.masks.mode, "maskprune")
         keep.scores = {"attn": self.masks.attn_scores.detach().cpu(), "ffn": self.masks.ffn_scores.detach().cpu()}
         return keep
 
@@ -231,7 +220,7 @@ class MaskLearner:
         train = self.ml.train
         self.restore()
         # purge_step drops events logged after this checkpoint by the run that was cut short.
-        self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1 if self.step else None)
+        self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)
         while self.step < train.steps:
             if self.step >= self.hardening_start and self.masks.fixed_attn is None:
                 self.harden()
@@ -245,11 +234,13 @@ class MaskLearner:
                     f"s_ffn {self.minimax.s['ffn']:.1f} z {self.minimax.z:.3f} "
                     f"{stats['throughput/tokens_per_s']:.0f} tok/s")
             if self.step % train.eval_every == 0 or self.step == train.steps:
-                valid = self.validation_loss()
+                valid = validation_loss(self.engine, self.valid, self.ml.train.micro_batch_size,
+                                        self.ml.train.eval_batches, self.dist.device)
                 self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": math.exp(min(valid, 50))}, self.step)
                 self.log_layers()
             stopping = stop.should_stop()
             if self.step % train.checkpoint_every == 0 or self.step == train.steps or stopping:
+                self.writer.flush()  # events up to the checkpoint survive a kill right after it
                 self.save()
             if self.dist.is_rank0:
                 atomic_write_json(self.progress_path, {"step": self.step, "steps": train.steps})

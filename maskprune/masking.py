@@ -50,7 +50,7 @@ class MaskState(nn.Module):
 
     def kept_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """||m_l||_0 per layer for each type: the quantity the per-layer constraints bound."""
-        return (self.attn_scores > 0).sum(1), (self.ffn_scores > 0).sum(1)
+        return (self.attn_scores > 0).sum(1).cpu(), (self.ffn_scores > 0).sum(1).cpu()
 
 
 def _o_proj_hook(state: MaskState, layer: int, head_dim: int):

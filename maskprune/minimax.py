@@ -121,14 +121,14 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
         step_m = lr.mask_alpha / state.grad_scale[t]
         with torch.no_grad():
             m.sub_(step_m * grads[t])
-            counts = (m > 0).sum(1).to(torch.float64)
+            counts = (m > 0).sum(1).to(torch.float64).cpu()  # duals live on the CPU, m may not
             violation = (counts - state.s[t]) / units
             y_eff = (state.y[t] + lr.rho_layer * violation).clamp_min(0.0)
             # Threshold in normalised units: scores start with mean 1 per layer, so y_eff ≈ 0.5
             # cuts units below 1.
-            threshold = torch.sqrt(2.0 * y_eff).to(m.dtype)
+            threshold = torch.sqrt(2.0 * y_eff).to(m.device, m.dtype)
             m.copy_(prox_l0(m, threshold))
-            counts = (m > 0).sum(1).to(torch.float64)
+            counts = (m > 0).sum(1).to(torch.float64).cpu()
             violation = (counts - state.s[t]) / units
         state.y[t] = dual_ascent(state.y[t], violation, lr.dual_layer)
         # ∂L/∂(s_t/U_t): the layers' duals (averaged over layers, so step sizes do not depend on

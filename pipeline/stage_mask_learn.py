@@ -5,7 +5,9 @@
 Writes RUN/mask_learn/masks.safetensors (keep indices + scores), lora/ (PEFT adapter, MaskPrune
 only), summary.json, checkpoints/ (DeepSpeed ZeRO-3, resumable with resume = "auto").
 """
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,7 @@ from maskprune.mask_learn import PREEMPTED_EXIT_CODE, MaskLearner, init_scores, 
 from maskprune.masking import MaskState, attach_masks
 from maskprune.masks_io import keep_from_scores, save_keep_indices
 from maskprune.minimax import BudgetModel, MinimaxState
-from maskprune.stage import StageRun
+from maskprune.stage import StageRun, run_stage
 from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
 
 
@@ -49,6 +51,18 @@ def explicit_units(shape: LlamaShape, cfg) -> tuple[int, int]:
     return units, arch.intermediate_size or shape.intermediate_size
 
 
+def check_target(shape: LlamaShape, cfg) -> None:
+    """Before any model loads or any step runs: the target must be reachable (an explicit
+    target.arch with legal heads; at target.sparsity, some legal shape within the budget), or the
+    stage would fail only when it cuts the masks at its end."""
+    if cfg.target.arch is not None:
+        explicit_units(shape, cfg)
+        return
+    units = legal_attn_units(shape, cfg.target.attn_mode)
+    admissible(shape, units[-1], shape.intermediate_size, budget_for_sparsity(shape, cfg.target.sparsity),
+               cfg.target.attn_mode, cfg.target.ffn_alignment)
+
+
 def main() -> int:
     args = stage_argv_parser(__doc__).parse_args()
     dist = init_distributed()
@@ -60,6 +74,7 @@ def main() -> int:
     torch.manual_seed(ml.train.seed)
     ds = load_ds_config(ml.ds_config, ml.train)
     model_dir = run.upstream("prepare", "model")
+    check_target(LlamaShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text())), cfg)
     model, hf_ds = build_zero3_model(model_dir, ds)
     model.config.use_cache = False
     model.requires_grad_(False)
@@ -86,7 +101,7 @@ def main() -> int:
         return 0
 
     init_attn, init_ffn = init_scores(shape, mode, ml.init, scores)
-    masks = MaskState(shape, mode, init_attn, init_ffn)
+    masks = MaskState(shape, mode, init_attn, init_ffn).to(dist.device)
     attach_masks(model, masks)
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
     engine = init_engine(model, lora_params, ds, ml.train)
@@ -122,4 +137,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)
