@@ -1,0 +1,20 @@
+"""Rank discovery for every launcher the stages run under."""
+from __future__ import annotations
+
+import pytest
+
+from maskprune.dist import discover_ranks
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}, (3, 1, 8, "RANK")),  # deepspeed, torchrun
+    ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16"}, (5, 1, 16, "SLURM_PROCID")),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"},
+     (2, 0, 4, "OMPI_COMM_WORLD_RANK")),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 0, 2, "PMI_RANK")),
+    # Under srun running the deepspeed launcher, the launcher's own RANK wins over SLURM's.
+    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (0, 0, 2, "RANK")),
+    ({}, (0, 0, 1, "single")),
+])
+def test_discover_ranks(env: dict[str, str], expected: tuple) -> None:
+    assert discover_ranks(env) == expected
