@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from maskprune.config import ExperimentConfig
+from maskprune.config import ConfigError, ExperimentConfig
 from maskprune.rundir import RunDir, RunDirError
 
 
@@ -43,6 +45,21 @@ class StageRun:
             self.run.mark_done(self.stage, outputs)
 
 
+def preflight(cfg: ExperimentConfig, stages: list[str]) -> None:
+    """What `maskprune run` checks before it starts anything (no stage, no rank): the DeepSpeed
+    config of each training stage that will run, so a missing or unusable one is one line up front
+    rather than an error from every rank minutes later."""
+    from maskprune.training import load_ds_config  # torch: only when a run is about to start
+
+    for stage in ("mask_learn", "continued_pretrain"):
+        if stage in stages:
+            section = getattr(cfg, stage)
+            try:
+                load_ds_config(section.ds_config, section.train)
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"{stage}.ds_config: {err}") from None
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Make a fully written output folder visible under its final name in one rename, so a kill
     never leaves a half-written folder that looks finished."""
@@ -62,3 +79,23 @@ def staging_dir(final: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+# What a bad input raises (a ValueError subclass naming the file/field and the fix, a missing file,
+# an unusable run directory): reported in one line, not as a traceback.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RunDirError)
+
+
+def run_stage(main: Callable[[], int | None]) -> NoReturn:
+    """Every stage script's entry point: `main()`'s exit code, or, on a bad input, the one line
+    `maskprune: error: ...` (printed by rank 0 only, so a launcher's N ranks print it once) and
+    exit code 2. MASKPRUNE_TRACEBACK=1 re-raises instead, for debugging."""
+    try:
+        code = main()
+    except BAD_INPUT_ERRORS as err:
+        if os.environ.get("MASKPRUNE_TRACEBACK"):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"maskprune: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -7,7 +7,6 @@ dense model), validates on the valid split, checkpoints to RUN/continued_pretrai
 (resumable with resume = "auto") and exports the last checkpoint as a plain HF model to
 RUN/continued_pretrain/model/.
 """
-import sys
 
 import torch
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -18,7 +17,7 @@ from maskprune.dist import StopFlag, init_distributed, log, stage_argv_parser
 from maskprune.mask_learn import PREEMPTED_EXIT_CODE
 from maskprune.pretrain import Pretrainer, build_teacher
 from maskprune.prune_job import build_pruned_model, job_from_checkpoint
-from maskprune.stage import StageRun
+from maskprune.stage import StageRun, run_stage
 from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
 
 
@@ -68,4 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

@@ -18,7 +18,7 @@ from maskprune.dist import log, stage_argv_parser
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s, param_count,
                                   perplexity, shard_tokens, text_tokens)
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
-from maskprune.stage import StageRun
+from maskprune.stage import StageRun, run_stage
 from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
 
 # (name in the report, stage whose "model" output it is)
@@ -141,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -11,7 +11,7 @@ import sys
 
 from maskprune.dist import log, stage_argv_parser
 from maskprune.prune_job import build_pruned_model, job_from_checkpoint, job_from_model_dir
-from maskprune.stage import StageRun
+from maskprune.stage import StageRun, run_stage
 
 
 def main() -> int:
@@ -38,4 +38,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

@@ -5,7 +5,7 @@
 from maskprune.arch import LlamaShape
 from maskprune.dist import log, stage_argv_parser
 from maskprune.model_source import materialize
-from maskprune.stage import StageRun, publish_dir, staging_dir
+from maskprune.stage import StageRun, publish_dir, run_stage, staging_dir
 
 
 def main() -> None:
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

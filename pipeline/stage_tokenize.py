@@ -26,7 +26,7 @@ from maskprune.config import DataConfig
 from maskprune.corpus import WorkUnit, iter_documents, iter_unit_documents, plan_units
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
 from maskprune.shard_writer import build_index, choose_dtype, tokenize_unit
-from maskprune.stage import StageRun, publish_dir, staging_dir
+from maskprune.stage import StageRun, publish_dir, run_stage, staging_dir
 from maskprune.tokenization import load_tokenizer, model_vocab_size, train_sentencepiece
 
 SP_TRAIN_DOCS = 1_000_000  # documents a trained SentencePiece model sees, from the start of the corpus
@@ -193,4 +193,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)
