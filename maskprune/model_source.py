@@ -75,6 +75,9 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
 
 def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
     """Refuse what we cannot prune safely, before any rank loads it."""
+    if not path.is_dir():
+        raise ModelSourceError(f"model.path {path}: no such directory; set model.path to a local "
+                               "Hugging Face model directory")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelSourceError(f"model.path {path}: no config.json; point it at a Hugging Face model directory")
@@ -92,6 +95,15 @@ def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
         hint = (f" (found pickled weights {pickled[:3]}; convert them to safetensors with a trusted "
                 "`save_pretrained(..., safe_serialization=True)`)") if pickled else ""
         raise ModelSourceError(f"model.path {path}: no .safetensors weights{hint}")
+    # Headers only: every shard the index lists is there and complete, and every tensor has the
+    # shape config.json promises, before any rank tries to load it.
+    from maskprune.export import check_source, plan_export
+    from maskprune.safetensors_io import SafetensorsDir
+
+    try:
+        check_source(plan_export(config, None), SafetensorsDir(path))
+    except ValueError as err:
+        raise ModelSourceError(f"model.path {path}: {err}") from None
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int, dest: Path):
