@@ -69,6 +69,9 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     # loaders try to quantise again.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # transformers 5.x refuses to save a model that still carries its GGUF quantizer, although the
+    # tensors are plain fp32 now.
+    model.hf_quantizer = None
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
 
