@@ -8,7 +8,12 @@ Tensors (L = source layers; every row has the same length, which is what makes t
     keep.layers   int64 [L']         kept layers (optional; absent = all)
     score.attn    float32 [L, U]     final attention-unit scores (optional)
     score.ffn     float32 [L, I]     final FFN-channel scores (optional)
+    bias.o_proj   float32 [L, d]     bias compensation added to o_proj's output (optional, FLAP)
+    bias.down_proj float32 [L, d]    bias compensation added to down_proj's output (optional, FLAP)
 Metadata: format, method, attn_mode.
+
+The bias.* tensors are the removed channels' mean contribution (`importance.flap_bias`), over the
+source's layers and hidden channels; hard-prune adds them to the pruned projections' biases.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ if TYPE_CHECKING:
     from maskprune.arch import LlamaShape
 
 FORMAT = "maskprune.masks/1"
+BIAS_NAMES = ("o_proj", "down_proj")
 
 
 @dataclass
@@ -36,6 +42,7 @@ class KeepIndices:
     hidden: torch.Tensor | None = None
     layers: torch.Tensor | None = None
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # "o_proj" / "down_proj" -> [L, d]
 
     def validate(self) -> None:
         rows = {self.q_heads.shape[0], self.kv_heads.shape[0], self.ffn.shape[0]}
@@ -45,6 +52,10 @@ class KeepIndices:
             t = getattr(self, name)
             if t.dim() != 2 or not bool((t[:, 1:] > t[:, :-1]).all()):
                 raise ValueError(f"keep.{name} must be [layers, k] with sorted unique rows")
+        for name, value in self.bias.items():
+            if name not in BIAS_NAMES or value.dim() != 2 or value.shape[0] != self.q_heads.shape[0]:
+                raise ValueError(f"bias.{name}: expected one of bias.{', bias.'.join(BIAS_NAMES)} "
+                                 f"shaped [{self.q_heads.shape[0]}, hidden], got {tuple(value.shape)}")
 
 
 def save_keep_indices(path: Path, keep: KeepIndices) -> None:
@@ -56,6 +67,8 @@ def save_keep_indices(path: Path, keep: KeepIndices) -> None:
         tensors["keep.layers"] = keep.layers
     for name, value in keep.scores.items():
         tensors[f"score.{name}"] = value.float()
+    for name, value in keep.bias.items():
+        tensors[f"bias.{name}"] = value.float()
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
               metadata={"format": FORMAT, "method": keep.method, "attn_mode": keep.attn_mode})
@@ -76,7 +89,8 @@ def load_keep_indices(path: Path) -> KeepIndices:
         q_heads=tensors["keep.q_heads"], kv_heads=tensors["keep.kv_heads"], ffn=tensors["keep.ffn"],
         method=meta.get("method", ""), attn_mode=meta.get("attn_mode", ""),
         hidden=tensors.get("keep.hidden"), layers=tensors.get("keep.layers"),
-        scores={k[len("score."):]: v for k, v in tensors.items() if k.startswith("score.")})
+        scores={k[len("score."):]: v for k, v in tensors.items() if k.startswith("score.")},
+        bias={k[len("bias."):]: v for k, v in tensors.items() if k.startswith("bias.")})
     keep.validate()
     return keep
 
