@@ -4,7 +4,9 @@
 and keep indices alone (so it also runs for 70B configs on paper); `write_export` streams: read one
 source tensor (memory-mapped), merge its LoRA delta, slice, cast, append to the open shard.
 `build_pruned_model` wraps that in a staging folder, the equivalence check and the report, and
-publishes only a complete, checked folder.
+publishes only a complete, checked folder. Keep indices with bias compensation (FLAP) go through
+`with_compensation` first: the source then reads as a Llama with biases, and everything after it
+(plan, export, equivalence check) handles those biases like any others.
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ def keep_digest(keep: KeepIndices) -> str:
         if value is not None:
             digest.update(name.encode() + str(list(value.shape)).encode())
             digest.update(value.to(torch.int64).contiguous().numpy().tobytes())
+    for name, value in sorted(keep.bias.items()):  # compensation changes the weights written too
+        digest.update(f"bias.{name}".encode() + value.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -101,6 +105,10 @@ def _check_keep(keep: KeepIndices, shape: LlamaShape) -> None:
         if value is not None and (value.dim() != 1 or not bool((value[1:] > value[:-1]).all())
                                   or int(value.max()) >= limit or int(value.min()) < 0):
             raise ExportError(f"keep.{name}: must be sorted unique indices below {limit}")
+    for name, value in keep.bias.items():
+        if tuple(value.shape) != (shape.num_hidden_layers, shape.hidden_size):
+            raise ExportError(f"bias.{name}: {tuple(value.shape)}, but the source has "
+                              f"{shape.num_hidden_layers} layers of hidden size {shape.hidden_size}")
     n_q, n_kv = keep.q_heads.shape[1], keep.kv_heads.shape[1]
     if n_q % n_kv:
         raise ExportError(f"keep indices give {n_q} query heads over {n_kv} KV heads: not a whole GQA group")
@@ -180,6 +188,50 @@ def _source_names(src: LlamaShape) -> set[str]:
         suffixes += [f"mlp.{proj}.weight"] + ([f"mlp.{proj}.bias"] if src.mlp_bias else [])
     names = {f"model.layers.{i}.{s}" for i in range(src.num_hidden_layers) for s in suffixes}
     return names | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+
+
+class CompensatedSource:
+    """`source` read as a Llama with `attention_bias` and `mlp_bias`: the q/k/v/gate/up biases it
+    lacks are zeros (HF's flags add them along with the o_proj/down_proj biases the compensation
+    needs), and the o_proj/down_proj biases are its own (or zeros) plus the compensation."""
+
+    def __init__(self, source: WeightSource, config: dict[str, Any], bias: dict[str, torch.Tensor]):
+        shape = LlamaShape.from_hf_config(config)
+        widths = {"self_attn.q_proj": shape.num_attention_heads * shape.head_dim,
+                  "self_attn.k_proj": shape.num_key_value_heads * shape.head_dim,
+                  "self_attn.v_proj": shape.num_key_value_heads * shape.head_dim,
+                  "self_attn.o_proj": shape.hidden_size, "mlp.gate_proj": shape.intermediate_size,
+                  "mlp.up_proj": shape.intermediate_size, "mlp.down_proj": shape.hidden_size}
+        self.source = source
+        self._own = set(source.names())
+        self._width = {f"model.layers.{layer}.{proj}.bias": width
+                       for layer in range(shape.num_hidden_layers) for proj, width in widths.items()}
+        self._added = {f"model.layers.{layer}.{module}.{name}.bias": value[layer]
+                       for name, value in bias.items() for layer in range(shape.num_hidden_layers)
+                       for module in ("self_attn", "mlp") if f"{module}.{name}" in widths}
+
+    def names(self) -> list[str]:
+        return sorted(self._own | set(self._width))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name) if name in self._own else (self._width[name],)
+
+    def dtype(self, name: str) -> torch.dtype:
+        # A bias the source lacks takes its weight's dtype, so dtype = "source" stays uniform.
+        return self.source.dtype(name if name in self._own else name.removesuffix("bias") + "weight")
+
+    def get(self, name: str) -> torch.Tensor:
+        own = self.source.get(name) if name in self._own else torch.zeros(self._width[name])
+        added = self._added.get(name)
+        return own if added is None else own.float() + added.float()
+
+
+def with_compensation(config: dict[str, Any], source: WeightSource,
+                      keep: KeepIndices | None) -> tuple[dict[str, Any], WeightSource]:
+    """The config and source to export from: unchanged, or with keep's bias compensation."""
+    if keep is None or not keep.bias:
+        return config, source
+    return {**config, "attention_bias": True, "mlp_bias": True}, CompensatedSource(source, config, keep.bias)
 
 
 def merged_weight(source: WeightSource, lora: LoraAdapter | None, name: str) -> torch.Tensor:

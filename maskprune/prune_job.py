@@ -17,7 +17,8 @@ from typing import Any
 from maskprune.arch import LlamaShape
 from maskprune.config import HardPruneConfig
 from maskprune.equivalence import check_blocks, check_full
-from maskprune.export import ExportError, WeightSource, full_keep, plan_export, write_export
+from maskprune.export import (ExportError, WeightSource, full_keep, plan_export, with_compensation,
+                              write_export)
 from maskprune.lora_merge import LoraAdapter, lora_scale
 from maskprune.masks_io import KeepIndices, load_keep_indices
 from maskprune.rundir import atomic_write_json
@@ -73,16 +74,18 @@ def job_from_checkpoint(path: str | Path, tag: str | None = None) -> PruneJob:
 def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progress: bool = True) -> dict:
     """Write, check and publish the pruned model at `final`; returns the report written beside it."""
     started = time.time()
-    plan = plan_export(job.config, job.keep)
-    keep = job.keep if job.keep is not None else full_keep(LlamaShape.from_hf_config(job.config))
+    # With compensation the masked dense reference carries the same biases as the output.
+    config, source = with_compensation(job.config, job.source, job.keep)
+    plan = plan_export(config, job.keep)
+    keep = job.keep if job.keep is not None else full_keep(LlamaShape.from_hf_config(config))
     tmp = staging_dir(final)
     try:
-        shapes = write_export(plan, job.source, job.lora, tmp, cfg.shard_size_mb, cfg.dtype,
+        shapes = write_export(plan, source, job.lora, tmp, cfg.shard_size_mb, cfg.dtype,
                               job.files_dir, progress)
         written = time.time()
         check: dict[str, Any] = {"mode": "skipped", "max_abs_diff": None}
         if cfg.equivalence_sequences > 0:
-            args = (plan, job.config, job.source, job.lora, keep, cfg.dtype, tmp,
+            args = (plan, config, source, job.lora, keep, cfg.dtype, tmp,
                     cfg.equivalence_sequences, cfg.equivalence_seq_len)
             if plan.params_before * 4 <= cfg.equivalence_full_max_mb << 20:
                 check = {"mode": "logits", "max_abs_diff": check_full(*args)}
@@ -95,10 +98,13 @@ def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progres
                                        f"({check['mode']} check); nothing was published")
         report = {
             "origin": job.origin, "method": keep.method, "attn_mode": keep.attn_mode,
-            "keep_digest": plan.keep_digest, "params_before": plan.params_before,
+            "keep_digest": plan.keep_digest,
+            # The source's own count: the plan's includes the zero biases compensation adds.
+            "params_before": LlamaShape.from_hf_config(job.config).param_count(),
             "params_after": plan.params_after, "kept_layers": plan.kept_layers,
             "config": {k: plan.config[k] for k in LlamaShape.from_hf_config(plan.config).hf_overrides()},
-            "dtype": cfg.dtype, "lora_merged": job.lora is not None, "shapes": shapes,
+            "dtype": cfg.dtype, "lora_merged": job.lora is not None,
+            "bias_compensation": sorted(keep.bias), "shapes": shapes,
             "equivalence": check, "max_abs_diff": check["max_abs_diff"],
             "seconds": {"write": round(written - started, 2), "check": round(time.time() - written, 2)},
         }
