@@ -285,7 +285,8 @@ def flap_bias(model: nn.Module, stats: InputStats, keep: KeepIndices) -> dict[st
 
     Llama has no o_proj / down_proj bias, so the pruned checkpoint needs `mlp_bias=True` (zero
     gate/up biases) and `attention_bias=True`, which in HF Llama adds q/k/v biases too; those must be
-    written as zeros. Writing these into the hard-pruned checkpoint is a follow-up of hard-prune."""
+    written as zeros. The mask_learn stage stores them in the masks file (`KeepIndices.bias`) and
+    hard-prune writes them that way (`export.with_compensation`)."""
     head_dim = _layers(model)[0].self_attn.head_dim
     out: dict[str, list[Tensor]] = {"bias.o_proj": [], "bias.down_proj": []}
     for index, layer in enumerate(_layers(model)):
@@ -371,10 +372,12 @@ def _random(shape: LlamaShape, mode: str, seed: int) -> dict[str, Tensor]:
 
 
 def unit_scores(model: nn.Module, batches: Iterable[Tensor], method: str, shape: LlamaShape,
-                mode: str, seed: int = 0) -> dict[str, Tensor]:
+                mode: str, seed: int = 0, stats: InputStats | None = None) -> dict[str, Tensor]:
     """{"attn": [L, U], "ffn": [L, I]} float32 on CPU, identical on every rank; higher = keep.
 
-    `batches`: this rank's calibration LongTensors [b, T] (ignored by magnitude and random)."""
+    `batches`: this rank's calibration LongTensors [b, T] (ignored by magnitude and random).
+    `stats`: `input_stats` of those batches when the caller already has them (FLAP's bias needs
+    them too), saving wanda_sp / flap a second calibration pass."""
     if method not in METHODS:
         raise ImportanceError(f"importance method {method!r} is not one of {', '.join(METHODS)}")
     if mode not in ("query_per_group", "kv_group"):
@@ -386,6 +389,6 @@ def unit_scores(model: nn.Module, batches: Iterable[Tensor], method: str, shape:
     elif method == "taylor":
         scores = _taylor(model, _batch_list(batches, _device(model)), shape, mode)
     else:
-        stats = input_stats(model, batches)
+        stats = stats if stats is not None else input_stats(model, batches)
         scores = (_wanda_sp if method == "wanda_sp" else _flap)(model, stats, shape, mode)
     return {name: value.float().cpu() for name, value in scores.items()}

@@ -83,20 +83,25 @@ def main() -> int:
     train = TokenShards(run.upstream("tokenize", "data"), "train")
     train_iter = BatchIterator(train, ml.train.micro_batch_size, dist.rank, dist.world_size, ml.train.seed)
     needs_scores = ml.method != "maskprune" or ml.init == "wanda_sp"
-    scores = None
+    scores = stats = None
     if needs_scores:
-        from maskprune.importance import unit_scores
+        from maskprune.importance import flap_bias, input_stats, unit_scores
 
         method = ml.method if ml.method != "maskprune" else "wanda_sp"
-        scores = unit_scores(model, calibration(train_iter, ml.calibration_batches), method, shape, mode,
-                             seed=ml.train.seed)
+        batches = calibration(train_iter, ml.calibration_batches)
+        # FLAP's bias compensation needs the same activation means its scores come from.
+        stats = input_stats(model, batches) if method == "flap" else None
+        scores = unit_scores(model, batches, method, shape, mode, seed=ml.train.seed, stats=stats)
     if ml.method != "maskprune":
         attn_units, ffn_width = one_shot_units(shape, cfg)
         keep = keep_from_scores(scores["attn"], scores["ffn"], shape, attn_units, ffn_width, mode, ml.method)
+        if stats is not None:  # every rank: the weights are gathered layer by layer under ZeRO-3
+            keep.bias = {name.removeprefix("bias."): value
+                         for name, value in flap_bias(model, stats, keep).items()}
         if dist.is_rank0:
             save_keep_indices(run.dir / "masks.safetensors", keep)
         log(f"mask_learn ({ml.method}): every layer keeps {keep.q_heads.shape[1]} heads, "
-            f"{keep.ffn.shape[1]} FFN channels")
+            f"{keep.ffn.shape[1]} FFN channels" + (", with bias compensation" if keep.bias else ""))
         run.finish({"masks": str(run.dir / "masks.safetensors"), "method": ml.method})
         return 0
 
