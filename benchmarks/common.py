@@ -85,7 +85,7 @@ def build_mask_learner(cfg: ExperimentConfig, dist: DistInfo, model_dir: Path, d
     model.requires_grad_(False)
     shape = LlamaShape.from_hf_config(model.config)
     mode = cfg.target.attn_mode
-    masks = MaskState(shape, mode, *init_scores(shape, mode, "ones", None))
+    masks = MaskState(shape, mode, *init_scores(shape, mode, "ones", None)).to(dist.device)
     attach_masks(model, masks)
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
     engine = init_engine(model, lora_params, ds, ml.train)
