@@ -174,8 +174,7 @@ class MaskLearner:
 
     def save(self) -> None:
         keep = self.current_keep() if self.masks.fixed_attn is None else self.final_keep()
-        folder = self.checkpointer.save(self.engine, self.step,
-                                        client_state={"step": self.step, "data": self.train_iter.state_dict()},
+        folder = self.checkpointer.save(self.engine, self.step, self.train_iter,
                                         meta={**self.meta, "masks": "maskprune_masks.safetensors"},
                                         tensors=self.state_tensors(), exclude_frozen=True)
         if self.dist.is_rank0:
@@ -184,21 +183,16 @@ class MaskLearner:
             save_keep_indices(folder / "maskprune_masks.safetensors", keep)
 
     def restore(self) -> None:
-        if self.ml.train.resume != "auto":
+        resumed = self.checkpointer.resume(self.engine, self.train_iter, self.ml.train.resume, "mask_learn")
+        if resumed is None:
             return
-        tag = self.checkpointer.latest()
-        if tag is None:
-            return
-        client, tensors = self.checkpointer.load(self.engine, tag)
-        self.step = int(client["step"])
-        self.train_iter.load_state_dict(client["data"])
+        self.step, tensors = resumed
         self.masks.attn_scores.data.copy_(tensors["mask.attn"])
         self.masks.ffn_scores.data.copy_(tensors["mask.ffn"])
         self.minimax = MinimaxState.from_tensors(tensors)
         if "fixed.attn" in tensors:
             self.masks.fixed_attn = tensors["fixed.attn"].to(self.dist.device)
             self.masks.fixed_ffn = tensors["fixed.ffn"].to(self.dist.device)
-        log(f"mask_learn: resumed from {self.checkpointer.root / tag} at step {self.step}")
 
     def final_keep(self) -> KeepIndices:
         """The hardening masks as keep indices (scores kept for inspection)."""

@@ -121,20 +121,13 @@ class Pretrainer:
         # Events up to this step must be on disk before the checkpoint exists: a kill after it
         # resumes here and purges only what comes later.
         self.writer.flush()
-        self.checkpointer.save(self.engine, self.step,
-                               client_state={"step": self.step, "data": self.train_iter.state_dict()},
-                               meta=self.meta)
+        self.checkpointer.save(self.engine, self.step, self.train_iter, meta=self.meta)
 
     def restore(self) -> None:
-        if self.cfg.train.resume != "auto":
-            return
-        tag = self.checkpointer.latest()
-        if tag is None:
-            return
-        client, _ = self.checkpointer.load(self.engine, tag)
-        self.step = int(client["step"])
-        self.train_iter.load_state_dict(client["data"])
-        log(f"continued_pretrain: resumed from {self.checkpointer.root / tag} at step {self.step}")
+        resumed = self.checkpointer.resume(self.engine, self.train_iter, self.cfg.train.resume,
+                                           "continued_pretrain")
+        if resumed is not None:
+            self.step = resumed[0]
 
     def final_checkpoint(self) -> Path:
         return self.checkpointer.root / tag_for(self.cfg.train.steps)

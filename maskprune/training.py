@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maskprune.config import TrainLoopConfig
-from maskprune.data import TokenShards, eval_batches
-from maskprune.dist import barrier, rank
+from maskprune.data import BatchIterator, TokenShards, eval_batches
+from maskprune.dist import barrier, log, rank
 from maskprune.rundir import atomic_write_json, atomic_write_text
 
 COMPLETE_MARKER = "COMPLETE"
@@ -133,8 +133,11 @@ class Checkpointer:
         tags = self.complete_tags()
         return tags[-1] if tags else None
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any],
+    def save(self, engine: Any, step: int, train_iter: BatchIterator, meta: dict[str, Any],
              tensors: dict[str, torch.Tensor] | None = None, exclude_frozen: bool = False) -> Path:
+        """Everything a bit-exact resume needs: engine (weights, optimizer, schedule), the global
+        data position, every rank's RNG, and the caller's extra tensors."""
+        client_state = {"step": step, "data": train_iter.state_dict()}
         tag = tag_for(step)
         folder = self.root / tag
         if rank() == 0 and folder.exists():
@@ -159,6 +162,17 @@ class Checkpointer:
                 shutil.rmtree(self.root / old, ignore_errors=True)
         barrier()
         return folder
+
+    def resume(self, engine: Any, train_iter: BatchIterator, mode: str,
+               stage: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """Restore the newest complete checkpoint when resume = "auto": returns (step, tensors)."""
+        tag = self.latest() if mode == "auto" else None
+        if tag is None:
+            return None
+        client, tensors = self.load(engine, tag)
+        train_iter.load_state_dict(client["data"])
+        log(f"{stage}: resumed from {self.root / tag} at step {client['step']}")
+        return int(client["step"]), tensors
 
     def load(self, engine: Any, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         folder = self.root / tag

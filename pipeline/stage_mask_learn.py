@@ -6,7 +6,6 @@ Writes RUN/mask_learn/masks.safetensors (keep indices + scores), lora/ (PEFT ada
 only), summary.json, checkpoints/ (DeepSpeed ZeRO-3, resumable with resume = "auto").
 """
 import json
-import sys
 from pathlib import Path
 
 import torch
