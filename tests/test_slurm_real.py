@@ -7,36 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import BIN, REPO
+from slurm_fixture import SLURM_DIR, RequeueStarter, job_field, slurm  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
-SLURM_DIR = REPO / "tests" / "slurm"
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    if os.geteuid() != 0 or not shutil.which("sbatch") or not Path("/usr/sbin/slurmd").exists():
-        pytest.skip("needs root and apt-get install munge slurmctld slurmd slurm-client")
-    # Not under pytest's tmp dir: that is 0700 and munged runs as the munge user.
-    state = Path(tempfile.mkdtemp(prefix="maskprune-slurm-"))
-    base = 17000 + (os.getpid() % 500) * 4
-    proc = subprocess.run([str(SLURM_DIR / "start_slurm.sh"), str(state), str(base)],
-                          capture_output=True, text=True, timeout=120)
-    try:
-        if proc.returncode != 0:
-            pytest.fail(f"start_slurm.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        yield {"SLURM_CONF": str(state / "slurm.conf"), "dir": state}
-    finally:
-        subprocess.run([str(SLURM_DIR / "stop_slurm.sh"), str(state)], timeout=60)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def job_env(slurm, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -50,15 +30,6 @@ def job_env(slurm, tmp_path: Path, **extra: str) -> dict[str, str]:
 def records(path: Path, tool: str | None = None) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return [r for r in rows if tool is None or r.get("tool") == tool]
-
-
-def job_field(slurm, job: str, field: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], env=dict(os.environ, SLURM_CONF=slurm["SLURM_CONF"]),
-                         capture_output=True, text=True).stdout
-    for word in out.split():
-        if word.startswith(field + "="):
-            return word.split("=", 1)[1]
-    return ""
 
 
 def test_per_node_deepspeed_launch_on_two_nodes(slurm, tmp_path):
@@ -109,12 +80,11 @@ def test_usr1_before_the_time_limit_requeues_and_the_job_resumes(slurm, tmp_path
         time.sleep(0.2)
     # What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
-    deadline = time.time() + 90
+    deadline, starter = time.time() + 90, RequeueStarter(slurm, job)
     while (state := job_field(slurm, job, "JobState")) != "COMPLETED":
         assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), (run / "job.out").read_text()
         assert time.time() < deadline, f"{state}\n{(run / 'job.out').read_text()}"
-        if state == "PENDING":  # a requeued job waits ~2 min (BeginTime); start it now
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+        starter.poll(state)  # a requeued job waits ~2 min (BeginTime); start it sooner
         time.sleep(0.5)
     starts = records(run / "driver.jsonl")
     assert [s["restart"] for s in starts] == [0, 1]

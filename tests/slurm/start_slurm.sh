@@ -21,6 +21,19 @@ done
 }
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
+# The launch scripts use Slurm's node names (n1, n2) as host names (the deepspeed --master_addr, the
+# hostfile), as on a real cluster. Make them resolve for the daemons and their jobs only: run them in
+# a private mount namespace with /etc/hosts + "127.0.0.1 n1 n2" bind-mounted over /etc/hosts.
+if [[ -z "${MP_SLURM_NS:-}" ]] && command -v unshare >/dev/null 2>&1 &&
+  unshare --mount --propagation private true 2>/dev/null; then
+  exec unshare --mount --propagation private env MP_SLURM_NS=1 "$0" "$dir" "$base"
+fi
+if [[ -n "${MP_SLURM_NS:-}" ]]; then
+  { cat /etc/hosts; printf '127.0.0.1 n1 n2\n'; } >"$dir/hosts"
+  mount --bind "$dir/hosts" /etc/hosts || echo "start_slurm.sh: cannot bind-mount $dir/hosts; n1/n2 do not resolve inside jobs" >&2
+else
+  echo "start_slurm.sh: no private mount namespace (unshare); n1/n2 do not resolve inside jobs" >&2
+fi
 mkdir -p "$dir/state" "$dir/spool/n1" "$dir/spool/n2" "$dir/munge" "$dir/log"
 chown munge:munge "$dir/munge"
 chmod 711 "$dir"
