@@ -4,7 +4,7 @@
 
 The dense shape is SmolLM2-135M's (30 layers, hidden 576, 9 heads / 3 KV, FFN 1536, vocab 49152,
 tied embeddings) unless given; each pruned shape is the uniform one the one-shot baselines cut to
-at that target sparsity (`stage_mask_learn.one_shot_units`: query_per_group, FFN aligned to 64).
+at that target sparsity (`maskprune.targets.one_shot_units`: query_per_group, FFN aligned to 64).
 Weights are random: speed depends on the shape only. One process, one identical batch, forward
 passes alternating between the models (`maskprune.evaluation.forward_tokens_per_s`), repeated.
 
@@ -70,7 +70,7 @@ def main() -> None:
     from maskprune.arch import LlamaShape, shape_for
     from maskprune.config import config_from_dict
     from maskprune.evaluation import forward_tokens_per_s
-    from pipeline.stage_mask_learn import one_shot_units
+    from maskprune.targets import one_shot_units
 
     dense = LlamaShape(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv,

@@ -109,7 +109,7 @@ def main() -> None:
     config = llama_config(shape_args["vocab"], shape_args["hidden"], shape_args["layers"],
                           shape_args["heads"], shape_args["kv"], shape_args["ffn"])
     dense = LlamaShape.from_hf_config(config)
-    from pipeline.stage_mask_learn import one_shot_units
+    from maskprune.targets import one_shot_units
 
     pruned = shape_for(dense, *one_shot_units(dense, cfg), cfg.target.attn_mode)
     if dist.is_rank0:

@@ -66,40 +66,25 @@ def write_token_dataset(folder: Path, vocab: int, seq_len: int, sequences: int, 
 
 def build_mask_learner(cfg: ExperimentConfig, dist: DistInfo, model_dir: Path, data_dir: Path,
                        work: Path) -> tuple[Any, Any]:
-    """A `MaskLearner` assembled as pipeline/stage_mask_learn.py assembles it (build_zero3_model ->
-    attach_masks -> attach_lora -> init_engine), with `init = "ones"` mask scores: the Wanda-sp
-    initialisation changes the starting scores, not the cost of a step. Returns (learner, the
-    HfDeepSpeedConfig that must stay alive while the model is used)."""
-    from maskprune.arch import LlamaShape
-    from maskprune.data import BatchIterator, TokenShards
-    from maskprune.lora import attach_lora
-    from maskprune.mask_learn import MaskLearner, init_scores
-    from maskprune.masking import MaskState, attach_masks
-    from maskprune.minimax import BudgetModel, MinimaxState
-    from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
+    """A `MaskLearner` built the way the mask-learn stage builds it (`assemble_learner`), with
+    `init = "ones"` scores: the Wanda-sp initialisation changes the starting scores, not the cost
+    of a step. Returns (learner, the HfDeepSpeedConfig that must stay alive with the model)."""
+    import dataclasses
 
-    ml = cfg.mask_learn
+    from maskprune.data import BatchIterator, TokenShards
+    from maskprune.mask_learn import assemble_learner
+    from maskprune.training import build_zero3_model, load_ds_config
+
+    ml = dataclasses.replace(cfg.mask_learn, init="ones", train=dataclasses.replace(cfg.mask_learn.train, keep_last=1))
+    cfg = dataclasses.replace(cfg, mask_learn=ml)
     ds = load_ds_config(ml.ds_config, ml.train)
     model, hf_ds = build_zero3_model(model_dir, ds)
     model.config.use_cache = False
     model.requires_grad_(False)
-    shape = LlamaShape.from_hf_config(model.config)
-    mode = cfg.target.attn_mode
-    masks = MaskState(shape, mode, *init_scores(shape, mode, "ones", None)).to(dist.device)
-    attach_masks(model, masks)
-    lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
-    engine = init_engine(model, lora_params, ds, ml.train)
-    budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_steps)
-    minimax = MinimaxState(s={"attn": float(budget.units["attn"]), "ffn": float(budget.units["ffn"])},
-                           y={t: torch.zeros(shape.num_hidden_layers, dtype=torch.float64)
-                              for t in ("attn", "ffn")})
-    train = TokenShards(data_dir, "train")
-    learner = MaskLearner(
-        cfg=cfg, dist=dist, engine=engine, masks=masks, lora=lora_switch, minimax=minimax,
-        budget=budget, train_iter=BatchIterator(train, ml.train.micro_batch_size, dist.rank,
-                                                dist.world_size, ml.train.seed),
-        valid=TokenShards(data_dir, "valid"), checkpointer=Checkpointer(work / "checkpoints", 1),
-        meta={}, tb_dir=work / "tb", progress_path=work / "progress.json")
+    train_iter = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
+                               dist.world_size, ml.train.seed)
+    learner = assemble_learner(cfg, dist, model, ds, train_iter, TokenShards(data_dir, "valid"), None,
+                               work, work / "tb", meta={})
     return learner, hf_ds
 
 

@@ -15,18 +15,19 @@ from typing import Any
 
 import torch
 
-from maskprune.arch import LlamaShape, admissible, attn_unit_count
+from maskprune.arch import LlamaShape, admissible, attn_unit_count, shape_for
 from maskprune.config import ExperimentConfig
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dist import DistInfo, StopFlag, log
-from maskprune.lora import LoraSwitch
+from maskprune.lora import LoraSwitch, attach_lora
 from maskprune.losses import distill_kl, hidden_mse
-from maskprune.masking import MaskState, fixed_masks_from_keep
+from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.metrics import MetricWriter, memory_metrics
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
-from maskprune.training import Checkpointer, validation_loss
+from maskprune.targets import explicit_units
+from maskprune.training import Checkpointer, init_engine, validation_loss
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
@@ -173,14 +174,17 @@ class MaskLearner:
         return tensors
 
     def save(self) -> None:
-        keep = self.current_keep() if self.masks.fixed_attn is None else self.final_keep()
-        folder = self.checkpointer.save(self.engine, self.step, self.train_iter,
-                                        meta={**self.meta, "masks": "maskprune_masks.safetensors"},
-                                        tensors=self.state_tensors(), exclude_frozen=True)
-        if self.dist.is_rank0:
-            from maskprune.masks_io import save_keep_indices
+        from maskprune.masks_io import save_keep_indices
 
-            save_keep_indices(folder / "maskprune_masks.safetensors", keep)
+        keep = self.current_keep() if self.masks.fixed_attn is None else self.final_keep()
+        # The masks file is part of the checkpoint (zero_to_hf reads it): written before COMPLETE, or
+        # a rank killed right after the save (srun --kill-on-bad-exit once another rank has exited
+        # on a stop request) leaves a "complete" checkpoint without it.
+        self.checkpointer.save(self.engine, self.step, self.train_iter,
+                               meta={**self.meta, "masks": "maskprune_masks.safetensors"},
+                               tensors=self.state_tensors(), exclude_frozen=True,
+                               rank0_extra=lambda folder: save_keep_indices(
+                                   folder / "maskprune_masks.safetensors", keep))
 
     def restore(self) -> None:
         resumed = self.checkpointer.resume(self.engine, self.train_iter, self.ml.train.resume, "mask_learn")
@@ -246,9 +250,11 @@ class MaskLearner:
         return True
 
 
-def init_scores(shape: LlamaShape, mode: str, method: str, scores: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask scores normalised to mean 1 per layer (the prox threshold's unit, see minimax.py)."""
-    if scores is None:
+def init_scores(shape: LlamaShape, mode: str, method: str,
+                scores: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask scores normalised to mean 1 per layer (the prox threshold's unit, see minimax.py);
+    all ones for init = "ones" or when no importance scores were computed."""
+    if method == "ones" or scores is None:
         return (torch.ones(shape.num_hidden_layers, attn_unit_count(shape, mode)),
                 torch.ones(shape.num_hidden_layers, shape.intermediate_size))
     normed = []
@@ -274,3 +280,30 @@ def write_summary(path: Path, source: LlamaShape, keep: KeepIndices, learner: Ma
     atomic_write_json(path, summary)
     return summary
 
+
+
+def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Module, ds: dict[str, Any],
+                     train_iter: BatchIterator, valid: TokenShards,
+                     scores: dict[str, torch.Tensor] | None, work_dir: Path, tb_dir: Path,
+                     meta: dict[str, Any]) -> MaskLearner:
+    """Masks and LoRA on the ZeRO-3 model, the engine over the LoRA parameters, the minimax state
+    at the dense shape: the one way a MaskLearner is built (the stage and the benchmarks)."""
+    ml = cfg.mask_learn
+    shape = LlamaShape.from_hf_config(model.config)
+    mode = cfg.target.attn_mode
+    masks = MaskState(shape, mode, *init_scores(shape, mode, ml.init, scores)).to(dist.device)
+    attach_masks(model, masks)
+    lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
+    engine = init_engine(model, lora_params, ds, ml.train)
+    budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_steps)
+    explicit = explicit_units(shape, cfg) if cfg.target.arch is not None else None
+    if explicit is not None:
+        budget.final_budget = float(shape_for(shape, *explicit, mode).prunable_params())
+    minimax = MinimaxState(s={t: float(budget.units[t]) for t in ("attn", "ffn")},
+                           y={t: torch.zeros(shape.num_hidden_layers, dtype=torch.float64)
+                              for t in ("attn", "ffn")})
+    return MaskLearner(cfg=cfg, dist=dist, engine=engine, masks=masks, lora=lora_switch,
+                       minimax=minimax, budget=budget, train_iter=train_iter, valid=valid,
+                       checkpointer=Checkpointer(work_dir / "checkpoints", ml.train.keep_last),
+                       meta=meta, tb_dir=tb_dir, progress_path=work_dir / "progress.json",
+                       explicit_units=explicit)

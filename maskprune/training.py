@@ -9,7 +9,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -134,9 +134,11 @@ class Checkpointer:
         return tags[-1] if tags else None
 
     def save(self, engine: Any, step: int, train_iter: BatchIterator, meta: dict[str, Any],
-             tensors: dict[str, torch.Tensor] | None = None, exclude_frozen: bool = False) -> Path:
+             tensors: dict[str, torch.Tensor] | None = None, exclude_frozen: bool = False,
+             rank0_extra: Callable[[Path], None] | None = None) -> Path:
         """Everything a bit-exact resume needs: engine (weights, optimizer, schedule), the global
-        data position, every rank's RNG, and the caller's extra tensors."""
+        data position, every rank's RNG, and the caller's extra tensors. `rank0_extra(folder)` writes
+        further files of the checkpoint on rank 0, before the completeness marker."""
         client_state = {"step": step, "data": train_iter.state_dict()}
         tag = tag_for(step)
         folder = self.root / tag
@@ -154,6 +156,8 @@ class Checkpointer:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                           str(folder / "maskprune_state.safetensors"))
             atomic_write_json(folder / META_FILE, {**meta, "step": step})
+            if rank0_extra is not None:
+                rank0_extra(folder)
         barrier()
         if rank() == 0:
             atomic_write_text(folder / COMPLETE_MARKER, f"{step}\n")

@@ -1,0 +1,26 @@
+"""One-shot baselines on the same uniform shape: score units once, cut every layer to the target."""
+from __future__ import annotations
+
+import torch
+
+from maskprune.arch import LlamaShape
+from maskprune.config import ExperimentConfig
+from maskprune.importance import flap_bias, input_stats, unit_scores
+from maskprune.masks_io import KeepIndices, keep_from_scores
+from maskprune.targets import one_shot_units
+
+
+def one_shot_keep(model: torch.nn.Module, batches: list[torch.Tensor], cfg: ExperimentConfig,
+                  shape: LlamaShape) -> KeepIndices:
+    """Keep indices of `mask_learn.method` (magnitude, wanda_sp, flap, taylor, random); FLAP also
+    gets its bias compensation. Every rank must call it (it gathers ZeRO-3 weights)."""
+    method, mode = cfg.mask_learn.method, cfg.target.attn_mode
+    # FLAP's bias compensation needs the same activation means its scores come from.
+    stats = input_stats(model, batches) if method == "flap" else None
+    scores = unit_scores(model, batches, method, shape, mode, seed=cfg.mask_learn.train.seed, stats=stats)
+    attn_units, ffn_width = one_shot_units(shape, cfg)
+    keep = keep_from_scores(scores["attn"], scores["ffn"], shape, attn_units, ffn_width, mode, method)
+    if stats is not None:
+        keep.bias = {name.removeprefix("bias."): value
+                     for name, value in flap_bias(model, stats, keep).items()}
+    return keep
