@@ -59,18 +59,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                        "use a new --run-dir")
     preflight(cfg, [d.stage for d in selected if d.action == "run"])
     run_dir.write_config(cfg)
-    env = stage_env(cfg.launcher)
     stop_file = stop_file_path(run_dir.root)
     stop_file.unlink(missing_ok=True)  # a stop request is for a running invocation, not the next one
     previous = _arm_stop_signals(stop_file)
     try:
-        return _run_stages(run_dir, cfg, selected, env, stop_file)
+        return _run_stages(run_dir, cfg, selected, stop_file)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
-def _run_stages(run_dir: RunDir, cfg, selected: list, env: dict[str, str], stop_file: Path) -> int:
+def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path) -> int:
     ran = 0
     for decision in selected:
         if decision.action == "skip":
@@ -85,7 +84,7 @@ def _run_stages(run_dir: RunDir, cfg, selected: list, env: dict[str, str], stop_
             run_dir.clear_stage(decision.stage)
         run_dir.mark_running(decision.stage, cfg)
         argv = stage_command(decision.stage, run_dir.root, cfg.launcher)
-        code = subprocess.run(argv, env=env).returncode
+        code = subprocess.run(argv, env=stage_env(cfg.launcher, decision.stage)).returncode
         state = run_dir.state(decision.stage)
         if code != 0 or state.status != "done":
             if stop_file.exists():

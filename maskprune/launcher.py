@@ -79,9 +79,11 @@ def clear_stale_extension_locks(root: Path, older_than_s: float = 1800) -> list[
     return removed
 
 
-def stage_env(launcher: LauncherConfig) -> dict[str, str]:
+def stage_env(launcher: LauncherConfig, stage: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(launcher.omp_num_threads))
+    if stage in DISTRIBUTED_STAGES:
+        # N ranks on one machine each with every core's worth of threads run ~6x slower on CPU.
+        env["OMP_NUM_THREADS"] = str(launcher.omp_num_threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

@@ -23,8 +23,8 @@ COMPLETE_MARKER = "COMPLETE"
 META_FILE = "maskprune_meta.json"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed as asked; the message says what to do instead."""
 
 
 def load_ds_config(path: str | Path, train: TrainLoopConfig) -> dict[str, Any]:
@@ -155,7 +155,7 @@ class Checkpointer:
             if tensors:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                           str(folder / "maskprune_state.safetensors"))
-            atomic_write_json(folder / META_FILE, {**meta, "step": step})
+            atomic_write_json(folder / META_FILE, {**meta, "step": step, "world_size": _world()})
             if rank0_extra is not None:
                 rank0_extra(folder)
         barrier()
@@ -183,15 +183,16 @@ class Checkpointer:
         if not (folder / COMPLETE_MARKER).is_file():
             raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER}); "
                                   "resume picks the newest complete one")
+        written = json.loads((folder / META_FILE).read_text()).get("world_size", _world())
+        if written != _world():
+            # ZeRO-3 optimizer partitions and per-rank RNG are laid out for the writing world size.
+            raise CheckpointError(f"{folder}: written by {written} ranks, this run has {_world()}; resume "
+                                  f"with launcher.num_gpus x launcher.num_nodes = {written}, or export it "
+                                  "with tools/zero_to_hf.py (any rank count) and start a new run from that")
         _, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
         if client_state is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
-        rng_path = folder / f"rng_rank{rank():05d}.safetensors"
-        if not rng_path.is_file():
-            raise CheckpointError(f"{folder}: no RNG state for rank {rank()}; it was written by a "
-                                  "different number of ranks — resume with the same launcher.num_gpus "
-                                  "× num_nodes, or convert it with DeepSpeed's ds_to_universal.py")
-        rng = load_file(str(rng_path))
+        rng = load_file(str(folder / f"rng_rank{rank():05d}.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["torch_cuda"])

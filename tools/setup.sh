@@ -18,7 +18,6 @@ python="${PYTHON:-python3}"
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.torch_extensions}"
 export MASKPRUNE_CACHE="${MASKPRUNE_CACHE:-$repo/.cache/maskprune}"
