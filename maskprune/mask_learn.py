@@ -7,7 +7,6 @@ of steps train LoRA under the final uniform masks (METHOD_NOTES 4).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +15,24 @@ from typing import Any
 import torch
 
 from maskprune.arch import LlamaShape, admissible, attn_unit_count, shape_for
-from maskprune.config import ExperimentConfig
+from maskprune.config import ExperimentConfig, TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards
-from maskprune.dist import DistInfo, StopFlag, log
+from maskprune.dist import DistInfo, log
 from maskprune.lora import LoraSwitch, attach_lora
 from maskprune.losses import distill_kl, hidden_mse
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, keep_from_scores
-from maskprune.metrics import MetricWriter, memory_metrics
+from maskprune.metrics import MetricWriter
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units
-from maskprune.training import Checkpointer, init_engine, validation_loss
+from maskprune.training import Checkpointer, TrainingLoop, init_engine
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
 
 @dataclass
-class MaskLearner:
+class MaskLearner(TrainingLoop):
     cfg: ExperimentConfig
     dist: DistInfo
     engine: Any
@@ -212,42 +211,24 @@ class MaskLearner:
         keep.scores = {"attn": self.masks.attn_scores.detach().cpu(), "ffn": self.masks.ffn_scores.detach().cpu()}
         return keep
 
-    # ------------------------------------------------------------------ the loop
-    def run(self, stop: StopFlag) -> bool:
-        """Train to the last step; False if stopped early on request (after a checkpoint)."""
-        train = self.ml.train
-        self.restore()
-        # purge_step drops events logged after this checkpoint by the run that was cut short.
-        self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)
-        while self.step < train.steps:
-            if self.step >= self.hardening_start and self.masks.fixed_attn is None:
-                self.harden()
-            stats = self.train_step()
-            self.step += 1
-            if self.step % train.log_every == 0 or self.step == train.steps:
-                stats.update(memory_metrics())
-                self.writer.scalars(stats, self.step)
-                log(f"mask_learn step {self.step}/{train.steps} loss {stats['loss/total']:.4f} "
-                    f"ce {stats['loss/ce']:.4f} s_attn {self.minimax.s['attn']:.2f} "
-                    f"s_ffn {self.minimax.s['ffn']:.1f} z {self.minimax.z:.3f} "
-                    f"{stats['throughput/tokens_per_s']:.0f} tok/s")
-            if self.step % train.eval_every == 0 or self.step == train.steps:
-                valid = validation_loss(self.engine, self.valid, self.ml.train.micro_batch_size,
-                                        self.ml.train.eval_batches, self.dist.device)
-                self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": math.exp(min(valid, 50))}, self.step)
-                self.log_layers()
-            stopping = stop.should_stop()
-            if self.step % train.checkpoint_every == 0 or self.step == train.steps or stopping:
-                self.writer.flush()  # events up to the checkpoint survive a kill right after it
-                self.save()
-            if self.dist.is_rank0:
-                atomic_write_json(self.progress_path, {"step": self.step, "steps": train.steps})
-            if stopping and self.step < train.steps:
-                log(f"mask_learn: stop requested; checkpoint at step {self.step} saved, exiting")
-                self.writer.close()
-                return False
-        self.writer.close()
-        return True
+    # ------------------------------------------------------------------ loop hooks
+    stage = "mask_learn"
+
+    @property
+    def train_cfg(self) -> TrainLoopConfig:
+        return self.ml.train
+
+    def before_step(self) -> None:
+        if self.step >= self.hardening_start and self.masks.fixed_attn is None:
+            self.harden()
+
+    def log_line(self, stats: dict[str, float]) -> str:
+        return (f"loss {stats['loss/total']:.4f} ce {stats['loss/ce']:.4f} "
+                f"s_attn {self.minimax.s['attn']:.2f} s_ffn {self.minimax.s['ffn']:.1f} "
+                f"z {self.minimax.z:.3f} {stats['throughput/tokens_per_s']:.0f} tok/s")
+
+    def after_validation(self) -> None:
+        self.log_layers()
 
 
 def init_scores(shape: LlamaShape, mode: str, method: str,

@@ -8,7 +8,6 @@ same sample stream; the Checkpointer restores per-rank RNG.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Any
 
 import torch
 
-from maskprune.config import ContinuedPretrainConfig
+from maskprune.config import ContinuedPretrainConfig, TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards
-from maskprune.dist import DistInfo, StopFlag, log
+from maskprune.dist import DistInfo, log
 from maskprune.losses import distill_kl
-from maskprune.metrics import MetricWriter, memory_metrics
-from maskprune.rundir import atomic_write_json
-from maskprune.training import Checkpointer, build_zero3_model, tag_for, validation_loss
+from maskprune.metrics import MetricWriter
+from maskprune.training import Checkpointer, TrainingLoop, build_zero3_model, tag_for
 
 
 class TeacherMismatchError(ValueError):
@@ -57,7 +55,7 @@ def build_teacher(teacher_dir: str, student_config: Any, ds: dict[str, Any]) -> 
 
 
 @dataclass
-class Pretrainer:
+class Pretrainer(TrainingLoop):
     cfg: ContinuedPretrainConfig
     dist: DistInfo
     engine: Any
@@ -114,13 +112,11 @@ class Pretrainer:
             stats["grad/norm"] = float(grad_norm)
         stats["lr/model"] = lr
         stats["throughput/tokens_per_s"] = self.tokens_per_step / (time.perf_counter() - started)
+        stats["throughput/tokens_seen"] = (self.step + 1) * self.tokens_per_step  # after this step
         return stats
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        # Events up to this step must be on disk before the checkpoint exists: a kill after it
-        # resumes here and purges only what comes later.
-        self.writer.flush()
         self.checkpointer.save(self.engine, self.step, self.train_iter, meta=self.meta)
 
     def restore(self) -> None:
@@ -128,48 +124,23 @@ class Pretrainer:
                                            "continued_pretrain")
         if resumed is not None:
             self.step = resumed[0]
-
-    def final_checkpoint(self) -> Path:
-        return self.checkpointer.root / tag_for(self.cfg.train.steps)
-
-    # ------------------------------------------------------------------ the loop
-    def run(self, stop: StopFlag) -> bool:
-        """Train to the last step; False if stopped early on request (after a checkpoint)."""
         train = self.cfg.train
-        self.restore()
-        # Events past this step came from a run cut short before its next checkpoint: drop them,
-        # so the curves continue instead of overlapping (also when no checkpoint existed yet).
-        self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)
         log(f"continued_pretrain: {self.tokens_per_step:,} tokens per step ({train.micro_batch_size} micro "
             f"x {self.valid.seq_len} tokens x {self.dist.world_size} ranks x {train.grad_accum} accum), "
             f"at step {self.step} of {train.steps}"
             + (f", distilling with kl_weight {self.cfg.distill.kl_weight}" if self.teacher else ""))
-        while self.step < train.steps:
-            stats = self.train_step()
-            self.step += 1
-            stats["throughput/tokens_seen"] = self.step * self.tokens_per_step
-            if self.step % train.log_every == 0 or self.step == train.steps:
-                stats.update(memory_metrics())
-                self.writer.scalars(stats, self.step)
-                log(f"continued_pretrain step {self.step}/{train.steps} loss {stats['loss/train']:.4f} "
-                    f"lr {stats['lr/model']:.2e} grad_norm {stats.get('grad/norm', float('nan')):.3f} "
-                    f"{stats['throughput/tokens_per_s']:.0f} tok/s")
-            if self.step % train.eval_every == 0 or self.step == train.steps:
-                valid = validation_loss(self.engine, self.valid, train.micro_batch_size,
-                                        train.eval_batches, self.dist.device)
-                self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": math.exp(min(valid, 50))},
-                                    self.step)
-                log(f"continued_pretrain step {self.step}: valid loss {valid:.4f} "
-                    f"ppl {math.exp(min(valid, 50)):.2f}")
-            stopping = stop.should_stop()
-            if self.step % train.checkpoint_every == 0 or self.step == train.steps or stopping:
-                self.save()
-            if self.dist.is_rank0:
-                atomic_write_json(self.progress_path, {"step": self.step, "steps": train.steps})
-            if stopping and self.step < train.steps:
-                log(f"continued_pretrain: stop requested; checkpoint at step {self.step} saved, exiting")
-                self.writer.close()
-                return False
-        self.writer.close()
-        return True
 
+    def final_checkpoint(self) -> Path:
+        return self.checkpointer.root / tag_for(self.cfg.train.steps)
+
+    # ------------------------------------------------------------------ loop hooks
+    stage = "continued_pretrain"
+
+    @property
+    def train_cfg(self) -> TrainLoopConfig:
+        return self.cfg.train
+
+    def log_line(self, stats: dict[str, float]) -> str:
+        return (f"loss {stats['loss/train']:.4f} lr {stats['lr/model']:.2e} "
+                f"grad_norm {stats.get('grad/norm', float('nan')):.3f} "
+                f"{stats['throughput/tokens_per_s']:.0f} tok/s")

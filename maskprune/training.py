@@ -222,3 +222,60 @@ def validation_loss(engine: Any, valid: TokenShards, batch_size: int, max_batche
 
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+class TrainingLoop:
+    """The step loop both training stages share: resume, train, log, validate, checkpoint, report
+    progress, stop on request. A stage supplies `stage`, `train_cfg`, the fields `engine`, `dist`,
+    `valid`, `tb_dir`, `progress_path`, `step`, `writer`, and `train_step()`, `save()`,
+    `restore()`, `log_line(stats)`; `before_step()` / `after_validation()` are optional."""
+
+    stage: str
+
+    @property
+    def train_cfg(self) -> TrainLoopConfig:
+        raise NotImplementedError
+
+    def before_step(self) -> None:
+        pass
+
+    def after_validation(self) -> None:
+        pass
+
+    def run(self, stop: Any) -> bool:
+        """Train to the last step; False if stopped early on request (after a checkpoint)."""
+        from maskprune.metrics import MetricWriter, memory_metrics
+
+        train = self.train_cfg
+        self.restore()
+        # Events past this step came from a run cut short before its next checkpoint: drop them, so
+        # curves continue instead of overlapping (also when no checkpoint existed yet).
+        self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)
+        while self.step < train.steps:
+            self.before_step()
+            stats = self.train_step()
+            self.step += 1
+            last = self.step == train.steps
+            if self.step % train.log_every == 0 or last:
+                stats.update(memory_metrics())
+                self.writer.scalars(stats, self.step)
+                log(f"{self.stage} step {self.step}/{train.steps} {self.log_line(stats)}")
+            if self.step % train.eval_every == 0 or last:
+                valid = validation_loss(self.engine, self.valid, train.micro_batch_size,
+                                        train.eval_batches, self.dist.device)
+                ppl = math.exp(min(valid, 50))
+                self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": ppl}, self.step)
+                log(f"{self.stage} step {self.step}: valid loss {valid:.4f} ppl {ppl:.2f}")
+                self.after_validation()
+            stopping = stop.should_stop()
+            if self.step % train.checkpoint_every == 0 or last or stopping:
+                self.writer.flush()  # events up to the checkpoint survive a kill right after it
+                self.save()
+            if self.dist.is_rank0:
+                atomic_write_json(self.progress_path, {"step": self.step, "steps": train.steps})
+            if stopping and not last:
+                log(f"{self.stage}: stop requested; checkpoint at step {self.step} saved, exiting")
+                self.writer.close()
+                return False
+        self.writer.close()
+        return True

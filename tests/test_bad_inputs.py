@@ -25,7 +25,6 @@ from safetensors.torch import save_file
 from conftest import copy_run
 from helpers import BIN, REPO, cpu_env
 from maskprune.arch import LlamaShape
-from maskprune.config import load_config
 from maskprune.masks_io import keep_from_scores, save_keep_indices
 from maskprune.rundir import STAGES, RunDir
 

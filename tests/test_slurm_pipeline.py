@@ -12,7 +12,6 @@ Skipped without root or the Debian packages `munge slurmctld slurmd slurm-client
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
