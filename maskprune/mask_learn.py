@@ -70,9 +70,10 @@ class MaskLearner(TrainingLoop):
 
     def current_keep(self) -> KeepIndices:
         attn_units, ffn_width = self.target_units()
-        return keep_from_scores(self.masks.attn_scores.detach().cpu(), self.masks.ffn_scores.detach().cpu(),
-                                self.masks.shape, attn_units, ffn_width, self.cfg.target.attn_mode,
-                                method="maskprune")
+        keep = keep_from_scores(*self.masks.ranking_scores(), self.masks.shape, attn_units, ffn_width,
+                                self.cfg.target.attn_mode, method="maskprune")
+        keep.scores = {"attn": self.masks.attn_scores.detach().cpu(), "ffn": self.masks.ffn_scores.detach().cpu()}
+        return keep
 
     def harden(self) -> None:
         keep = self.current_keep()

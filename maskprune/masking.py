@@ -17,6 +17,9 @@ from torch import nn
 from maskprune.arch import AttnMode, LlamaShape, attn_unit_count, head_mask_from_units
 
 
+TIE_BREAK = 1e-6
+
+
 class MaskState(nn.Module):
     def __init__(self, shape: LlamaShape, mode: AttnMode, init_attn: torch.Tensor | None = None,
                  init_ffn: torch.Tensor | None = None):
@@ -28,6 +31,10 @@ class MaskState(nn.Module):
             init_attn.clone().float() if init_attn is not None else torch.ones(layers, units))
         self.ffn_scores = nn.Parameter(
             init_ffn.clone().float() if init_ffn is not None else torch.ones(layers, shape.intermediate_size))
+        # The starting scores, kept to rank units the minimax zeroed (they all tie at 0) when the
+        # final top-k has to take some of them back.
+        self.register_buffer("prior_attn", self.attn_scores.detach().clone(), persistent=False)
+        self.register_buffer("prior_ffn", self.ffn_scores.detach().clone(), persistent=False)
         # enabled=False: the dense teacher pass. fixed_*: the hardening phase's final masks.
         self.enabled = True
         self.fixed_attn: torch.Tensor | None = None
@@ -44,6 +51,13 @@ class MaskState(nn.Module):
             return fixed[layer]
         scores = self.attn_scores if kind == "attn" else self.ffn_scores
         return self.ste(scores[layer])
+
+    def ranking_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores for the final per-layer top-k: the learned scores, ties broken by the prior (its
+        weight is far below any learned difference, so it only orders exact ties such as zeros)."""
+        return tuple((scores.detach() + TIE_BREAK * prior / prior.max().clamp_min(1e-12)).cpu()
+                     for scores, prior in ((self.attn_scores, self.prior_attn),
+                                           (self.ffn_scores, self.prior_ffn)))
 
     def head_mask(self, layer: int) -> torch.Tensor:
         return head_mask_from_units(self.unit_mask("attn", layer), self.shape, self.mode)

@@ -138,3 +138,15 @@ def test_minimax_moves_targets_down_to_the_budget_and_masks_follow() -> None:
     # Per-layer constraints hold: no layer keeps more than s_t (within a step's slack).
     assert stats["sparsity/violation/ffn"] <= 0.02 and stats["sparsity/violation/attn"] <= 0.25
     assert all((scores[k] >= 0).all() for k in scores)
+
+
+def test_final_top_k_takes_back_zeroed_units_by_their_starting_importance() -> None:
+    shape = LlamaShape(vocab_size=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, intermediate_size=8)
+    prior_ffn = torch.tensor([[0.5, 3.0, 1.0, 0.2, 2.0, 0.1, 0.9, 0.3]])
+    state = MaskState(shape, "query_per_group", torch.ones(1, 4), prior_ffn)
+    # The minimax zeroed all but two channels; the final width is 4, so two zeros come back.
+    state.ffn_scores.data = torch.tensor([[0.0, 0.0, 0.7, 0.0, 0.0, 0.0, 1.2, 0.0]])
+    attn, ffn = state.ranking_scores()
+    keep = keep_from_scores(attn, ffn, shape, 4, 4, "query_per_group", "maskprune")
+    assert keep.ffn[0].tolist() == [1, 2, 4, 6]  # learned 2 and 6, then the priors 3.0 (1) and 2.0 (4)
