@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from maskprune.config import ConfigError, load_config
-from maskprune.launcher import stage_command, stage_env, stop_file_path
+from maskprune.launcher import remove_shm_buffers, stage_command, stage_env, stop_file_path
 from maskprune.rundir import STAGES, RunDir, RunDirError, plan
 from maskprune.stage import preflight
 
@@ -85,6 +85,7 @@ def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path) -> int:
         run_dir.mark_running(decision.stage, cfg)
         argv = stage_command(decision.stage, run_dir.root, cfg.launcher)
         code = subprocess.run(argv, env=stage_env(cfg.launcher, decision.stage)).returncode
+        remove_shm_buffers(argv)
         state = run_dir.state(decision.stage)
         if code != 0 or state.status != "done":
             if stop_file.exists():

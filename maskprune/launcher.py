@@ -95,3 +95,13 @@ def stage_env(launcher: LauncherConfig, stage: str) -> dict[str, str]:
     ext.mkdir(parents=True, exist_ok=True)
     clear_stale_extension_locks(ext)
     return env
+
+
+def remove_shm_buffers(argv: list[str]) -> None:
+    """DeepSpeed's CPU all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_*_<port>_<rank> (69 MB
+    each, memory-backed) after its ranks exit; left alone they add up until the machine runs out."""
+    ports = [a.split("=", 1)[1] for a in argv if a.startswith("--master_port=")]
+    ports += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--master_port"]
+    for port in ports:
+        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            path.unlink(missing_ok=True)

@@ -38,8 +38,13 @@ def run_deepspeed(script: Path, *args: str, ranks: int = 2, timeout: float = 600
         port = sock.getsockname()[1]
     argv = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
             str(script), *args]
-    proc = subprocess.run(argv, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+    from maskprune.launcher import remove_shm_buffers
+
+    try:
+        proc = subprocess.run(argv, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        remove_shm_buffers(argv)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

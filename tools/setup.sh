@@ -21,6 +21,9 @@ python="${PYTHON:-python3}"
 export TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.torch_extensions}"
 export MASKPRUNE_CACHE="${MASKPRUNE_CACHE:-$repo/.cache/maskprune}"
+# DeepSpeed's CPU all-reduce buffers of earlier runs (69 MB each, in memory) stay in /dev/shm after
+# their processes end; none runs now, so remove them all.
+rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true
 # A JIT build killed half-way leaves a lock that hangs every later DeepSpeed start: build the CPU
 # communication op once here, after clearing locks no live build holds.
 .venv/bin/python - <<'PY'
