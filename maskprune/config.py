@@ -260,6 +260,11 @@ class ContinuedPretrainConfig:
             raise ConfigError("continued_pretrain.shard_size_mb: must be >= 1")
 
 
+# The models the evaluate stage compares: the prepared dense model, the hard-pruned one and the
+# pruned one after continued pretraining.
+EVALUATED_MODELS = ("dense", "pruned", "pruned+cpt")
+
+
 @dataclass
 class EvaluateConfig:
     ppl_chunk_lengths: list[int] = field(default_factory=lambda: [128, 2048])
@@ -269,8 +274,15 @@ class EvaluateConfig:
     limit: int = 0  # examples per task; 0 = every example
     batch_size: int = 8  # sequences per forward pass: perplexity, zero-shot and throughput alike
     throughput_steps: int = 5  # timed forward passes per model, at the longest perplexity chunk
+    # Which of the run's models to evaluate; a sweep of many runs over one dense model need not
+    # re-evaluate the dense one in every run.
+    models: list[str] = field(default_factory=lambda: list(EVALUATED_MODELS))
 
     def validate(self) -> None:
+        unknown = [m for m in self.models if m not in EVALUATED_MODELS]
+        if unknown or not self.models:
+            raise ConfigError(f"evaluate.models: {unknown or 'empty'}; choose from "
+                              f"{', '.join(EVALUATED_MODELS)}, e.g. [\"pruned\", \"pruned+cpt\"]")
         if not self.ppl_chunk_lengths or min(self.ppl_chunk_lengths) < 2:
             raise ConfigError(f"evaluate.ppl_chunk_lengths: need lengths >= 2, e.g. [128, 2048]; "
                               f"got {self.ppl_chunk_lengths}")

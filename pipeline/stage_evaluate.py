@@ -21,7 +21,7 @@ from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
 from maskprune.stage import StageRun, run_stage
 from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
 
-# (name in the report, stage whose "model" output it is)
+# (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
 MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "continued_pretrain"))
 
 
@@ -44,6 +44,8 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
         shard_dir, report["skipped"]["valid_shards"] = None, str(err)
     loaded = {}
     for name, stage in MODELS:
+        if name not in cfg.models:
+            continue
         try:
             path = run.upstream(stage, "model")
         except RunDirError as err:

@@ -83,6 +83,8 @@ def test_throughput_and_param_count():
 def test_evaluate_config_is_checked():
     with pytest.raises(ConfigError, match="ppl_chunk_lengths"):
         EvaluateConfig(ppl_chunk_lengths=[1]).validate()
+    with pytest.raises(ConfigError, match=r"evaluate.models: \['cpt'\]; choose from dense, pruned, pruned\+cpt"):
+        EvaluateConfig(models=["cpt"]).validate()
 
 
 def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path):
@@ -117,3 +119,12 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     table = (run_dir / "evaluate" / "results.md").read_text()
     assert "| | dense | pruned |" in table and "capitals acc / acc_norm" in table
     assert run.state("evaluate").status == "done"
+
+    # evaluate.models leaves the dense model out (a sweep evaluates it once), same numbers for the rest
+    cfg.evaluate.models = ["pruned"]
+    run.write_config(cfg)
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_evaluate.py"), "--run-dir", str(run_dir)],
+                          env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    only = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    assert list(only["models"]) == ["pruned"] and only["models"]["pruned"]["ppl"] == pruned["ppl"]
