@@ -5,8 +5,8 @@ keep, U = query heads (query_per_group) or KV groups (kv_group), see `arch.attn_
 
 Works on a plain HF Llama and on one partitioned by ZeRO-3, with or without a DeepSpeed engine
 (without one, `_zero3_gathering` gathers one decoder layer at a time for the forward/backward):
-- forward hooks only accumulate activation statistics; they never read weights, so they do not care
-  whether DeepSpeed's release hook ran before them;
+- forward hooks only accumulate activation statistics (FLAP's compensation pass also replaces
+  inputs); they never read weights, so they do not care whether DeepSpeed's release hook ran before them;
 - statistics are sums (float64) all-reduced over ranks, so every rank derives identical scores and
   the result does not depend on how the calibration batches were split;
 - weights are read after the pass, one layer at a time, inside `GatheredParameters`, which every rank
@@ -278,29 +278,72 @@ def _flap(model: nn.Module, stats: InputStats, shape: LlamaShape, mode: str) -> 
     return {"attn": torch.stack(attn), "ffn": torch.stack(ffn)}
 
 
-def flap_bias(model: nn.Module, stats: InputStats, keep: KeepIndices) -> dict[str, Tensor]:
+def _removed_channels(model: nn.Module, keep: KeepIndices) -> dict[str, list[Tensor]]:
+    """Per layer, the o_proj ("attn") and down_proj ("ffn") input channels `keep` removes (bool)."""
+    layers = _layers(model)
+    head_dim = layers[0].self_attn.head_dim
+    removed: dict[str, list[Tensor]] = {"attn": [], "ffn": []}
+    for index, layer in enumerate(layers):
+        attn = torch.ones(layer.self_attn.o_proj.in_features, dtype=torch.bool)
+        attn[(keep.q_heads[index].unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()] = False
+        ffn = torch.ones(layer.mlp.down_proj.in_features, dtype=torch.bool)
+        ffn[keep.ffn[index]] = False
+        removed["attn"].append(attn)
+        removed["ffn"].append(ffn)
+    return removed
+
+
+def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) -> dict[str, Tensor]:
     """FLAP bias compensation for `keep`: the removed input channels' mean contribution,
     b = W[:, removed] @ mean(x[removed]), for o_proj and down_proj ({"bias.o_proj": [L, hidden],
     "bias.down_proj": [L, hidden]}).
+
+    Sequential, as FLAP computes it: a layer's means are those of its inputs in the model whose
+    earlier layers are already pruned and compensated, so each compensation also corrects the shift
+    the earlier cuts cause (means of the dense model's inputs measured worse than no compensation).
+    One forward pass over this rank's calibration batches joined into one batch, each projection's
+    removed input channels replaced by their mean over every token of every rank (all-reduced in the
+    hook) — which is the pruned layer plus its compensation — so every layer sees its whole
+    calibration set before the next runs. Memory: activations of that joined batch, no gradients.
 
     Llama has no o_proj / down_proj bias, so the pruned checkpoint needs `mlp_bias=True` (zero
     gate/up biases) and `attention_bias=True`, which in HF Llama adds q/k/v biases too; those must be
     written as zeros. The mask_learn stage stores them in the masks file (`KeepIndices.bias`) and
     hard-prune writes them that way (`export.with_compensation`)."""
-    head_dim = _layers(model)[0].self_attn.head_dim
+    device = _device(model)
+    joined = torch.cat(_batch_list(batches, device))
+    removed = _removed_channels(model, keep)
+    means: dict[str, list[Tensor]] = {kind: [] for kind in removed}
+
+    def substitute(kind: str, index: int):
+        cut = removed[kind][index].to(device)
+
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            x = args[0]
+            flat = x.detach().double().reshape(-1, x.shape[-1])
+            total = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
+            _all_reduce_(total)
+            mean = total[:-1] / total[-1] * cut
+            means[kind].append(mean.cpu())
+            return (torch.where(cut, mean.to(x.dtype), x), *args[1:])
+        return hook
+
+    handles = []
+    for index, layer in enumerate(_layers(model)):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(substitute("attn", index)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(substitute("ffn", index)))
+    try:
+        with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
+            model(input_ids=joined, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
     out: dict[str, list[Tensor]] = {"bias.o_proj": [], "bias.down_proj": []}
     for index, layer in enumerate(_layers(model)):
-        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-        removed_attn = torch.ones(o_proj.in_features, dtype=torch.bool)
-        kept_cols = (keep.q_heads[index].unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
-        removed_attn[kept_cols] = False
-        removed_ffn = torch.ones(down_proj.in_features, dtype=torch.bool)
-        removed_ffn[keep.ffn[index]] = False
-        for name, module, kind, removed in (("bias.o_proj", o_proj, "attn", removed_attn),
-                                            ("bias.down_proj", down_proj, "ffn", removed_ffn)):
-            mean = stats.mean(kind)[index] * removed
+        for name, module, kind in (("bias.o_proj", layer.self_attn.o_proj, "attn"),
+                                   ("bias.down_proj", layer.mlp.down_proj, "ffn")):
             with _gathered(module):
-                out[name].append((module.weight.detach().double().cpu() @ mean).float())
+                out[name].append((module.weight.detach().double().cpu() @ means[kind][index]).float())
     return {name: torch.stack(rows) for name, rows in out.items()}
 
 
@@ -372,12 +415,10 @@ def _random(shape: LlamaShape, mode: str, seed: int) -> dict[str, Tensor]:
 
 
 def unit_scores(model: nn.Module, batches: Iterable[Tensor], method: str, shape: LlamaShape,
-                mode: str, seed: int = 0, stats: InputStats | None = None) -> dict[str, Tensor]:
+                mode: str, seed: int = 0) -> dict[str, Tensor]:
     """{"attn": [L, U], "ffn": [L, I]} float32 on CPU, identical on every rank; higher = keep.
 
-    `batches`: this rank's calibration LongTensors [b, T] (ignored by magnitude and random).
-    `stats`: `input_stats` of those batches when the caller already has them (FLAP's bias needs
-    them too), saving wanda_sp / flap a second calibration pass."""
+    `batches`: this rank's calibration LongTensors [b, T] (ignored by magnitude and random)."""
     if method not in METHODS:
         raise ImportanceError(f"importance method {method!r} is not one of {', '.join(METHODS)}")
     if mode not in ("query_per_group", "kv_group"):
@@ -389,6 +430,5 @@ def unit_scores(model: nn.Module, batches: Iterable[Tensor], method: str, shape:
     elif method == "taylor":
         scores = _taylor(model, _batch_list(batches, _device(model)), shape, mode)
     else:
-        stats = stats if stats is not None else input_stats(model, batches)
-        scores = (_wanda_sp if method == "wanda_sp" else _flap)(model, stats, shape, mode)
+        scores = (_wanda_sp if method == "wanda_sp" else _flap)(model, input_stats(model, batches), shape, mode)
     return {name: value.float().cpu() for name, value in scores.items()}

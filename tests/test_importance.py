@@ -13,6 +13,7 @@ from helpers import REPO, run_deepspeed
 from maskprune.arch import LlamaShape
 from maskprune.config import DataSource
 from maskprune.corpus import iter_documents
+from maskprune.equivalence import mask_dense_model
 from maskprune.importance import METHODS, ImportanceError, flap_bias, input_stats, unit_scores
 from maskprune.masks_io import keep_from_scores
 
@@ -112,24 +113,44 @@ def test_taylor_equals_weight_times_gradient_summed_over_the_unit() -> None:
     assert scores["ffn"][0, 30].item() == pytest.approx(channel.item(), rel=1e-4)
 
 
-def test_flap_bias_restores_the_mean_output_of_removed_channels() -> None:
+def test_flap_bias_is_the_removed_channels_mean_in_the_model_already_cut_before_it() -> None:
     model = tiny_model()
     shape = LlamaShape.from_hf_config(model.config)
-    stats = input_stats(model, calib_batches())
-    scores = unit_scores(model, calib_batches(), "flap", shape, "query_per_group")
+    batches = calib_batches()
+    scores = unit_scores(model, batches, "flap", shape, "query_per_group")
     keep = keep_from_scores(scores["attn"], scores["ffn"], shape, 2, 24, "query_per_group", "flap")
-    bias = flap_bias(model, stats, keep)
+    bias = flap_bias(model, batches, keep)
     assert bias["bias.o_proj"].shape == (2, 32) and bias["bias.down_proj"].shape == (2, 32)
-    w_down = model.model.layers[1].mlp.down_proj.weight.detach().double()
-    removed = sorted(set(range(48)) - set(keep.ffn[1].tolist()))
-    mean = stats.ffn_sum[1, removed] / stats.tokens
-    expected = w_down[:, removed] @ mean
-    torch.testing.assert_close(bias["bias.down_proj"][1].double(), expected, rtol=1e-5, atol=1e-7)
+
+    # Layer 0's attention has nothing cut before it: the dense model's input means.
+    stats = input_stats(model, batches)
     kept_cols = [8 * h + c for h in keep.q_heads[0].tolist() for c in range(8)]
     removed = sorted(set(range(32)) - set(kept_cols))
     w_o = model.model.layers[0].self_attn.o_proj.weight.detach().double()
     expected = w_o[:, removed] @ (stats.attn_sum[0, removed] / stats.tokens)
     torch.testing.assert_close(bias["bias.o_proj"][0].double(), expected, rtol=1e-5, atol=1e-7)
+
+    # Layer 1's FFN: the means of its inputs in the model masked to `keep` with the compensation
+    # of every projection before it added (built here from equivalence.mask_dense_model).
+    reference = tiny_model()
+    mask_dense_model(reference, keep)
+    earlier = [(reference.model.layers[0].self_attn.o_proj, bias["bias.o_proj"][0]),
+               (reference.model.layers[0].mlp.down_proj, bias["bias.down_proj"][0]),
+               (reference.model.layers[1].self_attn.o_proj, bias["bias.o_proj"][1])]
+    for module, b in earlier:
+        module.register_forward_hook(lambda m, a, out, b=b: out + b)
+    seen = []
+    down = reference.model.layers[1].mlp.down_proj
+    down.register_forward_pre_hook(lambda m, a: seen.append(a[0].double().reshape(-1, 48)), prepend=True)
+    with torch.no_grad():
+        for batch in batches:
+            reference(input_ids=batch)
+    removed = sorted(set(range(48)) - set(keep.ffn[1].tolist()))
+    w_down = down.weight.detach().double()
+    expected = w_down[:, removed] @ torch.cat(seen).mean(0)[removed]
+    torch.testing.assert_close(bias["bias.down_proj"][1].double(), expected, rtol=1e-4, atol=1e-6)
+    dense_means = w_down[:, removed] @ (stats.ffn_sum[1, removed] / stats.tokens)
+    assert not torch.allclose(bias["bias.down_proj"][1].double(), dense_means, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -150,6 +171,13 @@ def test_zero3_two_ranks_give_the_single_process_scores(tmp_path: Path) -> None:
                     name = f"{where}.{mode}.{method}.{key}"
                     assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: ranks disagree"
                     torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-5, msg=name)
+        keep = keep_from_scores(ranks[0][f"bare.{mode}.flap.attn"], ranks[0][f"bare.{mode}.flap.ffn"], shape,
+                                2, shape.intermediate_size // 2, mode, "flap")
+        for key, value in flap_bias(model, batches, keep).items():  # all-reduced means inside the pass
+            for where in ("bare", "engine"):
+                name = f"{where}.{mode}.{key}"
+                assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: ranks disagree"
+                torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _token_rows(tokenizer, split: str, rows: int, seq_len: int = 128) -> torch.Tensor:

@@ -4,7 +4,8 @@
 
 BATCHES.pt holds a list of LongTensors; rank r takes batches r, r + world, ... . Each rank writes
 OUT_DIR/rank{r}.safetensors with "{bare|engine}.{mode}.{method}.{attn|ffn}" tensors: scored
-before and after deepspeed.initialize, in both attention modes.
+before and after deepspeed.initialize, in both attention modes; and "{bare|engine}.{mode}.bias.{o_proj|
+down_proj}": FLAP's compensation for the FLAP keep indices at 2 units / half the FFN.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from safetensors.torch import save_file
 
 from maskprune.arch import LlamaShape
 from maskprune.dist import init_distributed
-from maskprune.importance import METHODS, unit_scores
+from maskprune.importance import METHODS, flap_bias, unit_scores
+from maskprune.masks_io import keep_from_scores
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,6 +50,9 @@ def main() -> None:
             for method in METHODS:
                 scores = unit_scores(module, batches, method, shape, mode)
                 out.update({f"{prefix}.{mode}.{method}.{k}": v for k, v in scores.items()})
+            keep = keep_from_scores(out[f"{prefix}.{mode}.flap.attn"], out[f"{prefix}.{mode}.flap.ffn"], shape,
+                                    2, shape.intermediate_size // 2, mode, "flap")
+            out.update({f"{prefix}.{mode}.{k}": v for k, v in flap_bias(module, batches, keep).items()})
 
     # Before any engine exists (as the mask-learn stage scores), then inside one, whose hooks
     # gather the weights instead.
