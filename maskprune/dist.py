@@ -6,6 +6,7 @@ and GPU (nccl) alike.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import faulthandler
 import os
@@ -75,8 +76,18 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        atexit.register(remove_own_shm_buffer, torch.distributed.get_rank())
     return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
                     world_size=torch.distributed.get_world_size(), device=device)
+
+
+def remove_own_shm_buffer(global_rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (69 MB of memory each) and never unlinks it; whatever launched the job, left alone they add up
+    until the machine runs out. Unlinked at exit: the other ranks mapped it inside init, long ago."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_{global_rank}"
+    for path in Path("/dev/shm").glob(pattern):
+        path.unlink(missing_ok=True)
 
 
 def rank() -> int:

@@ -29,8 +29,10 @@ def run_cli(*args: str, timeout: float = 900, check: bool = True, **env: str) ->
 
 
 def run_deepspeed(script: Path, *args: str, ranks: int = 2, timeout: float = 600,
-                  check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N script args` on CPU ranks; a hang fails at `timeout` instead of hanging CI."""
+                  check: bool = True, clean_shm: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N script args` on CPU ranks; a hang fails at `timeout` instead of hanging CI.
+    `clean_shm`: remove the job's /dev/shm all-reduce buffers afterwards (ranks killed before their
+    own exit cleanup leave them)."""
     import socket
 
     with socket.socket() as sock:
@@ -44,7 +46,8 @@ def run_deepspeed(script: Path, *args: str, ranks: int = 2, timeout: float = 600
         proc = subprocess.run(argv, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
                               timeout=timeout)
     finally:
-        remove_shm_buffers(argv)
+        if clean_shm:
+            remove_shm_buffers(argv)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")

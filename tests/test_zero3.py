@@ -13,7 +13,11 @@ pytestmark = pytest.mark.slow
 
 def test_each_rank_holds_about_half_of_every_parameter(tiny_prepared: Path, tmp_path: Path) -> None:
     model_dir = tiny_prepared / "prepare" / "model"
-    run_deepspeed(REPO / "tests" / "ds_jobs" / "partition_job.py", str(model_dir), str(tmp_path))
+    proc = run_deepspeed(REPO / "tests" / "ds_jobs" / "partition_job.py", str(model_dir), str(tmp_path),
+                         clean_shm=False)
+    # Each rank unlinked its own DeepSpeed all-reduce buffer (69 MB of memory) at exit.
+    port = proc.args[proc.args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 4 * 9 + 3  # 9 tensors a layer
     for name, info in ranks[0].items():
