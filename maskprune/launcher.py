@@ -98,8 +98,9 @@ def stage_env(launcher: LauncherConfig, stage: str) -> dict[str, str]:
 
 
 def remove_shm_buffers(argv: list[str]) -> None:
-    """DeepSpeed's CPU all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_*_<port>_<rank> (69 MB
-    each, memory-backed) after its ranks exit; left alone they add up until the machine runs out."""
+    """DeepSpeed's CPU all-reduce buffers, /dev/shm/deepspeed_allreduce_buffer_*_<port>_<rank> (69 MB
+    each, memory-backed), of a finished job: each rank unlinks its own at exit (dist.init_distributed),
+    but a rank killed (SIGKILL, OOM, a fault test) leaves its own behind."""
     ports = [a.split("=", 1)[1] for a in argv if a.startswith("--master_port=")]
     ports += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--master_port"]
     for port in ports:
