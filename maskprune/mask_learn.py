@@ -22,7 +22,6 @@ from maskprune.lora import LoraSwitch, attach_lora
 from maskprune.losses import distill_kl, hidden_mse
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, keep_from_scores
-from maskprune.metrics import MetricWriter
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units
@@ -34,21 +33,11 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; 
 @dataclass
 class MaskLearner(TrainingLoop):
     cfg: ExperimentConfig
-    dist: DistInfo
-    engine: Any
     masks: MaskState
     lora: LoraSwitch
     minimax: MinimaxState
     budget: BudgetModel
-    train_iter: BatchIterator
-    valid: TokenShards
-    checkpointer: Checkpointer
-    meta: dict[str, Any]
-    tb_dir: Path
-    progress_path: Path
     explicit_units: tuple[int, int] | None = None  # target.arch given: the shape is not learned
-    step: int = 0
-    writer: MetricWriter | None = None
 
     @property
     def ml(self):

@@ -16,11 +16,9 @@ from typing import Any
 import torch
 
 from maskprune.config import ContinuedPretrainConfig, TrainLoopConfig
-from maskprune.data import BatchIterator, TokenShards
-from maskprune.dist import DistInfo, log
+from maskprune.dist import log
 from maskprune.losses import distill_kl
-from maskprune.metrics import MetricWriter
-from maskprune.training import Checkpointer, TrainingLoop, build_zero3_model, tag_for
+from maskprune.training import TrainingLoop, build_zero3_model, tag_for
 
 
 class TeacherMismatchError(ValueError):
@@ -57,17 +55,7 @@ def build_teacher(teacher_dir: str, student_config: Any, ds: dict[str, Any]) -> 
 @dataclass
 class Pretrainer(TrainingLoop):
     cfg: ContinuedPretrainConfig
-    dist: DistInfo
-    engine: Any
     teacher: Any | None
-    train_iter: BatchIterator
-    valid: TokenShards
-    checkpointer: Checkpointer
-    meta: dict[str, Any]
-    tb_dir: Path
-    progress_path: Path
-    step: int = 0
-    writer: MetricWriter | None = None
 
     @property
     def tokens_per_step(self) -> int:

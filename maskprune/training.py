@@ -9,15 +9,19 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from maskprune.config import TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards, eval_batches
-from maskprune.dist import barrier, log, rank
+from maskprune.dist import DistInfo, barrier, log, rank
 from maskprune.rundir import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from maskprune.metrics import MetricWriter
 
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "maskprune_meta.json"
@@ -224,13 +228,24 @@ def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+@dataclass(kw_only=True)
 class TrainingLoop:
     """The step loop both training stages share: resume, train, log, validate, checkpoint, report
-    progress, stop on request. A stage supplies `stage`, `train_cfg`, the fields `engine`, `dist`,
-    `valid`, `tb_dir`, `progress_path`, `step`, `writer`, and `train_step()`, `save()`,
-    `restore()`, `log_line(stats)`; `before_step()` / `after_validation()` are optional."""
+    progress, stop on request. A stage adds its own fields and supplies `stage`, `train_cfg`,
+    `train_step()`, `save()`, `restore()`, `log_line(stats)`; `before_step()` /
+    `after_validation()` are optional."""
 
-    stage: str
+    stage: ClassVar[str]
+    dist: DistInfo
+    engine: Any
+    train_iter: BatchIterator
+    valid: TokenShards
+    checkpointer: Checkpointer
+    meta: dict[str, Any]  # what the run trains from, written into every checkpoint
+    tb_dir: Path
+    progress_path: Path
+    step: int = 0
+    writer: MetricWriter | None = None
 
     @property
     def train_cfg(self) -> TrainLoopConfig:
