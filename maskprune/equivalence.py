@@ -5,7 +5,10 @@ where slicing happens: per-head attention output before o_proj, act(gate)·up be
 dropped layers as identity, and — for hidden pruning — every RMSNorm normalising over the kept
 channels only and emitting zeros elsewhere (what the sliced norm computes; channels outside the
 kept set can then never reach a kept output). Weights are rounded through the output dtype first,
-so the comparison measures slicing, not dtype rounding, and runs in fp32.
+so the comparison measures slicing, not dtype rounding. The end-to-end check runs in float64: in
+fp32 a sliced matmul sums in another order than the masked one, and through SmolLM2's 30 layers
+that alone reached 4e-3 on the logits. The block check compares one layer at a time in fp32 (one
+layer's summation-order error is far below the tolerance; fp32 halves its memory).
 
 Small models are compared end to end on logits; above a size limit, a sample of layers is
 compared block by block (one decoder layer in memory at a time).
@@ -76,7 +79,7 @@ def mask_dense_model(model: torch.nn.Module, keep: KeepIndices) -> list[Removabl
 
 
 def _reference_weight(source: WeightSource, lora: LoraAdapter | None, name: str, dtype: str) -> torch.Tensor:
-    return merged_weight(source, lora, name).to(output_dtype(dtype, source, name)).float()
+    return merged_weight(source, lora, name).to(output_dtype(dtype, source, name)).double()
 
 
 def _eager_config(config: dict[str, Any]):
@@ -93,7 +96,7 @@ def check_full(plan: ExportPlan, src_config: dict[str, Any], source: WeightSourc
     """Max |logit difference| of the pruned checkpoint (loaded by transformers) vs the masked dense model."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    dense = LlamaForCausalLM(_eager_config(src_config)).float().eval()
+    dense = LlamaForCausalLM(_eager_config(src_config)).double().eval()
     names = plan.source_names & set(source.names())
     if src_config.get("tie_word_embeddings"):
         names.discard("lm_head.weight")
@@ -102,7 +105,7 @@ def check_full(plan: ExportPlan, src_config: dict[str, Any], source: WeightSourc
     if unexpected or set(missing) - {"lm_head.weight"}:  # tied: lm_head is embed_tokens
         raise RuntimeError(f"reference model does not match the source: {missing} {unexpected}")
     mask_dense_model(dense, keep)
-    pruned = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
+    pruned = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float64,
                                                   attn_implementation="eager").eval()
     ids = torch.randint(0, int(src_config["vocab_size"]), (sequences, seq_len),
                         generator=torch.Generator().manual_seed(0))
@@ -130,7 +133,7 @@ def check_blocks(plan: ExportPlan, src_config: dict[str, Any], source: WeightSou
             dense, pruned = LlamaDecoderLayer(dense_cfg, old).eval(), LlamaDecoderLayer(pruned_cfg, new).eval()
         ours = [s for s in plan.specs if s.name.startswith(f"model.layers.{new}.")]
         dense.load_state_dict({s.source.removeprefix(f"model.layers.{old}."):
-                               _reference_weight(source, lora, s.source, dtype) for s in ours}, assign=True)
+                               _reference_weight(source, lora, s.source, dtype).float() for s in ours}, assign=True)
         pruned.load_state_dict({s.name.removeprefix(f"model.layers.{new}."): written.get(s.name).float()
                                 for s in ours}, assign=True)
         mask_layer(dense, old, keep, src_shape)

@@ -87,7 +87,7 @@ def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progres
         if cfg.equivalence_sequences > 0:
             args = (plan, config, source, job.lora, keep, cfg.dtype, tmp,
                     cfg.equivalence_sequences, cfg.equivalence_seq_len)
-            if plan.params_before * 4 <= cfg.equivalence_full_max_mb << 20:
+            if plan.params_before * 8 <= cfg.equivalence_full_max_mb << 20:  # fp64 reference
                 check = {"mode": "logits", "max_abs_diff": check_full(*args)}
             else:
                 diff, layers = check_blocks(*args, cfg.equivalence_layers)
