@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=list(MODES), default="standard",
                         help="budget: " + "; ".join(f"{k}: {v}" for k, v in MODES.items()))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--sparsity", nargs="+", type=float, help="targets instead of the mode's")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-MODE)")
     parser.add_argument("--cache", type=Path, help="run directories (default: the maskprune asset "
                         "cache, ~/.cache/maskprune/bench_quality); they hold models, never inside git")
@@ -231,7 +232,8 @@ def main() -> None:
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{args.mode}"
     base = cache / "base"
     maskprune_cli(args.config, base, [], "--until", "tokenize")  # SmolLM2 + PTB, once; skipped when done
-    report = collect(args, MODES[args.mode], base, cache / f"runs-{args.mode}")
+    mode = {**MODES[args.mode], **({"sparsity": args.sparsity} if args.sparsity else {})}
+    report = collect(args, mode, base, cache / f"runs-{args.mode}")
     lengths = list(report["dense"]["ppl"])
     out.mkdir(parents=True, exist_ok=True)
     losses = not_best(report, lengths)
