@@ -77,8 +77,18 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     else:
         device = torch.device("cpu")
         atexit.register(remove_own_shm_buffer, torch.distributed.get_rank())
+    # Registered last, runs first at exit: a rank tears its process group down itself instead of
+    # leaving it to interpreter shutdown, where a gloo rank whose peer had already exited sometimes
+    # aborted ("terminate called without an active exception", exit -6) after finishing its work.
+    atexit.register(_destroy_process_group)
     return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
                     world_size=torch.distributed.get_world_size(), device=device)
+
+
+def _destroy_process_group() -> None:
+    """Local teardown only (no barrier: after a failure on another rank one would hang)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def remove_own_shm_buffer(global_rank: int) -> None:
