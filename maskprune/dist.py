@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -77,18 +78,21 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     else:
         device = torch.device("cpu")
         atexit.register(remove_own_shm_buffer, torch.distributed.get_rank())
-    # Registered last, runs first at exit: a rank tears its process group down itself instead of
-    # leaving it to interpreter shutdown, where a gloo rank whose peer had already exited sometimes
-    # aborted ("terminate called without an active exception", exit -6) after finishing its work.
-    atexit.register(_destroy_process_group)
     return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
                     world_size=torch.distributed.get_world_size(), device=device)
 
 
-def _destroy_process_group() -> None:
-    """Local teardown only (no barrier: after a failure on another rank one would hang)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def exit_rank(code: int) -> NoReturn:
+    """End this rank with `code`, after the exit handlers, without interpreter finalization.
+
+    A rank that finishes while a peer is still working (rank 1 exits while rank 0 writes the stage's
+    outputs) sometimes aborted in C++ static destruction of its live gloo connections ("terminate
+    called without an active exception", exit -6), failing a stage whose work was done; destroying
+    the process group first did not prevent it. Nothing is left to do at that point, so skip it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def remove_own_shm_buffer(global_rank: int) -> None:

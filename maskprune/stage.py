@@ -91,11 +91,16 @@ def run_stage(main: Callable[[], int | None]) -> NoReturn:
     `maskprune: error: ...` (printed by rank 0 only, so a launcher's N ranks print it once) and
     exit code 2. MASKPRUNE_TRACEBACK=1 re-raises instead, for debugging."""
     try:
-        code = main()
+        code = main() or 0
     except BAD_INPUT_ERRORS as err:
         if os.environ.get("MASKPRUNE_TRACEBACK"):
             raise
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"maskprune: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    sys.exit(code or 0)
+        code = 2
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        from maskprune.dist import exit_rank
+
+        exit_rank(code)
+    sys.exit(code)
