@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -86,20 +87,33 @@ def staging_dir(final: Path) -> Path:
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RunDirError)
 
 
+# How long a rank other than 0 waits, on a bad input, for rank 0 to report it (see run_stage).
+BAD_INPUT_GRACE_S = 10.0
+
+
 def run_stage(main: Callable[[], int | None]) -> NoReturn:
     """Every stage script's entry point: `main()`'s exit code, or, on a bad input, the one line
-    `maskprune: error: ...` (printed by rank 0 only, so a launcher's N ranks print it once) and
-    exit code 2. MASKPRUNE_TRACEBACK=1 re-raises instead, for debugging."""
+    `maskprune: error: ...` (printed once, by rank 0, or by the one rank that met it) and exit
+    code 2. MASKPRUNE_TRACEBACK=1 re-raises instead, for debugging."""
     try:
         code = main() or 0
     except BAD_INPUT_ERRORS as err:
         if os.environ.get("MASKPRUNE_TRACEBACK"):
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"maskprune: error: {err}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank != 0:
+            # Every rank usually meets the same bad input; rank 0 says it and exits, and the launcher
+            # then ends this rank during the wait. Printing at once instead would repeat the line N
+            # times, and exiting at once could get rank 0 killed before it printed anything.
+            time.sleep(BAD_INPUT_GRACE_S)
+        print(f"maskprune: error: {err}" if rank == 0 else f"maskprune: error (rank {rank}): {err}",
+              file=sys.stderr, flush=True)
         code = 2
+    # A finished rank skips interpreter teardown (dist.exit_rank). Not on failure or preemption: the
+    # launcher kills the other ranks as soon as one exits non-zero, and a rank leaving at once
+    # would cut off rank 0's last words (the one-line error, the stop message).
     distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    if code == 0 and distributed is not None and distributed.is_available() and distributed.is_initialized():
         from maskprune.dist import exit_rank
 
         exit_rank(code)
