@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import REPO, run_deepspeed
 from maskprune.dist import discover_ranks
 
 
@@ -18,3 +19,15 @@ from maskprune.dist import discover_ranks
 ])
 def test_discover_ranks(env: dict[str, str], expected: tuple) -> None:
     assert discover_ranks(env) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing, line", [
+    ("0,1", "maskprune: error: data.seq_len: must be >= 2, got 1"),  # rank 0 says it, once
+    ("1", "maskprune: error (rank 1): data.seq_len: must be >= 2, got 1"),  # rank 0 never met it
+])
+def test_a_bad_input_is_reported_once_whichever_ranks_meet_it(failing: str, line: str) -> None:
+    proc = run_deepspeed(REPO / "tests" / "ds_jobs" / "bad_input_job.py", failing, check=False, timeout=300)
+    assert proc.returncode != 0
+    said = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("maskprune: error")]
+    assert said == [line]
