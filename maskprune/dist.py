@@ -96,11 +96,12 @@ def exit_rank(code: int) -> NoReturn:
 
 
 def remove_own_shm_buffer(global_rank: int) -> None:
-    """DeepSpeed's CPU all-reduce maps /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
-    (69 MB of memory each) and never unlinks it; whatever launched the job, left alone they add up
+    """DeepSpeed's CPU all-reduce maps this rank's buffer (launcher.shm_buffers) and never unlinks
+    it; whatever launched the job, left alone they add up
     until the machine runs out. Unlinked at exit: the other ranks mapped it inside init, long ago."""
-    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT', '*')}_{global_rank}"
-    for path in Path("/dev/shm").glob(pattern):
+    from maskprune.launcher import shm_buffers
+
+    for path in shm_buffers(os.environ.get("MASTER_PORT", "*"), global_rank):
         path.unlink(missing_ok=True)
 
 

@@ -97,12 +97,17 @@ def stage_env(launcher: LauncherConfig, stage: str) -> dict[str, str]:
     return env
 
 
+def shm_buffers(port: str, rank: int | str = "*") -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers of the job on `port` (one rank's, or all):
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, 69 MB each, memory-backed."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"))
+
+
 def remove_shm_buffers(argv: list[str]) -> None:
-    """DeepSpeed's CPU all-reduce buffers, /dev/shm/deepspeed_allreduce_buffer_*_<port>_<rank> (69 MB
-    each, memory-backed), of a finished job: each rank unlinks its own at exit (dist.init_distributed),
-    but a rank killed (SIGKILL, OOM, a fault test) leaves its own behind."""
+    """The all-reduce buffers of a finished job: each rank unlinks its own at exit
+    (dist.init_distributed), but a rank killed (SIGKILL, OOM, a fault test) leaves its own behind."""
     ports = [a.split("=", 1)[1] for a in argv if a.startswith("--master_port=")]
     ports += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--master_port"]
     for port in ports:
-        for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        for path in shm_buffers(port):
             path.unlink(missing_ok=True)
