@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import subprocess
@@ -136,6 +137,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from maskprune.planner import (PlanError, PlanSettings, format_report, load_model_config,
                                    model_config_from, plan_dry_run, plan_report, settings_from_config)
 
+    if args.set and not args.config:
+        raise PlanError("plan --set: overrides a field of --config EXPERIMENT.toml; pass the file too")
     if args.config:
         cfg = load_config(args.config, args.set)
         config = load_model_config(args.model) if args.model else model_config_from(cfg, args.config)
@@ -159,7 +162,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(dry, indent=2) if args.json else
               "\n".join(f"{key:18s} {value}" for key, value in dry.items()))
         return 0
-    report = plan_report(config, settings)
+    # DeepSpeed (the ZeRO-3 estimate) logs to stdout as it is imported: kept out of the plan, so
+    # `maskprune plan --json | jq` reads JSON alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = plan_report(config, settings)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

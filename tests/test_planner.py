@@ -218,3 +218,5 @@ def test_plan_config_without_an_architecture_says_how_to_give_one(
     assert dry["source_params"] == 8_030_261_248
     assert main(["plan"]) == 2
     assert "pass --config" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3-8b", "--set", "data.seq_len=8192"]) == 2
+    assert "--set: overrides a field of --config" in capsys.readouterr().err
