@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per phase")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--sparsity", type=float, default=0.3, help="pruned shape for continued-pretrain")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                        help="in both training phases (default: on with a GPU, as in the GPU configs)")
     parser.add_argument("--work", help="folder for the model and data (default: a temp folder)")
     return parser.parse_args()
 
@@ -102,10 +104,13 @@ def main() -> None:
     dtype = torch.bfloat16 if gpu else torch.float32
     work = Path(args.work or Path(tempfile.gettempdir()) / f"maskprune_bench_gpu_{os.environ.get('MASTER_PORT', '0')}")
     train = {"steps": 100_000, "micro_batch_size": micro, "warmup_steps": 0}
+    checkpointing = gpu if args.activation_checkpointing is None else args.activation_checkpointing
     cfg = config_from_dict({
         "target": {"sparsity": args.sparsity},
-        "mask_learn": {"ds_config": str(ds_config), "train": {**train, "lr": 1e-4}},
-        "continued_pretrain": {"ds_config": str(ds_config), "train": {**train, "lr": 5e-5}}})
+        "mask_learn": {"ds_config": str(ds_config), "activation_checkpointing": checkpointing,
+                       "train": {**train, "lr": 1e-4}},
+        "continued_pretrain": {"ds_config": str(ds_config), "activation_checkpointing": checkpointing,
+                               "train": {**train, "lr": 5e-5}}})
     config = llama_config(shape_args["vocab"], shape_args["hidden"], shape_args["layers"],
                           shape_args["heads"], shape_args["kv"], shape_args["ffn"])
     dense = LlamaShape.from_hf_config(config)
@@ -153,12 +158,13 @@ def main() -> None:
     try:
         from maskprune.data import BatchIterator, TokenShards
         from maskprune.pretrain import Pretrainer
-        from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
+        from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,
+                                        prepare_for_training)
 
         cpt = cfg.continued_pretrain
         ds = load_ds_config(cpt.ds_config, cpt.train)
         model, hf_ds = build_zero3_model(work / "pruned", ds)
-        model.config.use_cache = False
+        prepare_for_training(model, cpt.activation_checkpointing)
         engine = init_engine(model, list(model.parameters()), ds, cpt.train)
         trainer = Pretrainer(
             cfg=cpt, dist=dist, engine=engine, teacher=None,

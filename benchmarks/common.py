@@ -91,14 +91,14 @@ def build_mask_learner(cfg: ExperimentConfig, dist: DistInfo, model_dir: Path, d
 def build_lora_engine(cfg: ExperimentConfig, model_dir: Path) -> tuple[Any, Any]:
     """Plain LoRA fine-tuning on the same path, without masks: (engine, HfDeepSpeedConfig)."""
     from maskprune.lora import attach_lora
-    from maskprune.training import build_zero3_model, init_engine, load_ds_config
+    from maskprune.training import build_zero3_model, init_engine, load_ds_config, prepare_for_training
 
     ml = cfg.mask_learn
     ds = load_ds_config(ml.ds_config, ml.train)
     model, hf_ds = build_zero3_model(model_dir, ds)
-    model.config.use_cache = False
     model.requires_grad_(False)
     _, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
+    prepare_for_training(model, ml.activation_checkpointing)  # as assemble_learner does: a like-for-like step
     return init_engine(model, lora_params, ds, ml.train), hf_ds
 
 

@@ -5,11 +5,13 @@
     maskprune status runs/tiny [--json]
     maskprune reset runs/tiny mask_learn
     maskprune report runs/tiny
+    maskprune plan --config configs/llama3-70b.toml [--model llama-3-70b] [--no-checkpointing] [--json]
     maskprune plan --model llama-2-70b --nodes 4 --gpus-per-node 8 [--offload optimizer] [--dry-run]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import subprocess
@@ -130,21 +132,40 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     # Imported here: planning pulls in transformers, which the other commands do not need.
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
-    from maskprune.planner import PlanSettings, format_report, load_model_config, plan_dry_run, plan_report
+    from maskprune.planner import (PlanError, PlanSettings, format_report, load_model_config,
+                                   model_config_from, plan_dry_run, plan_report, settings_from_config)
 
-    config = load_model_config(args.model)
-    settings = PlanSettings(nodes=args.nodes, gpus_per_node=args.gpus_per_node, offload=args.offload,
-                            micro_batch=args.micro_batch, seq_len=args.seq_len, lora_rank=args.lora_rank,
-                            checkpointing=args.checkpointing, sparsity=args.sparsity,
-                            attn_mode=args.attn_mode, ffn_alignment=args.ffn_alignment)
+    if args.set and not args.config:
+        raise PlanError("plan --set: overrides a field of --config EXPERIMENT.toml; pass the file too")
+    if args.config:
+        cfg = load_config(args.config, args.set)
+        config = load_model_config(args.model) if args.model else model_config_from(cfg, args.config)
+        settings = settings_from_config(cfg)
+    elif args.model:
+        config, settings = load_model_config(args.model), PlanSettings()
+    else:
+        raise PlanError("plan: nothing to plan; pass --config EXPERIMENT.toml (its settings, the "
+                        "architecture from its model or plan.arch_preset) and/or --model PRESET|config.json")
+    # Flags given on the command line win over the experiment file (and the defaults).
+    shared = {name: getattr(args, name) for name in ("nodes", "gpus_per_node", "seq_len", "lora_rank",
+                                                     "sparsity", "attn_mode", "ffn_alignment")
+              if getattr(args, name) is not None}
+    per_stage = {name: getattr(args, name) for name in ("micro_batch", "checkpointing", "offload")
+                 if getattr(args, name) is not None}
+    settings = replace(settings, **shared,
+                       mask_learn=replace(settings.mask_learn, **per_stage),
+                       continued_pretrain=replace(settings.continued_pretrain, **per_stage))
     if args.dry_run:
-        dry = asdict(plan_dry_run(config, args.sparsity, args.attn_mode, args.ffn_alignment))
+        dry = asdict(plan_dry_run(config, settings.sparsity, settings.attn_mode, settings.ffn_alignment))
         print(json.dumps(dry, indent=2) if args.json else
               "\n".join(f"{key:18s} {value}" for key, value in dry.items()))
         return 0
-    report = plan_report(config, settings)
+    # DeepSpeed (the ZeRO-3 estimate) logs to stdout as it is imported: kept out of the plan, so
+    # `maskprune plan --json | jq` reads JSON alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = plan_report(config, settings)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -182,19 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("stage", choices=STAGES)
     reset.set_defaults(func=cmd_reset)
     planp = sub.add_parser("plan", help="per-GPU / per-node memory of each stage, or --dry-run the shape logic")
-    planp.add_argument("--model", required=True,
-                       help="preset (llama-2-70b, llama-3-70b, llama-2-7b, smollm2-135m) or a config.json / model dir")
-    planp.add_argument("--nodes", type=int, default=1)
-    planp.add_argument("--gpus-per-node", type=int, default=8)
-    planp.add_argument("--offload", choices=["none", "optimizer", "param"], default="none")
-    planp.add_argument("--micro-batch", type=int, default=1)
-    planp.add_argument("--seq-len", type=int, default=4096)
-    planp.add_argument("--lora-rank", type=int, default=8)
-    planp.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                       help="plan activations without activation checkpointing")
-    planp.add_argument("--sparsity", type=float, default=0.5, help="target.sparsity of the pruned model")
-    planp.add_argument("--attn-mode", choices=["query_per_group", "kv_group"], default="query_per_group")
-    planp.add_argument("--ffn-alignment", type=int, default=64)
+    planp.add_argument("--config", help="experiment TOML whose settings to plan, e.g. configs/llama3-70b.toml")
+    planp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of --config, e.g. data.seq_len=8192 (repeatable)")
+    planp.add_argument("--model", help="architecture: preset (llama-3-70b, llama-3-8b, llama-2-70b, llama-2-7b, "
+                       "smollm2-135m) or a config.json / model dir; overrides the experiment file's model")
+    # Unset flags (None) take the experiment file's value, or the defaults in brackets without one.
+    planp.add_argument("--nodes", type=int, help="[1]")
+    planp.add_argument("--gpus-per-node", type=int, help="[8]")
+    planp.add_argument("--offload", choices=["none", "optimizer", "param"],
+                       help="both training stages [none; with --config: what each stage's ds_config offloads]")
+    planp.add_argument("--micro-batch", type=int, help="both training stages [1]")
+    planp.add_argument("--seq-len", type=int, help="[4096]")
+    planp.add_argument("--lora-rank", type=int, help="[8]")
+    planp.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
+                       help="activation checkpointing in both training stages [on; with --config: "
+                            "each stage's activation_checkpointing]")
+    planp.add_argument("--sparsity", type=float, help="target.sparsity of the pruned model [0.5]")
+    planp.add_argument("--attn-mode", choices=["query_per_group", "kv_group"], help="[query_per_group]")
+    planp.add_argument("--ffn-alignment", type=int, help="[64]")
     planp.add_argument("--dry-run", action="store_true",
                        help="only build source and pruned model on the meta device and check the shapes")
     planp.add_argument("--json", action="store_true")

@@ -202,7 +202,16 @@ class TrainLoopConfig:
 
 
 @dataclass
-class MaskLearnConfig:
+class TrainingStageConfig:
+    """What both training stages (mask_learn, continued_pretrain) set the same way."""
+
+    # Recompute each decoder layer's activations in backward (non-reentrant) instead of keeping
+    # them: the layer inputs alone stay (L·B·T·h), what makes 4,096-token 70B steps fit.
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class MaskLearnConfig(TrainingStageConfig):
     method: Literal["maskprune", "magnitude", "wanda_sp", "flap", "taylor", "random"] = "maskprune"
     ds_config: str = "ds_configs/zero3_cpu_fp32.json"
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4))
@@ -243,10 +252,9 @@ class HardPruneConfig:
 
 
 @dataclass
-class ContinuedPretrainConfig:
+class ContinuedPretrainConfig(TrainingStageConfig):
     ds_config: str = "ds_configs/zero3_cpu_fp32.json"
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4, weight_decay=0.01))
-    activation_checkpointing: bool = False
     # kl_weight > 0: distil from the dense source model (prepare's), itself partitioned by ZeRO-3.
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(kl_weight=0.0))
     shard_size_mb: int = 2000  # safetensors shard size of the exported HF model
@@ -259,6 +267,15 @@ class ContinuedPretrainConfig:
                               "(kl_weight) is supported here; set hidden_weight = 0")
         if self.shard_size_mb < 1:
             raise ConfigError("continued_pretrain.shard_size_mb: must be >= 1")
+
+
+@dataclass
+class PlanConfig:
+    """`maskprune plan --config`: read by the planner only, so no stage re-runs when it changes."""
+
+    # The published architecture of model.path (a planner preset such as "llama-3-70b"), so a run
+    # can be planned where the model files are not (a laptop, CI); --model overrides it.
+    arch_preset: str = ""
 
 
 # The models the evaluate stage compares: the prepared dense model, the hard-pruned one and the
@@ -304,6 +321,7 @@ class ExperimentConfig:
     hard_prune: HardPruneConfig = field(default_factory=HardPruneConfig)
     continued_pretrain: ContinuedPretrainConfig = field(default_factory=ContinuedPretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # ----------------------------------------------------------------------------- loading

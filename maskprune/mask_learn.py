@@ -25,7 +25,7 @@ from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units
-from maskprune.training import Checkpointer, TrainingLoop, init_engine
+from maskprune.training import Checkpointer, TrainingLoop, init_engine, prepare_for_training
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
@@ -265,6 +265,7 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
     masks = MaskState(shape, mode, *init_scores(shape, mode, ml.init, scores)).to(dist.device)
     attach_masks(model, masks)
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
+    prepare_for_training(model, ml.activation_checkpointing)
     engine = init_engine(model, lora_params, ds, ml.train)
     budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_steps)
     explicit = explicit_units(shape, cfg) if cfg.target.arch is not None else None

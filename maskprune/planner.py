@@ -1,8 +1,13 @@
 """Memory planner and meta-device dry run: will a run fit, and what shape comes out, before a cluster
 is spent on it.
 
+    maskprune plan --config configs/llama3-70b.toml [--model llama-3-70b] [--json]
     maskprune plan --model llama-2-70b --nodes 4 --gpus-per-node 8 [--offload optimizer] [--json]
     maskprune plan --model path/to/config.json --dry-run --sparsity 0.5
+
+With --config, every setting comes from the experiment file (per stage: micro-batch, activation
+checkpointing, offload implied by its ds_config; LoRA rank, seq_len, target, nodes × GPUs); flags
+given on the command line override it.
 
 Parameters are counted on the meta device (DeepSpeed's `estimate_zero3_model_states_mem_needs_all_live`
 reads `numel()` of ZeRO-partitioned tensors and is wrong there); model-state bytes then use
@@ -21,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from maskprune.arch import (LlamaShape, admissible, attn_unit_count, budget_for_sparsity,
                             check_loadable, shape_for)
+from maskprune.config import ContinuedPretrainConfig, ExperimentConfig, MaskLearnConfig
 from maskprune.masks_io import keep_from_scores
 
 Offload = Literal["none", "optimizer", "param"]
@@ -36,6 +42,9 @@ PRESETS: dict[str, dict] = {
     "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=8192,
                         rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5),
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
                        rope_theta=10000.0, rms_norm_eps=1e-5),
@@ -159,20 +168,32 @@ def _check_export(source: LlamaForCausalLM, target: LlamaForCausalLM, shape: Lla
 # ----------------------------------------------------------------------------- memory plan
 
 @dataclass
+class StageSettings:
+    """What a training stage sets for itself: its micro-batch, checkpointing, and offload (its ds_config)."""
+
+    micro_batch: int = 1
+    checkpointing: bool = True
+    offload: Offload = "none"
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise PlanError(f"--micro-batch: must be >= 1, got {self.micro_batch}")
+
+
+@dataclass
 class PlanSettings:
     nodes: int = 1
     gpus_per_node: int = 8
-    offload: Offload = "none"
-    micro_batch: int = 1
     seq_len: int = 4096
     lora_rank: int = 8
-    checkpointing: bool = True
     sparsity: float = 0.5
     attn_mode: str = "query_per_group"
     ffn_alignment: int = 64
+    mask_learn: StageSettings = field(default_factory=StageSettings)
+    continued_pretrain: StageSettings = field(default_factory=StageSettings)
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "gpus_per_node", "micro_batch", "seq_len", "ffn_alignment"):
+        for name in ("nodes", "gpus_per_node", "seq_len", "ffn_alignment"):
             if getattr(self, name) < 1:
                 raise PlanError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         if self.lora_rank < 0 or not 0.0 < self.sparsity < 1.0:
@@ -217,12 +238,13 @@ def block_activation_elems(shape: LlamaShape, masked: bool = False, lora_rank: i
     return elems + len(LORA_TARGETS) * lora_rank
 
 
-def activation_item(shape: LlamaShape, s: PlanSettings, masked: bool, lora_rank: int) -> Item:
-    tokens = s.micro_batch * s.seq_len
+def activation_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, masked: bool,
+                    lora_rank: int) -> Item:
+    tokens = stage.micro_batch * s.seq_len
     block = block_activation_elems(shape, masked, lora_rank) * tokens * BF16
     boundaries = shape.num_hidden_layers * tokens * shape.hidden_size * BF16
     full = shape.num_hidden_layers * block
-    if s.checkpointing:
+    if stage.checkpointing:
         return Item("activations (checkpointing)", boundaries + block, 0,
                     f"L·B·T·h·2 layer inputs + one layer recomputed ({block_activation_elems(shape, masked, lora_rank)}"
                     f" elems/token·2); without checkpointing {full / 2**30:.1f} GiB")
@@ -231,21 +253,21 @@ def activation_item(shape: LlamaShape, s: PlanSettings, masked: bool, lora_rank:
                 f"with checkpointing {(boundaries + block) / 2**30:.1f} GiB")
 
 
-def logits_item(shape: LlamaShape, s: PlanSettings, name: str, copies: int) -> Item:
-    size = s.micro_batch * s.seq_len * shape.vocab_size * FP32 * copies
+def logits_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, name: str, copies: int) -> Item:
+    size = stage.micro_batch * s.seq_len * shape.vocab_size * FP32 * copies
     return Item(name, size, 0, f"B·T·V·4 fp32 × {copies}")
 
 
-def model_states(params: int, largest: int, s: PlanSettings, name: str) -> Item:
+def model_states(params: int, largest: int, s: PlanSettings, stage: StageSettings, name: str) -> Item:
     """DeepSpeed's ZeRO-3 estimate (bf16 params + grads, fp32 master + Adam = 18 B/param, partitioned;
     GPU also holds the largest module gathered in fp32; CPU includes its 1.5× buffer factor)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
         params, largest, num_gpus_per_node=s.gpus_per_node, num_nodes=s.nodes,
-        cpu_offload=s.offload != "none", cpu_offload_params=s.offload == "param", zero_init=True)
+        cpu_offload=stage.offload != "none", cpu_offload_params=stage.offload == "param", zero_init=True)
     return Item(name, int(gpu), int(cpu), f"estimate_zero3_model_states_mem_needs({params:,} params, "
-                f"offload={s.offload})")
+                f"offload={stage.offload})")
 
 
 def lora_params(config: LlamaConfig, rank: int) -> int:
@@ -264,7 +286,8 @@ def plan_memory(config: LlamaConfig, s: PlanSettings) -> tuple[list[StagePlan], 
     target = LlamaConfig.from_dict({**config.to_dict(), **dry.pruned_shape})
     pruned = LlamaShape.from_hf_config(target)
     pruned_counts = count_params(meta_model(target))
-    offload_params = s.offload == "param"
+    ml, cpt = s.mask_learn, s.continued_pretrain
+    offload_params = ml.offload == "param"
 
     frozen = 2 * counts.total // s.gpus
     units = attn_unit_count(shape, s.attn_mode)
@@ -275,21 +298,21 @@ def plan_memory(config: LlamaConfig, s: PlanSettings) -> tuple[list[StagePlan], 
              frozen * s.gpus_per_node if offload_params else 0, f"2·{counts.total:,} / {s.gpus} GPUs"),
         Item("gathered layers (current + prefetched)", 2 * counts.largest_block * BF16, 0,
              f"2 × {counts.largest_block:,} params × 2 B"),
-        model_states(lora_params(config, s.lora_rank), 0, s, "LoRA params, grads, Adam"),
+        model_states(lora_params(config, s.lora_rank), 0, s, ml, "LoRA params, grads, Adam"),
         Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
-        activation_item(shape, s, masked=True, lora_rank=s.lora_rank),
-        logits_item(shape, s, "student logits + grad", 2),
-        logits_item(shape, s, "teacher logits (same weights, masks off)", 1),
+        activation_item(shape, s, ml, masked=True, lora_rank=s.lora_rank),
+        logits_item(shape, s, ml, "student logits + grad", 2),
+        logits_item(shape, s, ml, "teacher logits (same weights, masks off)", 1),
         Item("teacher forward (no_grad, one layer live)",
-             block_activation_elems(shape) * s.micro_batch * s.seq_len * BF16, 0,
+             block_activation_elems(shape) * ml.micro_batch * s.seq_len * BF16, 0,
              "one layer's activations, freed layer by layer"),
     ])
     continued = StagePlan("continued_pretrain", [
-        model_states(pruned_counts.total, pruned_counts.largest_module, s,
+        model_states(pruned_counts.total, pruned_counts.largest_module, s, cpt,
                      f"model states of the pruned model ({pruned_counts.total:,} params)"),
-        activation_item(pruned, s, masked=False, lora_rank=0),
-        logits_item(pruned, s, "logits + grad", 2),
+        activation_item(pruned, s, cpt, masked=False, lora_rank=0),
+        logits_item(pruned, s, cpt, "logits + grad", 2),
     ])
     source_block = counts.largest_block * BF16
     hard_prune = StagePlan("hard_prune", [
@@ -312,8 +335,12 @@ def plan_report(config: LlamaConfig, s: PlanSettings) -> dict:
 def format_report(report: dict) -> str:
     gib = lambda b: f"{b / 2**30:9.2f}"  # noqa: E731
     dry, s = report["dry_run"], report["settings"]
-    lines = [f"{s['nodes']} node(s) × {s['gpus_per_node']} GPUs, offload={s['offload']}, micro-batch "
-             f"{s['micro_batch']} × {s['seq_len']} tokens, LoRA r={s['lora_rank']}",
+    lines = [f"{s['nodes']} node(s) × {s['gpus_per_node']} GPUs, {s['seq_len']}-token sequences, "
+             f"LoRA r={s['lora_rank']}"]
+    lines += [f"{stage}: micro-batch {s[stage]['micro_batch']}, activation checkpointing "
+              f"{'on' if s[stage]['checkpointing'] else 'off'}, offload={s[stage]['offload']}"
+              for stage in ("mask_learn", "continued_pretrain")]
+    lines += [
              f"source {dry['source_params']:,} params → pruned {dry['pruned_params']:,} at sparsity "
              f"{s['sparsity']} ({dry['attn_units']} attention units, {dry['ffn_width']} FFN channels "
              f"per layer)", "",
@@ -328,3 +355,58 @@ def format_report(report: dict) -> str:
     lines += [f"  {stage}: {item['name']}: {item['formula']}"
               for stage, plan in report["stages"].items() for item in plan["items"]]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- from an experiment file
+
+def offload_of(ds: dict) -> Offload:
+    """What a DeepSpeed config offloads to host memory (or NVMe): parameters (and with them the
+    optimizer), the optimizer only, or nothing."""
+    zero = ds.get("zero_optimization", {})
+    if zero.get("offload_param", {}).get("device", "none") != "none":
+        return "param"
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        return "optimizer"
+    return "none"
+
+
+def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
+    """The planner's settings as the experiment file sets them for each stage."""
+    from maskprune.training import load_ds_config
+
+    def stage(section: MaskLearnConfig | ContinuedPretrainConfig) -> StageSettings:
+        return StageSettings(micro_batch=section.train.micro_batch_size,
+                             checkpointing=section.activation_checkpointing,
+                             offload=offload_of(load_ds_config(section.ds_config, section.train)))
+
+    return PlanSettings(nodes=cfg.launcher.num_nodes, gpus_per_node=cfg.launcher.num_gpus,
+                        seq_len=cfg.data.seq_len, lora_rank=cfg.mask_learn.lora.rank,
+                        sparsity=cfg.target.sparsity, attn_mode=cfg.target.attn_mode,
+                        ffn_alignment=cfg.target.ffn_alignment,
+                        mask_learn=stage(cfg.mask_learn), continued_pretrain=stage(cfg.continued_pretrain))
+
+
+def model_config_from(cfg: ExperimentConfig, where: str) -> LlamaConfig:
+    """The architecture an experiment file's model has, without needing its weights: the model's
+    config.json where it is on this machine, else the preset the file names (plan.arch_preset)."""
+    model = cfg.model
+    if model.source == "tiny":
+        t = model.tiny
+        return LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                           num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                           num_key_value_heads=t.num_key_value_heads, intermediate_size=t.intermediate_size,
+                           max_position_embeddings=t.max_position_embeddings,
+                           tie_word_embeddings=t.tie_word_embeddings, rope_theta=t.rope_theta)
+    if model.source == "smollm2":
+        return load_model_config("smollm2-135m")
+    if model.source == "hf" and (Path(model.path).expanduser() / "config.json").is_file():
+        return load_model_config(str(Path(model.path).expanduser()))
+    preset = cfg.plan.arch_preset
+    if preset in PRESETS:
+        return load_model_config(preset)
+    if preset:
+        raise PlanError(f"{where}: plan.arch_preset = {preset!r} is not a preset; use one of "
+                        f"{', '.join(PRESETS)}")
+    raise PlanError(f"{where}: no architecture to plan: model.path {model.path!r} ({model.source}) has no "
+                    f"config.json on this machine; set plan.arch_preset to one of {', '.join(PRESETS)} "
+                    "in the file, or pass --model PRESET or --model path/to/config.json")

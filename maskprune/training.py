@@ -90,6 +90,25 @@ def build_zero3_model(model_dir: str | Path, ds: dict[str, Any]) -> tuple[torch.
     return model, hf_ds
 
 
+def prepare_for_training(model: torch.nn.Module, activation_checkpointing: bool) -> None:
+    """Train mode, no KV cache and, when asked, non-reentrant activation checkpointing of every
+    decoder layer: the one way both training stages set a model up before `init_engine`.
+
+    from_pretrained returns the model in eval mode, where HF's layers skip checkpointing without a
+    word, so train mode is set here (Llama has no dropout: the losses are those of eval mode).
+    HF checkpoints each layer's `forward`, not `__call__`: in backward the layer's submodules run
+    their forward again, hooks included, so the hooks on o_proj / down_proj (masks) and on the
+    projections (LoRA) must be, and are, pure functions of the switches and the scores at call
+    time. ZeRO-3's own submodule hooks gather the parameters again for the recomputation; dropout
+    (LoRA's) replays the same mask because checkpoint restores the RNG state."""
+    model.config.use_cache = False
+    model.train()
+    if activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        layers = sum(bool(getattr(m, "gradient_checkpointing", False)) for m in model.model.layers)
+        log(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return (step + 1) / max(warmup, 1)

@@ -18,7 +18,8 @@ from maskprune.mask_learn import PREEMPTED_EXIT_CODE
 from maskprune.pretrain import Pretrainer, build_teacher
 from maskprune.prune_job import build_pruned_model, job_from_checkpoint
 from maskprune.stage import StageRun, run_stage
-from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
+from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,
+                                prepare_for_training)
 
 
 def main() -> int:
@@ -30,11 +31,7 @@ def main() -> int:
     ds = load_ds_config(cpt.ds_config, cpt.train)
     model_dir = run.upstream("hard_prune", "model")
     model, hf_ds = build_zero3_model(model_dir, ds)  # hf_ds (and teacher_hf_ds) must stay alive
-    model.config.use_cache = False  # no KV cache in training; checkpointing requires it off
-    if cpt.activation_checkpointing:
-        # Non-reentrant (PyTorch's recommended mode): a recomputed layer runs its forward again,
-        # and ZeRO-3's forward hooks gather its parameters for it as they did the first time.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_for_training(model, cpt.activation_checkpointing)
     teacher, teacher_hf_ds = None, None
     if cpt.distill.kl_weight > 0:
         teacher, teacher_hf_ds = build_teacher(run.upstream("prepare", "model"), model.config, ds)

@@ -185,6 +185,23 @@ def test_distillation_with_activation_checkpointing(base_run: Path) -> None:
     assert (run_dir / "continued_pretrain" / "model" / "config.json").is_file()
 
 
+@pytest.mark.slow
+def test_activation_checkpointing_gives_the_same_losses_and_weights(
+        base_run: Path, uninterrupted: tuple[Path, str]) -> None:
+    run_dir = fresh_run(base_run, base_run.parent / "checkpointed",
+                        "continued_pretrain.activation_checkpointing=true")
+    stdout = run_stage(run_dir)
+    assert "activation checkpointing: 2 decoder layers recompute their forward in backward" in stdout
+    for tag in ("loss/train", "loss/valid", "grad/norm"):
+        plain, checkpointed = scalars(uninterrupted[0], tag), scalars(run_dir, tag)
+        assert [s for s, _ in checkpointed] == [s for s, _ in plain], tag
+        assert [v for _, v in checkpointed] == pytest.approx([v for _, v in plain], rel=1e-5), tag
+    expected = weights(Path(RunDir(uninterrupted[0]).state("continued_pretrain").outputs["model"]))
+    got = weights(run_dir / "continued_pretrain" / "model")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
 def test_distillation_refuses_a_teacher_with_another_vocabulary() -> None:
     with pytest.raises(TeacherMismatchError, match="vocab_size 32000"):
         check_teacher_vocab(LlamaConfig(vocab_size=1024), LlamaConfig(vocab_size=32000), "dense/")

@@ -8,8 +8,8 @@ import pytest
 
 from maskprune.arch import LlamaShape, budget_for_sparsity
 from maskprune.cli import main
-from maskprune.planner import (PRESETS, PlanError, PlanSettings, count_params, load_model_config,
-                               meta_model, plan_dry_run, plan_memory)
+from maskprune.planner import (PRESETS, PlanError, PlanSettings, StageSettings, activation_item,
+                               count_params, load_model_config, meta_model, plan_dry_run, plan_memory)
 
 L2_70B_PARAMS = 68_976_648_192
 L2_70B_BLOCK = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192  # 855,654,400
@@ -24,7 +24,7 @@ def test_meta_count_of_llama_2_70b_is_exact() -> None:
 
 
 def test_llama_2_70b_on_4x8_gpus_matches_hand_computation() -> None:
-    settings = PlanSettings(nodes=4, gpus_per_node=8, micro_batch=1, seq_len=4096, lora_rank=8)
+    settings = PlanSettings(nodes=4, gpus_per_node=8, seq_len=4096, lora_rank=8)
     stages, dry = plan_memory(load_model_config("llama-2-70b"), settings)
     ml = {item.name: item for item in stages[0].items}
     assert ml["frozen weights (bf16, ZeRO-3 partitioned)"].gpu_bytes == 2 * L2_70B_PARAMS // 32
@@ -53,7 +53,8 @@ def test_llama_2_70b_on_4x8_gpus_matches_hand_computation() -> None:
 
 
 def test_param_offload_moves_frozen_weights_to_host_memory() -> None:
-    settings = PlanSettings(nodes=4, gpus_per_node=8, offload="param")
+    settings = PlanSettings(nodes=4, gpus_per_node=8, mask_learn=StageSettings(offload="param"),
+                            continued_pretrain=StageSettings(offload="param"))
     stages, _ = plan_memory(load_model_config("llama-2-70b"), settings)
     frozen = stages[0].items[0]
     assert frozen.gpu_bytes == 0 and frozen.cpu_node_bytes == 2 * L2_70B_PARAMS // 32 * 8
@@ -89,3 +90,133 @@ def test_cli_plan_json_and_config_path(tmp_path: Path, capsys: pytest.CaptureFix
     assert "neither a preset" in capsys.readouterr().err
     with pytest.raises(PlanError, match="--nodes"):
         PlanSettings(nodes=0)
+
+
+# ----------------------------------------------------------------------------- plan --config
+
+REPO = Path(__file__).resolve().parent.parent
+GB80 = 80 * 10**9
+LLAMA3 = {  # the published architectures (hidden, layers, heads, KV heads, FFN, vocab)
+    "llama3-70b": (8192, 80, 64, 8, 28672, 128256),
+    "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
+}
+
+
+def plan_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_activation_figure_follows_the_checkpointing_flag() -> None:
+    shape = LlamaShape.from_hf_config(load_model_config("llama-3-70b"))
+    settings = PlanSettings()
+    on = activation_item(shape, settings, StageSettings(checkpointing=True), masked=True, lora_rank=8)
+    off = activation_item(shape, settings, StageSettings(checkpointing=False), masked=True, lora_rank=8)
+    per_token = 4 * 8192 + 2 * 8192 + 2 * 1024 + 4 * 28672 + 8192 + 28672 + 7 * 8
+    assert off.gpu_bytes == 80 * per_token * 4096 * 2  # every layer's activations kept: ~124 GiB
+    assert off.gpu_bytes / 2**30 == pytest.approx(123.8, abs=0.1)
+    assert on.gpu_bytes == 80 * 4096 * 8192 * 2 + per_token * 4096 * 2
+    two = activation_item(shape, settings, StageSettings(micro_batch=2, checkpointing=True), True, 8)
+    assert two.gpu_bytes == 2 * on.gpu_bytes
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA3))
+def test_shipped_llama3_config_fits_80gb_and_prunes_to_an_admissible_shape(
+        name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskprune.arch import legal_attn_units
+    from maskprune.config import load_config
+    from maskprune.planner import model_config_from
+    from maskprune.targets import check_target
+
+    monkeypatch.chdir(REPO)  # ds_config paths are relative to the repository, as for `maskprune run`
+    path = f"configs/{name}.toml"
+    cfg = load_config(path)
+    # What a cluster user starts from: their own model files, bf16 ZeRO-3, checkpointing, 4k tokens.
+    assert cfg.model.source == "hf" and not Path(cfg.model.path).exists()
+    assert cfg.launcher.kind == "srun" and cfg.launcher.num_gpus == 8
+    assert cfg.launcher.num_nodes == (8 if name == "llama3-70b" else 1)
+    assert cfg.data.seq_len == 4096
+    gpus = cfg.launcher.num_nodes * cfg.launcher.num_gpus
+    for stage, (low, high) in (("mask_learn", (0.3e9, 0.5e9)), ("continued_pretrain", (2e9, 5e9))):
+        section = getattr(cfg, stage)
+        assert section.ds_config == "ds_configs/zero3_gpu_bf16.json" and section.activation_checkpointing
+        train = section.train
+        tokens = train.steps * train.micro_batch_size * train.grad_accum * gpus * cfg.data.seq_len
+        assert low <= tokens <= high, (stage, tokens)
+        assert f"{tokens:,} tokens" in (REPO / path).read_text()  # the budget its comments state
+
+    # Shapes: the architecture (from plan.arch_preset: the model path does not exist here).
+    config = model_config_from(cfg, path)
+    hidden, layers, heads, kv, ffn, vocab = LLAMA3[name]
+    shape = LlamaShape.from_hf_config(config)
+    assert (shape.hidden_size, shape.num_hidden_layers, shape.num_attention_heads, shape.num_key_value_heads,
+            shape.intermediate_size, shape.vocab_size) == (hidden, layers, heads, kv, ffn, vocab)
+    check_target(shape, cfg)
+
+    report = plan_json(capsys, "--config", path)
+    assert report["settings"]["nodes"] == cfg.launcher.num_nodes
+    assert report["settings"]["mask_learn"] == {"micro_batch": cfg.mask_learn.train.micro_batch_size,
+                                                "checkpointing": True, "offload": "none"}
+    # The dry run built source and pruned model on the meta device and sliced one into the other.
+    dry = report["dry_run"]
+    pruned = dry["pruned_shape"]
+    assert dry["attn_units"] in legal_attn_units(shape, cfg.target.attn_mode)
+    assert pruned["num_key_value_heads"] == kv and heads % pruned["num_attention_heads"] == 0
+    assert dry["ffn_width"] == pruned["intermediate_size"] and dry["ffn_width"] % cfg.target.ffn_alignment == 0
+    assert dry["prunable_sparsity"] >= cfg.target.sparsity
+    for stage in ("mask_learn", "continued_pretrain"):
+        items = {i["name"] for i in report["stages"][stage]["items"]}
+        assert "activations (checkpointing)" in items
+        assert report["stages"][stage]["gpu_bytes_per_gpu"] < GB80, stage
+
+
+def test_plan_config_takes_each_stage_flag_and_command_line_overrides(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    path = "configs/llama3-70b.toml"
+    # mask_learn without checkpointing: 80 layers' activations (~124 GiB) no longer fit; the
+    # continued_pretrain figure keeps its own flag.
+    report = plan_json(capsys, "--config", path, "--set", "mask_learn.activation_checkpointing=false")
+    ml, cpt = report["stages"]["mask_learn"], report["stages"]["continued_pretrain"]
+    assert {i["name"] for i in ml["items"]} >= {"activations (no checkpointing)"}
+    assert ml["gpu_bytes_per_gpu"] > GB80 and cpt["gpu_bytes_per_gpu"] < GB80
+    assert "activations (checkpointing)" in {i["name"] for i in cpt["items"]}
+    # Flags on the command line win over the file (for both stages).
+    report = plan_json(capsys, "--config", path, "--no-checkpointing", "--micro-batch", "2", "--nodes", "4")
+    s = report["settings"]
+    assert s["nodes"] == 4 and s["gpus_per_node"] == 8 and s["seq_len"] == 4096
+    assert s["mask_learn"] == s["continued_pretrain"] == {"micro_batch": 2, "checkpointing": False,
+                                                          "offload": "none"}
+    assert all(plan["gpu_bytes_per_gpu"] > GB80 for name, plan in report["stages"].items()
+               if name != "hard_prune")
+
+
+def test_plan_config_offload_comes_from_the_ds_config(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    report = plan_json(capsys, "--config", "configs/llama3-8b.toml", "--dry-run")
+    assert report["pruned_params"] < report["source_params"]
+    report = plan_json(capsys, "--config", "configs/llama3-8b.toml", "--set",
+                       'continued_pretrain.ds_config="ds_configs/zero3_gpu_bf16_offload.json"')
+    assert report["settings"]["continued_pretrain"]["offload"] == "param"
+    assert report["settings"]["mask_learn"]["offload"] == "none"
+
+
+def test_plan_config_without_an_architecture_says_how_to_give_one(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    path = "configs/llama3-8b.toml"
+    assert main(["plan", "--config", path, "--set", 'plan.arch_preset=""', "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "no architecture to plan" in err and "/path/to/Meta-Llama-3-8B" in err
+    assert "plan.arch_preset" in err and "--model" in err and "llama-3-8b" in err
+    assert main(["plan", "--config", path, "--set", 'plan.arch_preset="llama-4"', "--dry-run"]) == 2
+    assert "plan.arch_preset = 'llama-4' is not a preset" in capsys.readouterr().err
+    # --model gives it (and overrides the file's preset).
+    dry = plan_json(capsys, "--config", path, "--set", 'plan.arch_preset=""', "--model", "llama-3-8b",
+                    "--dry-run")
+    assert dry["source_params"] == 8_030_261_248
+    assert main(["plan"]) == 2
+    assert "pass --config" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3-8b", "--set", "data.seq_len=8192"]) == 2
+    assert "--set: overrides a field of --config" in capsys.readouterr().err
