@@ -39,7 +39,7 @@ def test_a_stage_that_keeps_stepping_outlives_the_hang_timeout(tiny_tokenized: P
     print(f"mask_learn of 15 delayed steps under a 1-minute hang timeout: {seconds:.0f} s")
     assert seconds > 180
     assert "mask_learn step 15/15" in proc.stdout
-    assert "watchdog" not in proc.stdout + proc.stderr
+    assert "maskprune: watchdog" not in proc.stdout + proc.stderr
     assert (run_dir / "mask_learn" / "masks.safetensors").is_file()
 
 

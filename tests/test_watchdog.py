@@ -41,7 +41,7 @@ def test_petted_more_often_than_the_timeout_it_survives_past_it() -> None:
         print("survived")
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "survived" and "watchdog" not in proc.stderr
+    assert proc.stdout.strip() == "survived" and "maskprune: watchdog" not in proc.stderr
 
 
 def test_without_progress_it_dumps_every_stack_and_exits_non_zero() -> None:
