@@ -159,10 +159,18 @@ class LauncherConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     omp_num_threads: int = 1
+    # A rank of a distributed stage that makes no progress (no step, load, save or export finished)
+    # for this long dumps every thread's stack and exits non-zero; also the collective timeout
+    # (plus a minute). Keep it above the longest single step, checkpoint save or model load.
+    hang_timeout_minutes: float = 30.0
 
     def validate(self) -> None:
         if self.num_gpus < 1 or self.num_nodes < 1:
             raise ConfigError("launcher.num_gpus / launcher.num_nodes: must be >= 1")
+        if not 0 < self.hang_timeout_minutes < float("inf"):
+            raise ConfigError(f"launcher.hang_timeout_minutes: must be a number of minutes > 0, got "
+                              f"{self.hang_timeout_minutes}; set it above your longest step, checkpoint "
+                              "save or model load (default 30)")
 
 
 @dataclass

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import faulthandler
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import torch
+
+from maskprune.config import LauncherConfig
+from maskprune.watchdog import WATCHDOG
+
+T = TypeVar("T")
 
 _ENV_MAPS = (
     # (rank, local rank, world size) variable names of each launcher, most specific first
@@ -53,8 +57,9 @@ def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed with env:// for whatever launched us."""
+def init_distributed(hang_timeout_minutes: float = LauncherConfig.hang_timeout_minutes) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed with env:// for whatever launched us, and arm
+    this rank's progress watchdog (maskprune.watchdog) with `launcher.hang_timeout_minutes`."""
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -66,20 +71,39 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     os.environ.setdefault("MASTER_PORT", "29500")
     if source == "single":
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    # A hang in a collective should fail loudly rather than eat the job's time limit.
-    faulthandler.dump_traceback_later(timeout_minutes * 60, exit=True)
+    # A hang fails loudly (every thread's stack) rather than eating the job's time limit; each step
+    # and long operation pets it, so a job that progresses runs as long as it needs.
+    WATCHDOG.arm(hang_timeout_minutes * 60, "init_distributed")
+    if on_gpu():
+        # Before the process group: NCCL binds each rank's communicator to the current device, and
+        # every rank would otherwise create a context on GPU 0.
+        torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo",
                                    auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+                                   timeout=collective_timeout(hang_timeout_minutes))
     if on_gpu():
-        torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
         atexit.register(remove_own_shm_buffer, torch.distributed.get_rank())
     return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
                     world_size=torch.distributed.get_world_size(), device=device)
+
+
+def collective_timeout(hang_timeout_minutes: float) -> datetime.timedelta:
+    """The process group's timeout: a minute past the watchdog's, so a rank stuck in a collective is
+    reported by its watchdog, with stacks, rather than by an exception from inside the collective."""
+    return datetime.timedelta(minutes=hang_timeout_minutes + 1)
+
+
+def broadcast_from_rank0(value: T) -> T:
+    """Rank 0's `value` on every rank (any picklable object); the value itself outside a job."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def exit_rank(code: int) -> NoReturn:

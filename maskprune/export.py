@@ -24,6 +24,7 @@ from maskprune.arch import LlamaShape, check_loadable
 from maskprune.lora_merge import LoraAdapter
 from maskprune.masks_io import KeepIndices
 from maskprune.safetensors_io import ShardedWriter
+from maskprune.watchdog import WATCHDOG
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -278,6 +279,7 @@ def write_export(plan: ExportPlan, source: WeightSource, lora: LoraAdapter | Non
     for spec in tqdm(plan.specs, desc="export", unit="tensor", disable=not progress):
         writer.write(spec.name, slice_tensor(merged_weight(source, lora, spec.source), spec)
                      .to(dtypes[spec.name]).contiguous())
+        WATCHDOG.pet("export: a tensor written")  # a 70B export outlasts any hang timeout
     writer.close()
     config = dict(plan.config)
     config["dtype"] = str(dtypes["model.embed_tokens.weight"]).removeprefix("torch.")

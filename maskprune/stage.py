@@ -12,10 +12,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from maskprune.config import ConfigError, ExperimentConfig
 from maskprune.rundir import RunDir, RunDirError
+
+if TYPE_CHECKING:
+    from maskprune.dist import DistInfo
 
 
 class StageRun:
@@ -44,6 +47,25 @@ class StageRun:
     def finish(self, outputs: dict[str, Any]) -> None:
         if self.is_rank0:
             self.run.mark_done(self.stage, outputs)
+
+
+def start_distributed(stage: str, run_dir: str | Path) -> tuple[DistInfo, StageRun]:
+    """A distributed stage's start: the process group with the run's launcher.hang_timeout_minutes
+    (its progress watchdog armed), then the stage's record."""
+    from maskprune.dist import init_distributed
+
+    dist = init_distributed(RunDir(run_dir).load_config().launcher.hang_timeout_minutes)
+    return dist, StageRun(stage, run_dir, is_rank0=dist.is_rank0)
+
+
+def warn_if_fp32_on_gpu(stage: str, ds: dict[str, Any]) -> None:
+    """Rank 0 warns a GPU run that its ds_config is the CPU fp32 one (training.precision_warning)."""
+    from maskprune.dist import log, on_gpu
+    from maskprune.training import precision_warning
+
+    warning = precision_warning(stage, ds, on_gpu())
+    if warning:
+        log(warning)
 
 
 def preflight(cfg: ExperimentConfig, stages: list[str]) -> None:
@@ -95,9 +117,12 @@ def run_stage(main: Callable[[], int | None]) -> NoReturn:
     """Every stage script's entry point: `main()`'s exit code, or, on a bad input, the one line
     `maskprune: error: ...` (printed once, by rank 0, or by the one rank that met it) and exit
     code 2. MASKPRUNE_TRACEBACK=1 re-raises instead, for debugging."""
+    from maskprune.watchdog import WATCHDOG
+
     try:
         code = main() or 0
     except BAD_INPUT_ERRORS as err:
+        WATCHDOG.disarm()
         if os.environ.get("MASKPRUNE_TRACEBACK"):
             raise
         rank = int(os.environ.get("RANK", "0"))
@@ -109,6 +134,7 @@ def run_stage(main: Callable[[], int | None]) -> NoReturn:
         print(f"maskprune: error: {err}" if rank == 0 else f"maskprune: error (rank {rank}): {err}",
               file=sys.stderr, flush=True)
         code = 2
+    WATCHDOG.disarm()  # the stage's work is over: exit handlers and teardown take what they take
     # A finished rank skips interpreter teardown (dist.exit_rank). Not on failure or preemption: the
     # launcher kills the other ranks as soon as one exits non-zero, and a rank leaving at once
     # would cut off rank 0's last words (the one-line error, the stop message).

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -17,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from maskprune.config import TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards, eval_batches
-from maskprune.dist import DistInfo, barrier, log, rank
+from maskprune.dist import DistInfo, barrier, broadcast_from_rank0, log, rank
 from maskprune.rundir import atomic_write_json, atomic_write_text
+from maskprune.watchdog import WATCHDOG
 
 if TYPE_CHECKING:
     from maskprune.metrics import MetricWriter
@@ -86,7 +89,8 @@ def build_zero3_model(model_dir: str | Path, ds: dict[str, Any]) -> tuple[torch.
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model_dtype(ds), trust_remote_code=False)
+    with WATCHDOG.guard(f"model load {model_dir}"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model_dtype(ds), trust_remote_code=False)
     return model, hf_ds
 
 
@@ -109,6 +113,19 @@ def prepare_for_training(model: torch.nn.Module, activation_checkpointing: bool)
         log(f"activation checkpointing: {layers} decoder layers recompute their forward in backward")
 
 
+GPU_DS_CONFIG = "ds_configs/zero3_gpu_bf16.json"
+
+
+def precision_warning(stage: str, ds: dict[str, Any], gpu: bool) -> str | None:
+    """What to tell a GPU run whose ds_config trains in fp32 (the default, made for CPU ranks): on
+    GPU that is twice the memory of bf16 and a fraction of its speed. We warn rather than switch, so
+    the experiment file stays the record of what ran."""
+    if not gpu or model_dtype(ds) != torch.float32:
+        return None
+    return (f"{stage}: warning: CUDA is present but the ds_config trains in fp32 (neither bf16 nor fp16 "
+            f"enabled; the CPU default); on GPUs set {stage}.ds_config = \"{GPU_DS_CONFIG}\"")
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return (step + 1) / max(warmup, 1)
@@ -116,6 +133,7 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@WATCHDOG.guard("DeepSpeed engine init")
 def init_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], ds: dict[str, Any],
                 train: TrainLoopConfig):
     import deepspeed
@@ -156,6 +174,7 @@ class Checkpointer:
         tags = self.complete_tags()
         return tags[-1] if tags else None
 
+    @WATCHDOG.guard("checkpoint save")
     def save(self, engine: Any, step: int, train_iter: BatchIterator, meta: dict[str, Any],
              tensors: dict[str, torch.Tensor] | None = None, exclude_frozen: bool = False,
              rank0_extra: Callable[[Path], None] | None = None) -> Path:
@@ -192,8 +211,10 @@ class Checkpointer:
 
     def resume(self, engine: Any, train_iter: BatchIterator, mode: str,
                stage: str) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """Restore the newest complete checkpoint when resume = "auto": returns (step, tensors)."""
-        tag = self.latest() if mode == "auto" else None
+        """Restore the newest complete checkpoint when resume = "auto": returns (step, tensors).
+        Rank 0 picks the tag: on a shared filesystem ranks can list the folder differently while a
+        save is under way, and ranks that loaded different steps would silently diverge."""
+        tag = broadcast_from_rank0(self.latest() if mode == "auto" and rank() == 0 else None)
         if tag is None:
             return None
         client, tensors = self.load(engine, tag)
@@ -201,6 +222,7 @@ class Checkpointer:
         log(f"{stage}: resumed from {self.root / tag} at step {client['step']}")
         return int(client["step"]), tensors
 
+    @WATCHDOG.guard("checkpoint load")
     def load(self, engine: Any, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         folder = self.root / tag
         if not (folder / COMPLETE_MARKER).is_file():
@@ -236,6 +258,7 @@ def validation_loss(engine: Any, valid: TokenShards, batch_size: int, max_batche
         batch = batch.to(device)
         total += engine(input_ids=batch, labels=batch).loss.item()
         count += 1
+        WATCHDOG.pet("validation batch")
     # On the device: NCCL reduces only GPU tensors.
     values = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
@@ -245,6 +268,11 @@ def validation_loss(engine: Any, valid: TokenShards, batch_size: int, max_batche
 
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+# Tests only: seconds each training step sleeps, so a test can run a stage longer than the watchdog's
+# timeout without thousands of steps.
+TEST_STEP_DELAY_S = float(os.environ.get("MASKPRUNE_TEST_STEP_DELAY_S", "0"))
 
 
 @dataclass(kw_only=True)
@@ -286,6 +314,9 @@ class TrainingLoop:
         # curves continue instead of overlapping (also when no checkpoint existed yet).
         self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)
         while self.step < train.steps:
+            WATCHDOG.pet(f"{self.stage} after step {self.step}")
+            if TEST_STEP_DELAY_S:
+                time.sleep(TEST_STEP_DELAY_S)
             self.before_step()
             stats = self.train_step()
             self.step += 1

@@ -13,22 +13,23 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from maskprune.config import HardPruneConfig
 from maskprune.data import BatchIterator, TokenShards
-from maskprune.dist import StopFlag, init_distributed, log, stage_argv_parser
+from maskprune.dist import StopFlag, log, stage_argv_parser
 from maskprune.mask_learn import PREEMPTED_EXIT_CODE
 from maskprune.pretrain import Pretrainer, build_teacher
 from maskprune.prune_job import build_pruned_model, job_from_checkpoint
-from maskprune.stage import StageRun, run_stage
+from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,
                                 prepare_for_training)
+from maskprune.watchdog import WATCHDOG
 
 
 def main() -> int:
     args = stage_argv_parser(__doc__).parse_args()
-    dist = init_distributed()
-    run = StageRun("continued_pretrain", args.run_dir, is_rank0=dist.is_rank0)
+    dist, run = start_distributed("continued_pretrain", args.run_dir)
     cpt = run.cfg.continued_pretrain
     torch.manual_seed(cpt.train.seed)
     ds = load_ds_config(cpt.ds_config, cpt.train)
+    warn_if_fp32_on_gpu("continued_pretrain", ds)
     model_dir = run.upstream("hard_prune", "model")
     model, hf_ds = build_zero3_model(model_dir, ds)  # hf_ds (and teacher_hf_ds) must stay alive
     prepare_for_training(model, cpt.activation_checkpointing)
@@ -55,8 +56,9 @@ def main() -> int:
     if dist.is_rank0:
         # tools/zero_to_hf.py's path: fp32 partitions read one parameter at a time, written in the
         # pruned model's dtype, checked against the checkpoint, published whole (staging folder).
-        report = build_pruned_model(job_from_checkpoint(trainer.final_checkpoint()), out,
-                                    HardPruneConfig(shard_size_mb=cpt.shard_size_mb), progress=False)
+        with WATCHDOG.guard("export"):
+            report = build_pruned_model(job_from_checkpoint(trainer.final_checkpoint()), out,
+                                        HardPruneConfig(shard_size_mb=cpt.shard_size_mb), progress=False)
         log(f"continued_pretrain: exported {trainer.final_checkpoint().name} -> {out} "
             f"({report['params_after']:,} parameters, check max |diff| {report['max_abs_diff']})")
     run.finish({"model": str(out), "checkpoints": str(run.dir / "checkpoints")})

@@ -13,23 +13,23 @@ import torch
 from maskprune.arch import LlamaShape
 from maskprune.baselines import one_shot_keep
 from maskprune.data import BatchIterator, TokenShards
-from maskprune.dist import StopFlag, init_distributed, log, stage_argv_parser
+from maskprune.dist import StopFlag, log, stage_argv_parser
 from maskprune.importance import unit_scores
 from maskprune.lora import lora_state_dict, save_adapter
 from maskprune.mask_learn import PREEMPTED_EXIT_CODE, assemble_learner, write_summary
 from maskprune.masks_io import save_keep_indices
-from maskprune.stage import StageRun, run_stage
+from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.targets import check_target
 from maskprune.training import build_zero3_model, load_ds_config
 
 
 def main() -> int:
     args = stage_argv_parser(__doc__).parse_args()
-    dist = init_distributed()
-    run = StageRun("mask_learn", args.run_dir, is_rank0=dist.is_rank0)
+    dist, run = start_distributed("mask_learn", args.run_dir)
     cfg, ml = run.cfg, run.cfg.mask_learn
     torch.manual_seed(ml.train.seed)
     ds = load_ds_config(ml.ds_config, ml.train)
+    warn_if_fp32_on_gpu("mask_learn", ds)
     model_dir = run.upstream("prepare", "model")
     check_target(LlamaShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text())), cfg)
     model, hf_ds = build_zero3_model(model_dir, ds)

@@ -88,6 +88,15 @@ def rank_pid(sid: int, stage: str, rank: int) -> int | None:
     return None
 
 
+def assert_nothing_left(sid: int) -> None:
+    """Nothing of the job started in session `sid` is still running (10 s for the last exits)."""
+    for _ in range(100):
+        if not session_pids(sid):
+            return
+        time.sleep(0.1)
+    raise AssertionError("ranks left running after the launcher exited")
+
+
 def progress_step(run_dir: Path, stage: str) -> int:
     try:
         return json.loads((run_dir / stage / "progress.json").read_text())["step"]
@@ -116,11 +125,7 @@ def kill_one_rank(run_dir: Path, stage: str, at_step: int, rank: int, log: Path)
         os.kill(pid, signal.SIGKILL)
         code = proc.wait(timeout=180)  # the launcher stops the other rank, `maskprune run` reports
         assert code == 2, log.read_text()[-3000:]
-        for _ in range(100):  # nothing of the job is left running
-            if not session_pids(proc.pid):
-                break
-            time.sleep(0.1)
-        assert not session_pids(proc.pid), "ranks left running after the launcher exited"
+        assert_nothing_left(proc.pid)
     finally:
         if proc.poll() is None or session_pids(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)

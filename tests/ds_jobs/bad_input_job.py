@@ -10,7 +10,7 @@ from maskprune.stage import run_stage
 
 def main() -> int:
     failing = {int(r) for r in [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0].split(",")}
-    info = init_distributed(timeout_minutes=2)
+    info = init_distributed(hang_timeout_minutes=2)
     if info.rank in failing:
         raise ValueError("data.seq_len: must be >= 2, got 1")
     barrier()  # a healthy rank waits in the next collective, as a stage would

@@ -30,7 +30,7 @@ def main() -> None:
         parser.add_argument(name)
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    info = init_distributed(timeout_minutes=5)
+    info = init_distributed(hang_timeout_minutes=5)
 
     import deepspeed
     from transformers import AutoModelForCausalLM
