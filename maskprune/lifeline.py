@@ -78,7 +78,7 @@ def job_ancestors(script: str) -> list[tuple[int, int | None]]:
     orchestrator of MASKPRUNE_ORCHESTRATOR when it runs on this host."""
     chain = []
     pid = os.getppid()
-    while pid > 1:
+    while pid > 1 and script.endswith(".py"):
         if script in _cmdline(pid):
             chain.append((pid, process_start_ticks(pid)))
         pid = _ppid(pid)

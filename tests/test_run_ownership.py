@@ -18,6 +18,7 @@ from conftest import copy_run
 from helpers import BIN, REPO, cpu_env, run_cli, run_processes, wait_until_gone
 from maskprune.cli import EXIT_STOPPED
 from maskprune.rundir import RunDir
+from maskprune.runlock import read_holder
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def run_dir(tiny_tokenized: Path, tmp_path: Path):
 def test_second_run_on_a_busy_run_dir_is_refused_in_one_line(run_dir: Path, tmp_path: Path) -> None:
     first = start(run_dir, tmp_path / "first.log")
     deadline = time.monotonic() + 120
-    while json.loads((run_dir / ".lock").read_text() or "{}").get("pid") != first.pid:
+    while read_holder(run_dir / ".lock").get("pid") != first.pid:
         assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
         time.sleep(0.05)
     time.sleep(2)
