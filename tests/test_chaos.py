@@ -26,7 +26,8 @@ from helpers import BIN, REPO, cpu_env, run_cli, run_processes, wait_until_gone
 from maskprune.rundir import STAGES, RunDir
 from test_faults import SETTINGS, assert_identical
 
-pytestmark = pytest.mark.slow
+# The uninterrupted run plus ~6 restarts of the pipeline: ~15 min on an idle 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
 SEED = int(os.environ.get("MASKPRUNE_CHAOS_SEED", time.time_ns() % 10_000))
 KILLS = 5
