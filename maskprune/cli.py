@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from maskprune.config import ConfigError, load_config
-from maskprune.launcher import remove_shm_buffers, stage_command, stage_env, stop_file_path
+from maskprune.launcher import DISTRIBUTED_STAGES, remove_shm_buffers, stage_command, stage_env, stop_file_path
 from maskprune.lifeline import die_with_parent_preexec, orchestrator_env
 from maskprune.rundir import STAGES, RunDir, RunDirError, plan
 from maskprune.runlock import RunLock, acquire_run_lock
@@ -101,7 +101,7 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: RunDir, lock: RunLock) -
     stop_file.unlink(missing_ok=True)  # a stop request is for a running invocation, not the next one
     previous = _arm_stop_signals(stop_file)
     try:
-        return _run_stages(run_dir, cfg, selected, stop_file, {**lock.child_env(), **orchestrator_env()})
+        return _run_stages(run_dir, cfg, selected, stop_file, lock)
     except KeyboardInterrupt:
         print("[maskprune] killed by a second Ctrl-C; run the same command again to resume from the "
               "last checkpoint", file=sys.stderr, flush=True)
@@ -111,7 +111,7 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: RunDir, lock: RunLock) -
             signal.signal(sig, old)
 
 
-def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path, job_env: dict[str, str]) -> int:
+def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path, lock: RunLock) -> int:
     ran = 0
     for decision in selected:
         if decision.action == "skip":
@@ -126,7 +126,10 @@ def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path, job_env: 
             run_dir.clear_stage(decision.stage)
         run_dir.mark_running(decision.stage, cfg)
         argv = stage_command(decision.stage, run_dir.root, cfg.launcher)
-        code = run_stage_job(argv, {**stage_env(cfg.launcher, decision.stage), **job_env})
+        if decision.stage in DISTRIBUTED_STAGES:
+            argv += lock.child_args()
+        code = run_stage_job(argv, {**stage_env(cfg.launcher, decision.stage), **lock.child_env(),
+                                    **orchestrator_env()})
         remove_shm_buffers(argv)
         state = run_dir.state(decision.stage)
         if code != 0 or state.status != "done":

@@ -7,7 +7,8 @@ The lock is `flock(2)` on RUN/.lock; the file says who holds it (host, pid, sinc
 kernel (or the NFS server) drops a flock when its holder dies, so a holder killed with SIGKILL never
 blocks the next run; the next holder finds the old text still in the file and says it took over.
 A stage job started by `maskprune run` does not lock again: the orchestrator passes its token in
-MASKPRUNE_RUN_LOCK and the stage's global rank 0 checks that the file still names that token.
+MASKPRUNE_RUN_LOCK (and to distributed stages as `--run-lock TOKEN`), and the stage's global rank 0
+checks that the file still names that token.
 
 Where flock is unsupported (ENOLCK / EOPNOTSUPP / ENOSYS: NFS without a lock manager, Lustre
 mounted without `flock`), the lock falls back to creating `RUN/.lock.owner` with O_EXCL: a holder
@@ -76,6 +77,11 @@ class RunLock:
     def child_env(self) -> dict[str, str]:
         """What a stage job started by the holder needs to know it runs under this lock."""
         return {TOKEN_ENV: self.token}
+
+    def child_args(self) -> list[str]:
+        """The same for a distributed stage script (dist.stage_argv_parser), whose launcher may not
+        pass the environment on to other nodes."""
+        return ["--run-lock", self.token]
 
     def release(self) -> None:
         """Empty the holder record (an empty file is a free lock), then drop the lock."""

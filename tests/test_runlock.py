@@ -114,3 +114,15 @@ def test_maskprune_run_is_refused_while_locked(holder: subprocess.Popen, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("maskprune: error: ")
     assert f"in use by maskprune run, pid {holder.pid} on host {socket.gethostname()}" in lines[0]
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written: no config.toml
+
+
+def test_distributed_stage_takes_the_token_from_its_command_line(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """deepspeed over pdsh passes only some variables to other nodes: `--run-lock` carries it there."""
+    from maskprune.dist import stage_argv_parser
+
+    lock = acquire_run_lock(tmp_path)
+    monkeypatch.setenv(TOKEN_ENV, "")  # not passed on by the launcher (and restored after the test)
+    stage_argv_parser("stage").parse_args(["--run-dir", str(tmp_path), *lock.child_args()])
+    assert not acquire_run_lock(tmp_path, "stage mask_learn").owned
+    lock.release()
