@@ -77,24 +77,30 @@ def alive_by_role(run_dir: Path, orchestrator: int) -> dict[str, list[psutil.Pro
     return roles
 
 
-def stage_of_role_done(run_dir: Path, role: str) -> bool:
-    """Whether the stage a role lives in is already past, so waiting for it is pointless."""
+# The stage each role lives in, and how long after it appears the kill may come (seconds): long
+# enough to land mid-training or mid-checkpoint, short enough for the export's few seconds.
+ROLE_STAGE = {"launcher": "continued_pretrain", "rank": "continued_pretrain", "hard_prune": "hard_prune",
+              "export": "export" if "export" in STAGES else "continued_pretrain", "orchestrator": "evaluate"}
+ROLE_DELAY_S = {"orchestrator": 30.0, "launcher": 20.0, "rank": 20.0, "hard_prune": 5.0, "export": 0.5}
+
+
+def roles_left(run_dir: Path) -> list[str]:
+    """The roles that can still appear: those whose stage is not done yet."""
     run = RunDir(run_dir)
-    stage = {"hard_prune": "hard_prune",
-             "export": "export" if "export" in STAGES else "continued_pretrain",
-             "rank": "continued_pretrain", "launcher": "continued_pretrain"}.get(role)
-    return stage is not None and run.state(stage).status == "done"
+    return [role for role in ROLES if run.state(ROLE_STAGE[role]).status != "done"] or ["orchestrator"]
 
 
 def kill_someone(run_dir: Path, proc: subprocess.Popen, rng: random.Random, log: list[str]) -> bool:
-    """Kill one process of the running invocation `proc` with SIGKILL; False if it ended first."""
-    wanted = rng.choice(ROLES)
-    delay = rng.uniform(0.0, 3.0)
+    """Kill one process of the running invocation `proc` with SIGKILL, a random delay after a process
+    of a randomly chosen role appeared (any process of the run if that role's stage ended first);
+    False if the invocation ended before."""
+    wanted = rng.choice(roles_left(run_dir))
+    delay = rng.uniform(0.0, ROLE_DELAY_S[wanted])
     deadline = time.monotonic() + 1200
     while proc.poll() is None and time.monotonic() < deadline:
-        if wanted in alive_by_role(run_dir, proc.pid) or stage_of_role_done(run_dir, wanted):
+        if wanted in alive_by_role(run_dir, proc.pid) or wanted not in roles_left(run_dir):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     time.sleep(delay)
     if proc.poll() is not None:
         return False
