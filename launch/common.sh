@@ -124,13 +124,22 @@ mp_on_signal() {
   fi
 }
 
-# mp_arm_stop RUN_DIR: remove a stop file left by an earlier job, then trap USR1 and TERM.
+# Ctrl-C: the terminal sends SIGINT to the driver too (same process group), which stops at the next
+# step boundary and kills the stage on a second Ctrl-C; forwarding it would count as that second one.
+mp_on_interrupt() {
+  MP_STOP_REQUESTED=1
+  mp_log "Ctrl-C: stop requested; the running stage saves a checkpoint at its next step boundary"
+  [[ -n "$MP_STOP_FILE" ]] && : >"$MP_STOP_FILE"
+}
+
+# mp_arm_stop RUN_DIR: remove a stop file left by an earlier job, then trap USR1, TERM and INT.
 mp_arm_stop() {
   MP_STOP_FILE="$1/STOP"
   mkdir -p "$1"
   rm -f "$MP_STOP_FILE"
   trap 'mp_on_signal USR1' USR1
   trap 'mp_on_signal TERM' TERM
+  trap 'mp_on_interrupt' INT
 }
 
 # mp_run_child CMD...: run CMD in the background and wait for it, through any number of trapped

@@ -6,7 +6,8 @@
 # Distributed stages use the config's launcher (deepspeed on this machine's GPUs, or CPU ranks).
 # `kill -USR1 <pid of this script>` (or SIGTERM, or `touch RUN/STOP`) stops the run gracefully: the
 # running stage saves a checkpoint at its next step boundary and the driver starts no further stage;
-# the same command resumes. Ctrl-C is a hard stop: the run resumes from its last checkpoint.
+# the same command resumes. Ctrl-C does the same; a second Ctrl-C kills the running stage (the run
+# resumes from its last checkpoint).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from maskprune.config import ConfigError, load_config
-from maskprune.launcher import remove_shm_buffers, stage_command, stage_env, stop_file_path
+from maskprune.launcher import DISTRIBUTED_STAGES, remove_shm_buffers, stage_command, stage_env, stop_file_path
+from maskprune.lifeline import die_with_parent_preexec, orchestrator_env
 from maskprune.rundir import STAGES, RunDir, RunDirError, plan
+from maskprune.runlock import RunLock, acquire_run_lock
 from maskprune.stage import preflight
 
 
@@ -28,22 +31,57 @@ class CliError(RuntimeError):
     pass
 
 
-EXIT_STOPPED = 3  # a stop request (RUN/STOP, SIGUSR1, SIGTERM) ended the run; the same command resumes
+EXIT_STOPPED = 3  # a stop request (RUN/STOP, SIGUSR1, SIGTERM, Ctrl-C) ended the run; the same command resumes
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: the stage job was killed; the same command resumes
 
 
 def _arm_stop_signals(stop_file: Path) -> dict[int, object]:
     """SIGUSR1 / SIGTERM (a batch script's trap forwards them; Slurm signals every process of the
-    job) write the stop file: the running stage checkpoints at its next step boundary, and no
-    further stage starts. Returns the previous handlers."""
+    job) and a first Ctrl-C write the stop file: the running stage checkpoints at its next step
+    boundary, and no further stage starts. A second Ctrl-C kills the stage job. Stage jobs run in
+    their own session, so the terminal's SIGINT reaches only this process. Returns the previous
+    handlers."""
     def handler(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            if stop_file.exists():
+                raise KeyboardInterrupt
+            print("[maskprune] Ctrl-C: stopping at the next step boundary with a checkpoint; "
+                  "Ctrl-C again to kill the stage now", file=sys.stderr, flush=True)
         stop_file.touch()
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+
+
+def run_stage_job(argv: list[str], env: dict[str, str]) -> int:
+    """Run one stage job in its own session, dying with this process (SIGKILL via PR_SET_PDEATHSIG
+    on the launcher, lifeline.follow_launchers in every rank), and end whatever is left of its
+    process group on every way out."""
+    proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                            preexec_fn=die_with_parent_preexec(os.getpid()))
+    try:
+        # Wait without reaping: while the leader is an unreaped zombie its pid (the group id)
+        # cannot be reused, so the killpg below cannot hit another job.
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc.returncode
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     run_dir = RunDir(args.run_dir or Path("runs") / cfg.name)
+    lock = acquire_run_lock(run_dir.root)  # before anything in the run directory is read
+    try:
+        return _run_locked(args, cfg, run_dir, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, cfg, run_dir: RunDir, lock: RunLock) -> int:
     until = STAGES.index(args.until) + 1 if args.until else len(STAGES)
     decisions = plan(run_dir, cfg, force=args.force)
     selected = decisions[:until]
@@ -65,13 +103,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop_file.unlink(missing_ok=True)  # a stop request is for a running invocation, not the next one
     previous = _arm_stop_signals(stop_file)
     try:
-        return _run_stages(run_dir, cfg, selected, stop_file)
+        return _run_stages(run_dir, cfg, selected, stop_file, lock)
+    except KeyboardInterrupt:
+        print("[maskprune] killed by a second Ctrl-C; run the same command again to resume from the "
+              "last checkpoint", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
-def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path) -> int:
+def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path, lock: RunLock) -> int:
     ran = 0
     for decision in selected:
         if decision.action == "skip":
@@ -86,7 +128,10 @@ def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path) -> int:
             run_dir.clear_stage(decision.stage)
         run_dir.mark_running(decision.stage, cfg)
         argv = stage_command(decision.stage, run_dir.root, cfg.launcher)
-        code = subprocess.run(argv, env=stage_env(cfg.launcher, decision.stage)).returncode
+        if decision.stage in DISTRIBUTED_STAGES:
+            argv += lock.child_args()
+        code = run_stage_job(argv, {**stage_env(cfg.launcher, decision.stage), **lock.child_env(),
+                                    **orchestrator_env()})
         remove_shm_buffers(argv)
         state = run_dir.state(decision.stage)
         if code != 0 or state.status != "done":
@@ -123,8 +168,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_reset(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
-    run_dir.load_config()
-    run_dir.reset(args.stage)
+    run_dir.load_config()  # a clear error for a folder that is not a run directory, before locking it
+    lock = acquire_run_lock(run_dir.root, "maskprune reset")
+    try:
+        run_dir.reset(args.stage)
+    finally:
+        lock.release()
     print(f"[maskprune] {args.stage}: reset to pending; the next `maskprune run` re-runs it "
           "and the stages after it")
     return 0

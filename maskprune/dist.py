@@ -172,4 +172,14 @@ def stage_argv_parser(description: str):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--run-dir", required=True, help="run directory made by `maskprune run`")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--run-lock", type=_inherit_run_lock, help=argparse.SUPPRESS)
     return parser
+
+
+def _inherit_run_lock(token: str) -> str:
+    """`maskprune run` passes its run-directory lock token on the command line as well as in
+    MASKPRUNE_RUN_LOCK: a multi-node deepspeed launch over pdsh passes on only some variables."""
+    from maskprune.runlock import TOKEN_ENV
+
+    os.environ[TOKEN_ENV] = token
+    return token

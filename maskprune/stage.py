@@ -6,6 +6,7 @@ are complete on disk.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -15,16 +16,53 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from maskprune.config import ConfigError, ExperimentConfig
+from maskprune.lifeline import follow_launchers
 from maskprune.rundir import RunDir, RunDirError
+from maskprune.runlock import RunLock, RunLockError, acquire_run_lock
 
 if TYPE_CHECKING:
     from maskprune.dist import DistInfo
+
+
+def _distributed():
+    """torch.distributed when this process is a rank of an initialised job, else None."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed
+    return None
+
+
+def lock_run_dir(root: Path, stage: str, is_rank0: bool) -> RunLock | None:
+    """Global rank 0 holds the run directory's lock (or checks that the `maskprune run` that started
+    it does); on a refusal every rank of the job stops before touching the run directory."""
+    lock, error = None, None
+    if is_rank0:
+        try:
+            lock = acquire_run_lock(root, f"stage {stage}")
+        except RunLockError as err:
+            error = err
+    distributed = _distributed()
+    if distributed is not None:
+        import torch
+
+        from maskprune.dist import on_gpu
+
+        refused = torch.tensor([1.0 if error else 0.0], device="cuda" if on_gpu() else "cpu")
+        distributed.all_reduce(refused, op=distributed.ReduceOp.MAX)
+        if refused.item() > 0 and error is None:
+            error = RunLockError(f"{root}: rank 0 could not lock it (see its message)")
+    if error is not None:
+        raise error
+    if lock is not None:
+        atexit.register(lock.release)
+    return lock
 
 
 class StageRun:
     def __init__(self, stage: str, run_dir: str | Path, is_rank0: bool = True):
         self.stage = stage
         self.run = RunDir(run_dir)
+        self.lock = lock_run_dir(self.run.root, stage, is_rank0)
         self.cfg: ExperimentConfig = self.run.load_config()
         self.dir = self.run.stage_dir(stage)
         self.is_rank0 = is_rank0
@@ -116,9 +154,11 @@ BAD_INPUT_GRACE_S = 10.0
 def run_stage(main: Callable[[], int | None]) -> NoReturn:
     """Every stage script's entry point: `main()`'s exit code, or, on a bad input, the one line
     `maskprune: error: ...` (printed once, by rank 0, or by the one rank that met it) and exit
-    code 2. MASKPRUNE_TRACEBACK=1 re-raises instead, for debugging."""
+    code 2. MASKPRUNE_TRACEBACK=1 re-raises instead, for debugging. The process exits at once
+    when a launcher of it dies (lifeline.follow_launchers)."""
     from maskprune.watchdog import WATCHDOG
 
+    follow_launchers(sys.argv[0])
     try:
         code = main() or 0
     except BAD_INPUT_ERRORS as err:
@@ -138,8 +178,7 @@ def run_stage(main: Callable[[], int | None]) -> NoReturn:
     # A finished rank skips interpreter teardown (dist.exit_rank). Not on failure or preemption: the
     # launcher kills the other ranks as soon as one exits non-zero, and a rank leaving at once
     # would cut off rank 0's last words (the one-line error, the stop message).
-    distributed = sys.modules.get("torch.distributed")
-    if code == 0 and distributed is not None and distributed.is_available() and distributed.is_initialized():
+    if code == 0 and _distributed() is not None:
         from maskprune.dist import exit_rank
 
         exit_rank(code)

@@ -52,3 +52,32 @@ def run_deepspeed(script: Path, *args: str, ranks: int = 2, timeout: float = 600
         raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_processes(run_dir: Path) -> list:
+    """Every live process of a run, whatever session it is in: those whose command line names the
+    run directory (`maskprune run`, the deepspeed runner and launch.py, each rank, single-process
+    stages and their worker pools). psutil.Process objects, zombies left out."""
+    import psutil
+
+    names = {str(run_dir), str(Path(run_dir).resolve())}
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.pid != os.getpid() and \
+                any(name in cmdline for name in names):
+            found.append(proc)
+    return found
+
+
+def wait_until_gone(run_dir: Path, timeout: float = 15) -> list:
+    """Wait (up to `timeout` s) for every process of the run to end; returns those still alive."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := run_processes(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left

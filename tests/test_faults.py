@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import copy_run
-from helpers import BIN, REPO, cpu_env, run_cli
+from helpers import BIN, REPO, cpu_env, run_cli, run_processes, wait_until_gone
 from maskprune.rundir import RunDir
 from maskprune.safetensors_io import SafetensorsDir
 
@@ -63,38 +64,18 @@ def digest_tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except ProcessLookupError:
-                pass
-    return pids
-
-
-def rank_pid(sid: int, stage: str, rank: int) -> int | None:
-    """The pid of one rank of `stage` in the job started in session `sid` (RANK in its environment)."""
-    for pid in session_pids(sid):
+def rank_pid(run_dir: Path, stage: str, rank: int) -> int | None:
+    """The pid of one rank of `stage` of the run in `run_dir` (RANK in its environment); the stage
+    job runs in its own session, so it is found by its command line."""
+    for proc in run_processes(run_dir):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            cmdline = " ".join(proc.cmdline())
+            environ = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if f"stage_{stage}.py".encode() in cmdline and f"RANK={rank}".encode() in environ:
-            return pid
+        if f"stage_{stage}.py" in cmdline and environ.get("RANK") == str(rank) and "--local_rank" in cmdline:
+            return proc.pid
     return None
-
-
-def assert_nothing_left(sid: int) -> None:
-    """Nothing of the job started in session `sid` is still running (10 s for the last exits)."""
-    for _ in range(100):
-        if not session_pids(sid):
-            return
-        time.sleep(0.1)
-    raise AssertionError("ranks left running after the launcher exited")
 
 
 def progress_step(run_dir: Path, stage: str) -> int:
@@ -120,14 +101,14 @@ def kill_one_rank(run_dir: Path, stage: str, at_step: int, rank: int, log: Path)
         while pid is None or progress_step(run_dir, stage) < at_step:
             assert proc.poll() is None, f"run ended ({proc.returncode}) before step {at_step}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no progress"
-            pid = pid or rank_pid(proc.pid, stage, rank)
+            pid = pid or rank_pid(run_dir, stage, rank)
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
         code = proc.wait(timeout=180)  # the launcher stops the other rank, `maskprune run` reports
         assert code == 2, log.read_text()[-3000:]
-        assert_nothing_left(proc.pid)
+        assert not wait_until_gone(run_dir, 10), "ranks left running after the launcher exited"
     finally:
-        if proc.poll() is None or session_pids(proc.pid):
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     output = log.read_text()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_run
-from helpers import BIN, REPO, cpu_env, run_cli
-from test_faults import assert_nothing_left, progress_step, rank_pid, session_pids
+from helpers import BIN, REPO, cpu_env, run_cli, run_processes, wait_until_gone
+from test_faults import progress_step, rank_pid
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_a_stopped_rank_fails_the_job_with_stacks_and_the_rerun_resumes(tiny_tok
         while pid is None or progress_step(run_dir, "mask_learn") < 4:  # a checkpoint exists (step 3)
             assert proc.poll() is None, f"run ended ({proc.returncode}) early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no progress"
-            pid = pid or rank_pid(proc.pid, "mask_learn", 0)
+            pid = pid or rank_pid(run_dir, "mask_learn", 0)
             time.sleep(0.05)
         os.kill(pid, signal.SIGSTOP)
         stopped, at = pid, time.monotonic()
@@ -83,16 +83,18 @@ def test_a_stopped_rank_fails_the_job_with_stacks_and_the_rerun_resumes(tiny_tok
         dump = output[output.index("maskprune: watchdog:"):]
         assert "Thread 0x" in dump and 'File "' in dump and "stage_mask_learn.py" in dump, dump[:3000]
         assert "maskprune: error: stage mask_learn failed" in output
-        assert_nothing_left(proc.pid)  # the launcher killed the stopped rank too
+        assert not wait_until_gone(run_dir, 10), "ranks left running"  # the stopped one too
     finally:
         if stopped is not None:
             try:
                 os.kill(stopped, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if proc.poll() is None or session_pids(proc.pid):
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for left in run_processes(run_dir):
+            left.kill()
 
     root = run_dir / "mask_learn" / "checkpoints"
     latest = (root / "latest").read_text().strip()
