@@ -5,8 +5,8 @@
 The dense shape is SmolLM2-135M's (30 layers, hidden 576, 9 heads / 3 KV, FFN 1536, vocab 49152,
 tied embeddings) unless given; each pruned shape is the uniform one the one-shot baselines cut to
 at that target sparsity (`maskprune.targets.one_shot_units`: query_per_group, FFN aligned to 64).
-Weights are random: speed depends on the shape only. One process, one identical batch, forward
-passes alternating between the models (`maskprune.evaluation.forward_tokens_per_s`), repeated.
+Weights are random: speed depends on the shape only. One process, one identical batch; each
+repeat times `--steps` passes of every model in turn (`maskprune.evaluation.forward_tokens_per_s`).
 
 Ideal speed-up = matmul FLOPs of the dense forward / those of the pruned one, counted from
 `LlamaShape`: q/k/v/o, gate/up/down and the LM head (2 FLOPs per weight per token) plus the causal
@@ -81,12 +81,13 @@ def main() -> None:
         cfg = config_from_dict({"target": {"sparsity": sparsity, "ffn_alignment": 64}})
         shapes[f"pruned {sparsity:.0%}"] = shape_for(dense, *one_shot_units(dense, cfg), "query_per_group")
     models = {name: build(shape, dense.tie_word_embeddings) for name, shape in shapes.items()}
-    runs = [forward_tokens_per_s(models, dense.vocab_size, args.seq_len, args.batch, args.steps, seed=r)
-            for r in range(args.repeats)]
+    # Each repeat times every model in turn, so a drift in machine load hits all of them alike.
+    runs = [{name: forward_tokens_per_s(model, dense.vocab_size, args.seq_len, args.batch, args.steps, seed=r)
+             for name, model in models.items()} for r in range(args.repeats)]
 
     dense_flops = forward_flops(dense, args.seq_len)
     print(f"cpu, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq_len}; "
-          f"{args.repeats} repeats x {args.steps} alternating passes per model")
+          f"{args.repeats} repeats x {args.steps} passes per model, models in turn")
     print(f"{'model':12s} {'heads/kv/ffn':>13s} {'params':>8s} {'tokens/s':>9s} {'speed-up':>9s} "
           f"{'ideal':>6s} {'efficiency':>10s}")
     result = {}

@@ -226,12 +226,14 @@ def main() -> None:
         parser.error("--methods: maskprune learns the shape every baseline is cut to; keep it")
     args.methods = ["maskprune"] + [m for m in args.methods if m != "maskprune"]
     from maskprune.model_source import asset_cache
+    from maskprune.zero_shot import fetch_eval_data
 
     cache = args.cache or asset_cache() / ("bench_quality" + ("" if args.config == "configs/demo.toml"
                                                               else f"-{Path(args.config).stem}"))
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{args.mode}"
     base = cache / "base"
     maskprune_cli(args.config, base, [], "--until", "tokenize")  # SmolLM2 + PTB, once; skipped when done
+    fetch_eval_data()  # the olmo7 data, once (`maskprune fetch-eval-data`): evaluate only reads the cache
     mode = {**MODES[args.mode], **({"sparsity": args.sparsity} if args.sparsity else {})}
     report = collect(args, mode, base, cache / f"runs-{args.mode}")
     lengths = list(report["dense"]["ppl"])

@@ -1,4 +1,5 @@
-"""Perplexity in the two conventions of pruning papers, forward throughput, parameter counts.
+"""Perplexity in the two conventions of pruning papers, forward throughput, parameter counts, and
+loading one model at a time for them.
 
 Perplexity of a token stream at chunk length L: the stream is cut into non-overlapping L-token
 chunks (a trailing partial chunk is dropped), each chunk is one forward pass from an empty context,
@@ -9,6 +10,7 @@ first is predicted, i.e. n_chunks * (L - 1) tokens.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -20,6 +22,29 @@ import torch.nn.functional as F
 
 class EvaluationError(ValueError):
     """An evaluation that cannot be run as configured; the message names the setting and the fix."""
+
+
+def load_model(path: str):
+    """One model for evaluation, in the dtype it was saved in. On GPU accelerate spreads it over the
+    node's GPUs (a 70B in bf16 is 140 GB, more than one GPU holds); on CPU it sits in host memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", **placement).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def release_memory() -> None:
+    """After the last reference to a model is gone: collect the reference cycles that keep its
+    tensors alive (modules, hooks, lm-eval's wrapper) and hand cached GPU blocks back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the device of the embedding (under device_map="auto", the first GPU)."""
+    return model.get_input_embeddings().weight.device
 
 
 def convention(chunk_len: int, requested: int, max_positions: int) -> str:
@@ -89,12 +114,16 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int,
         raise EvaluationError(f"{tokens.numel()} tokens are fewer than one {chunk_len}-token chunk; "
                               "raise evaluate.eval_text_max_tokens or give more text")
     chunks = tokens[: n_chunks * chunk_len].view(n_chunks, chunk_len)
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll = 0.0
     for start in range(0, n_chunks, batch_size):
-        batch = chunks[start:start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        batch = chunks[start:start + batch_size]
+        logits = model(input_ids=batch.to(device)).logits[:, :-1]
+        targets = batch[:, 1:].to(logits.device)  # a model spread over GPUs may end on another one
+        # One sequence at a time in fp32: at 8 x 2048 tokens and Llama-3's 128,256-token vocabulary a
+        # whole-batch fp32 copy and its log-softmax would add 17 GB to one GPU.
+        nll += sum(F.cross_entropy(row.float(), target, reduction="sum").item()
+                   for row, target in zip(logits, targets))
     predicted = n_chunks * (chunk_len - 1)
     return {"ppl": math.exp(nll / predicted), "nll_sum": nll, "predicted_tokens": predicted,
             "chunks": n_chunks}
@@ -106,29 +135,24 @@ def param_count(model: torch.nn.Module) -> int:
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type == "cuda":  # every GPU: a model spread over them runs its layers on each
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 @torch.no_grad()
-def forward_tokens_per_s(models: dict[str, torch.nn.Module], vocab_size: int, seq_len: int,
-                         batch_size: int, steps: int, seed: int = 0) -> dict[str, float]:
-    """Forward tokens/s of each model on one identical random batch. Rounds alternate between the
-    models so a drift in machine load (other jobs, clocks) hits all of them alike."""
+def forward_tokens_per_s(model: torch.nn.Module, vocab_size: int, seq_len: int, batch_size: int,
+                         steps: int, seed: int = 0) -> float:
+    """Forward tokens/s on a random batch that depends only on the arguments, so every model of a
+    run is timed on the same batch (one after the other: only one model fits at a time)."""
     generator = torch.Generator().manual_seed(seed)
     batch = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
-    elapsed = dict.fromkeys(models, 0.0)
-    for model in models.values():  # warm-up: allocator, kernels, lazy init
-        device = next(model.parameters()).device
-        model(input_ids=batch.to(device))
-        _sync(device)
+    device = input_device(model)
+    inputs = batch.to(device)
+    model(input_ids=inputs)  # warm-up: allocator, kernels, lazy init
+    _sync(device)
+    start = time.perf_counter()
     for _ in range(steps):
-        for name, model in models.items():
-            device = next(model.parameters()).device
-            inputs = batch.to(device)
-            _sync(device)
-            start = time.perf_counter()
-            model(input_ids=inputs)
-            _sync(device)
-            elapsed[name] += time.perf_counter() - start
-    return {name: steps * batch.numel() / seconds for name, seconds in elapsed.items()}
+        model(input_ids=inputs)
+    _sync(device)
+    return steps * batch.numel() / (time.perf_counter() - start)

