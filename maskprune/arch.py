@@ -12,6 +12,12 @@ from typing import Any, Literal
 import torch
 
 AttnMode = Literal["query_per_group", "kv_group"]
+AttnModeSetting = Literal["auto", "query_per_group", "kv_group"]
+# The class a pruned checkpoint is written as. transformers' LlamaConfig rejects a head count that
+# does not divide hidden_size even with an explicit head_dim; MistralConfig (Llama's architecture
+# with an optional sliding window, read by vLLM, TGI and llama.cpp) accepts any, but has no bias flags.
+Architecture = Literal["auto", "llama", "mistral"]
+Written = Literal["llama", "mistral"]
 
 
 class ShapeError(ValueError):
@@ -30,6 +36,8 @@ class LlamaShape:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    # Whose head-count rule a pruned shape obeys: "llama" (heads divide hidden) or "mistral" (any).
+    lattice: Written = "llama"
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "LlamaShape":
@@ -122,18 +130,58 @@ def head_mask_from_units(unit_mask: torch.Tensor, shape: LlamaShape, mode: AttnM
 
 
 def legal_attn_units(shape: LlamaShape, mode: AttnMode) -> list[int]:
-    """Unit counts whose query-head count the loader accepts (hidden % heads == 0, heads % kv == 0).
-
-    In query_per_group mode every group keeps the same number of heads, so units are multiples of
-    the KV count."""
+    """Unit counts whose query-head count the loader of `shape.lattice` accepts (Llama: hidden %
+    heads == 0; Mistral: any). In query_per_group mode every group keeps the same number of heads,
+    so units are multiples of the KV count."""
     legal = []
     for units in range(1, attn_unit_count(shape, mode) + 1):
         if mode == "query_per_group" and units % shape.num_key_value_heads:
             continue
         q = int(units_to_q_heads(units, shape, mode))
-        if shape.hidden_size % q == 0:
+        if shape.lattice == "mistral" or shape.hidden_size % q == 0:
             legal.append(units)
     return legal
+
+
+def resolve_attn_mode(shape: LlamaShape, requested: AttnModeSetting) -> AttnMode:
+    """`auto`: kv_group on an MHA model (one query head per KV head), query_per_group otherwise."""
+    if requested == "auto":
+        return "kv_group" if shape.group_size == 1 else "query_per_group"
+    if requested == "query_per_group" and shape.group_size == 1:
+        raise ShapeError(f"target.attn_mode = 'query_per_group' cannot prune heads of this model: it has "
+                         f"one query head per KV head ({shape.num_attention_heads} of each), so every group "
+                         "keeps its only head; set target.attn_mode = 'kv_group' (or 'auto')")
+    return requested
+
+
+def lattice_for(shape: LlamaShape, architecture: Architecture, biased: bool) -> Written:
+    """The head-count rule the planner, mask_learn and baselines must respect for `architecture`.
+    Biases (the source's, or FLAP's o_proj/down_proj compensation) need Llama's bias flags, which
+    Mistral lacks: then only Llama's lattice can be written."""
+    if architecture == "llama" or biased or shape.attention_bias or shape.mlp_bias:
+        return "llama"
+    return "mistral"
+
+
+def written_architecture(shape: LlamaShape, architecture: Architecture) -> Written:
+    """The class a pruned `shape` is written as: `auto` keeps Llama where its loader accepts the
+    shape and writes Mistral otherwise; refused in one line where the choice cannot load it."""
+    llama_ok = shape.hidden_size % shape.num_attention_heads == 0
+    biased = shape.attention_bias or shape.mlp_bias
+    if architecture == "llama" or (architecture == "auto" and (llama_ok or biased)):
+        if not llama_ok:
+            raise ShapeError(
+                f"num_attention_heads={shape.num_attention_heads} does not divide hidden_size="
+                f"{shape.hidden_size}, which transformers' LlamaConfig rejects; "
+                + ("the model has biases, which MistralConfig has no field for: choose a head count "
+                   "that divides hidden_size" if biased else
+                   "set hard_prune.architecture = 'auto' or 'mistral' to write it as MistralForCausalLM"))
+        return "llama"
+    if biased:
+        raise ShapeError("hard_prune.architecture = 'mistral': this model has biases (attention_bias / "
+                         "mlp_bias, or FLAP's compensation), which MistralConfig has no field for; "
+                         "set hard_prune.architecture = 'auto' or 'llama'")
+    return "mistral"
 
 
 def ffn_widths(shape: LlamaShape, alignment: int) -> list[int]:
@@ -180,22 +228,22 @@ def admissible(shape: LlamaShape, s_attn: float, s_ffn: float, budget: float, mo
     return best[1], best[2]
 
 
-def check_loadable(shape: LlamaShape) -> None:
-    """Refuse shapes the pinned transformers would reject, naming the legal values."""
-    from transformers import LlamaConfig
+def check_loadable(shape: LlamaShape, written: Written = "llama") -> None:
+    """Refuse shapes the pinned transformers would reject as `written`, naming the legal values."""
+    from transformers import LlamaConfig, MistralConfig
 
     legal_heads = [h for h in range(1, shape.hidden_size + 1) if shape.hidden_size % h == 0
                    and h % max(shape.num_key_value_heads, 1) == 0 and h <= 4 * shape.hidden_size]
     if shape.num_key_value_heads < 1 or shape.num_attention_heads % shape.num_key_value_heads:
         raise ShapeError(f"num_attention_heads={shape.num_attention_heads} is not a multiple of "
                          f"num_key_value_heads={shape.num_key_value_heads}")
-    if shape.hidden_size % shape.num_attention_heads:
+    if written == "llama" and shape.hidden_size % shape.num_attention_heads:
         raise ShapeError(f"num_attention_heads={shape.num_attention_heads} does not divide "
                          f"hidden_size={shape.hidden_size}, which transformers rejects; legal head "
                          f"counts with {shape.num_key_value_heads} KV heads: "
                          f"{[h for h in legal_heads if h <= 1024][:32]}")
     try:
-        LlamaConfig(**shape.hf_overrides(), vocab_size=shape.vocab_size)
+        (LlamaConfig if written == "llama" else MistralConfig)(**shape.hf_overrides(), vocab_size=shape.vocab_size)
     except Exception as err:  # the loader's own rule, whatever it is in this version
         raise ShapeError(f"transformers rejects this shape: {err}") from None
 

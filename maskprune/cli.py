@@ -138,9 +138,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = PlanSettings(nodes=args.nodes, gpus_per_node=args.gpus_per_node, offload=args.offload,
                             micro_batch=args.micro_batch, seq_len=args.seq_len, lora_rank=args.lora_rank,
                             checkpointing=args.checkpointing, sparsity=args.sparsity,
-                            attn_mode=args.attn_mode, ffn_alignment=args.ffn_alignment)
+                            attn_mode=args.attn_mode, ffn_alignment=args.ffn_alignment,
+                            architecture=args.architecture)
     if args.dry_run:
-        dry = asdict(plan_dry_run(config, args.sparsity, args.attn_mode, args.ffn_alignment))
+        dry = asdict(plan_dry_run(config, args.sparsity, args.attn_mode, args.ffn_alignment, args.architecture))
         print(json.dumps(dry, indent=2) if args.json else
               "\n".join(f"{key:18s} {value}" for key, value in dry.items()))
         return 0
@@ -193,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     planp.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                        help="plan activations without activation checkpointing")
     planp.add_argument("--sparsity", type=float, default=0.5, help="target.sparsity of the pruned model")
-    planp.add_argument("--attn-mode", choices=["query_per_group", "kv_group"], default="query_per_group")
+    planp.add_argument("--attn-mode", choices=["auto", "query_per_group", "kv_group"], default="auto",
+                       help="target.attn_mode (auto: kv_group on MHA models, query_per_group on GQA)")
+    planp.add_argument("--architecture", choices=["auto", "llama", "mistral"], default="auto",
+                       help="hard_prune.architecture: auto writes Mistral where Llama rejects the head count")
     planp.add_argument("--ffn-alignment", type=int, default=64)
     planp.add_argument("--dry-run", action="store_true",
                        help="only build source and pruned model on the meta device and check the shapes")

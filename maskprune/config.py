@@ -132,7 +132,9 @@ class TargetConfig:
     # Fraction of prunable parameters (attention + FFN, plus hidden/layers when enabled) removed.
     sparsity: float = 0.5
     arch: TargetArch | None = None
-    attn_mode: Literal["query_per_group", "kv_group"] = "query_per_group"
+    # "auto": kv_group on an MHA source (one query head per KV head: query_per_group could prune
+    # none), query_per_group otherwise; resolved once the source shape is known (targets.resolve_target).
+    attn_mode: Literal["auto", "query_per_group", "kv_group"] = "auto"
     prune_hidden: bool = False
     prune_layers: bool = False
     ffn_alignment: int = 64
@@ -144,6 +146,9 @@ class TargetConfig:
                               "or give target.arch instead")
         if self.ffn_alignment < 1:
             raise ConfigError(f"target.ffn_alignment: must be >= 1, got {self.ffn_alignment}")
+        if self.budget != "params":
+            raise ConfigError(f"target.budget = {self.budget!r}: not implemented, the budget model counts "
+                              "parameters only (arch.LlamaShape); set target.budget = 'params'")
 
 
 @dataclass
@@ -240,6 +245,10 @@ class HardPruneConfig:
     equivalence_layers: int = 3
     # A ZeRO-3 checkpoint (root or tag folder) to prune instead of mask_learn's outputs.
     checkpoint: str = ""
+    # The class the pruned model is written as. "auto": LlamaForCausalLM where its config accepts
+    # the head count (heads divide hidden_size), MistralForCausalLM (same computation, sliding
+    # window off) otherwise; mask_learn and the baselines then may choose any head count.
+    architecture: Literal["auto", "llama", "mistral"] = "auto"
 
 
 @dataclass

@@ -24,7 +24,7 @@ from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
-from maskprune.targets import explicit_units
+from maskprune.targets import explicit_units, resolve_target
 from maskprune.training import Checkpointer, TrainingLoop, init_engine
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
@@ -259,9 +259,8 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
                      meta: dict[str, Any]) -> MaskLearner:
     """Masks and LoRA on the ZeRO-3 model, the engine over the LoRA parameters, the minimax state
     at the dense shape: the one way a MaskLearner is built (the stage and the benchmarks)."""
-    ml = cfg.mask_learn
-    shape = LlamaShape.from_hf_config(model.config)
-    mode = cfg.target.attn_mode
+    shape, cfg = resolve_target(LlamaShape.from_hf_config(model.config), cfg)
+    ml, mode = cfg.mask_learn, cfg.target.attn_mode
     masks = MaskState(shape, mode, *init_scores(shape, mode, ml.init, scores)).to(dist.device)
     attach_masks(model, masks)
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
