@@ -8,9 +8,9 @@ at that target sparsity (`maskprune.targets.one_shot_units`: query_per_group, FF
 Weights are random: speed depends on the shape only. One process, one identical batch, forward
 passes alternating between the models (`maskprune.evaluation.forward_tokens_per_s`), repeated.
 
-Ideal speed-up = matmul FLOPs of the dense forward / those of the pruned one, counted from
-`LlamaShape`: q/k/v/o, gate/up/down and the LM head (2 FLOPs per weight per token) plus the causal
-attention products QK^T and AV (2 * 2 * heads * head_dim per query-key pair, half the square).
+Ideal speed-up = matmul FLOPs of the dense forward / those of the pruned one, counted by
+`LlamaShape.forward_flops` (the model `target.budget = "flops"` budgets): q/k/v/o, gate/up/down and
+the LM head (2 FLOPs per weight per token) plus the causal attention products QK^T and AV (2 * 2 * heads * head_dim per query-key pair, half the square).
 Efficiency = measured speed-up / ideal: 1.0 means the pruned model is exactly as much faster as
 its smaller matmuls allow; the rest (norms, rotary, softmax, embedding, launch overhead) does not
 shrink with pruning and pulls it below 1.
@@ -26,16 +26,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pipeline/ is not a package
-
-
-def forward_flops(shape, seq_len: int) -> float:
-    """Matmul FLOPs of one forward pass over one sequence of `seq_len` tokens."""
-    layers, d, hd = shape.num_hidden_layers, shape.hidden_size, shape.head_dim
-    q, kv, ffn = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
-    projections = 2 * d * q * hd + 2 * d * kv * hd + 3 * d * ffn  # weights per layer
-    pairs = seq_len * (seq_len + 1) / 2  # causal query-key pairs
-    attention = 2 * 2 * q * hd * pairs  # QK^T and AV
-    return layers * (2 * projections * seq_len + attention) + 2 * d * shape.vocab_size * seq_len
 
 
 def build(shape, tie: bool) -> torch.nn.Module:
@@ -84,7 +74,7 @@ def main() -> None:
     runs = [forward_tokens_per_s(models, dense.vocab_size, args.seq_len, args.batch, args.steps, seed=r)
             for r in range(args.repeats)]
 
-    dense_flops = forward_flops(dense, args.seq_len)
+    dense_flops = dense.forward_flops(args.seq_len)
     print(f"cpu, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq_len}; "
           f"{args.repeats} repeats x {args.steps} alternating passes per model")
     print(f"{'model':12s} {'heads/kv/ffn':>13s} {'params':>8s} {'tokens/s':>9s} {'speed-up':>9s} "
@@ -93,7 +83,7 @@ def main() -> None:
     for name, shape in shapes.items():
         speed = statistics.median(run[name] for run in runs)
         measured = statistics.median(run[name] / run["dense"] for run in runs)  # paired per repeat
-        ideal = dense_flops / forward_flops(shape, args.seq_len)
+        ideal = dense_flops / shape.forward_flops(args.seq_len)
         result[name] = {"shape": shape.hf_overrides(), "params": shape.param_count(),
                         "tokens_per_s": speed, "speedup": measured, "ideal_speedup": ideal,
                         "efficiency": measured / ideal}

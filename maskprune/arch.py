@@ -38,6 +38,9 @@ class LlamaShape:
     mlp_bias: bool = False
     # Whose head-count rule a pruned shape obeys: "llama" (heads divide hidden) or "mistral" (any).
     lattice: Written = "llama"
+    # What the budget counts (target.budget): 0 = parameters; T > 0 = forward FLOPs of one
+    # sequence of T tokens (data.seq_len), attention scores included.
+    flops_seq_len: int = 0
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "LlamaShape":
@@ -57,7 +60,7 @@ class LlamaShape:
             mlp_bias=bool(get("mlp_bias", False)),
         )
 
-    def replace(self, **changes: int) -> "LlamaShape":
+    def replace(self, **changes: int | str) -> "LlamaShape":
         return dataclasses.replace(self, **changes)
 
     @property
@@ -77,6 +80,32 @@ class LlamaShape:
         i = self.intermediate_size if channels is None else channels
         bias = (2 * i + self.hidden_size) if self.mlp_bias else 0
         return 3 * self.hidden_size * i + bias
+
+    # The budgeted resource R: parameters, or forward matmul FLOPs over one flops_seq_len-token
+    # sequence (2 per weight per token, plus QK^T and AV: 2 · 2 · q · head_dim per causal query-key
+    # pair). Affine in each head / channel count either way, as the minimax step needs.
+    def attn_cost_per_layer(self, q_heads: float | None = None, kv_heads: float | None = None) -> float:
+        if not self.flops_seq_len:
+            return self.attn_params_per_layer(q_heads, kv_heads)
+        q = self.num_attention_heads if q_heads is None else q_heads
+        kv = self.num_key_value_heads if kv_heads is None else kv_heads
+        t, d, hd = self.flops_seq_len, self.hidden_size, self.head_dim
+        return 2 * (2 * d * q * hd + 2 * d * kv * hd) * t + 2 * 2 * q * hd * t * (t + 1) / 2
+
+    def ffn_cost_per_layer(self, channels: float | None = None) -> float:
+        if not self.flops_seq_len:
+            return self.ffn_params_per_layer(channels)
+        i = self.intermediate_size if channels is None else channels
+        return 2 * 3 * self.hidden_size * i * self.flops_seq_len
+
+    def prunable_cost(self) -> float:
+        """R of the whole shape's attention + FFN: what target.sparsity is a fraction of."""
+        return self.num_hidden_layers * (self.attn_cost_per_layer() + self.ffn_cost_per_layer())
+
+    def forward_flops(self, seq_len: int) -> float:
+        """Matmul FLOPs of one forward pass over `seq_len` tokens, LM head included."""
+        counted = self.replace(flops_seq_len=seq_len)
+        return counted.prunable_cost() + 2 * self.hidden_size * self.vocab_size * seq_len
 
     def prunable_params(self) -> int:
         """Attention + FFN weights of every layer: what target.sparsity is a fraction of."""
@@ -117,9 +146,8 @@ def kv_heads_for_units(units: float, shape: LlamaShape, mode: AttnMode) -> float
     return shape.num_key_value_heads if mode == "query_per_group" else units
 
 
-def attn_params_for_units(units: float, shape: LlamaShape, mode: AttnMode) -> float:
-    return shape.attn_params_per_layer(units_to_q_heads(units, shape, mode),
-                                      kv_heads_for_units(units, shape, mode))
+def attn_cost_for_units(units: float, shape: LlamaShape, mode: AttnMode) -> float:
+    return shape.attn_cost_per_layer(units_to_q_heads(units, shape, mode), kv_heads_for_units(units, shape, mode))
 
 
 def head_mask_from_units(unit_mask: torch.Tensor, shape: LlamaShape, mode: AttnMode) -> torch.Tensor:
@@ -199,7 +227,7 @@ def shape_for(shape: LlamaShape, attn_units: int, ffn_width: int, mode: AttnMode
 
 
 def budget_for_sparsity(shape: LlamaShape, sparsity: float) -> float:
-    return (1.0 - sparsity) * shape.prunable_params()
+    return (1.0 - sparsity) * shape.prunable_cost()
 
 
 def admissible(shape: LlamaShape, s_attn: float, s_ffn: float, budget: float, mode: AttnMode,
@@ -210,19 +238,20 @@ def admissible(shape: LlamaShape, s_attn: float, s_ffn: float, budget: float, mo
     units = legal_attn_units(shape, mode)
     widths = ffn_widths(shape, alignment)
     layers = shape.num_hidden_layers
-    dense = shape.prunable_params()
+    dense = shape.prunable_cost()
     best: tuple[float, int, int] | None = None
     for u in units:
-        attn = attn_params_for_units(u, shape, mode)
+        attn = attn_cost_for_units(u, shape, mode)
         for w in widths:
-            r = layers * (attn + shape.ffn_params_per_layer(w))
+            r = layers * (attn + shape.ffn_cost_per_layer(w))
             if r > budget:
                 continue
             cost = abs(u - s_attn) / units[-1] + abs(w - s_ffn) / widths[-1] + (budget - r) / dense
             if best is None or cost < best[0]:
                 best = (cost, u, w)
     if best is None:
-        raise ShapeError(f"no legal shape fits the budget of {budget:.0f} parameters: the smallest "
+        raise ShapeError(f"no legal shape fits the budget of {budget:.0f} "
+                         f"{'FLOPs' if shape.flops_seq_len else 'parameters'}: the smallest "
                          f"({units[0]} attention units, {widths[0]} FFN channels) is larger; "
                          "lower target.sparsity or target.ffn_alignment")
     return best[1], best[2]

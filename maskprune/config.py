@@ -138,6 +138,8 @@ class TargetConfig:
     prune_hidden: bool = False
     prune_layers: bool = False
     ffn_alignment: int = 64
+    # What sparsity removes a fraction of: attention + FFN parameters, or their forward FLOPs over
+    # one data.seq_len-token sequence (attention scores included: long sequences favour cutting heads).
     budget: Literal["params", "flops"] = "params"
 
     def validate(self) -> None:
@@ -146,9 +148,6 @@ class TargetConfig:
                               "or give target.arch instead")
         if self.ffn_alignment < 1:
             raise ConfigError(f"target.ffn_alignment: must be >= 1, got {self.ffn_alignment}")
-        if self.budget != "params":
-            raise ConfigError(f"target.budget = {self.budget!r}: not implemented, the budget model counts "
-                              "parameters only (arch.LlamaShape); set target.budget = 'params'")
 
 
 @dataclass

@@ -135,7 +135,7 @@ class MaskLearner(TrainingLoop):
         for kind, kept in (("attn", attn_kept), ("ffn", ffn_kept)):
             units = self.budget.units[kind]
             value += (self.minimax.y[kind] * (kept.double() - self.minimax.s[kind]) / units).mean().item()
-        value += self.minimax.z * (self.budget.params(self.minimax.s) - self.budget.budget(self.step)) / self.budget.dense
+        value += self.minimax.z * (self.budget.cost(self.minimax.s) - self.budget.budget(self.step)) / self.budget.dense
         return value
 
     # ------------------------------------------------------------------ validation, logging
@@ -244,8 +244,8 @@ def write_summary(path: Path, source: LlamaShape, keep: KeepIndices, learner: Ma
         "source_shape": source.hf_overrides(), "final_shape": final.hf_overrides(),
         "params": {"source": source.param_count(), "final": final.param_count(),
                    "prunable_source": source.prunable_params(), "prunable_final": prunable_after},
-        "budget": learner.budget.final_budget,
-        "final_violation": max(0.0, prunable_after - learner.budget.final_budget),
+        "budget": learner.budget.final_budget,  # in the units of target.budget
+        "final_violation": max(0.0, final.prunable_cost() - learner.budget.final_budget),
         "target_dims": learner.minimax.s, "steps": learner.step,
     }
     atomic_write_json(path, summary)
@@ -268,7 +268,7 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
     budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_steps)
     explicit = explicit_units(shape, cfg) if cfg.target.arch is not None else None
     if explicit is not None:
-        budget.final_budget = float(shape_for(shape, *explicit, mode).prunable_params())
+        budget.final_budget = float(shape_for(shape, *explicit, mode).prunable_cost())
     minimax = MinimaxState(s={t: float(budget.units[t]) for t in ("attn", "ffn")},
                            y={t: torch.zeros(shape.num_hidden_layers, dtype=torch.float64)
                               for t in ("attn", "ffn")})

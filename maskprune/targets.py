@@ -10,12 +10,14 @@ from maskprune.config import ExperimentConfig
 
 def resolve_target(shape: LlamaShape, cfg: ExperimentConfig) -> tuple[LlamaShape, ExperimentConfig]:
     """Where the `auto` settings meet the source shape, once: target.attn_mode resolved (kv_group on
-    an MHA model) and the shape's head-count lattice taken from hard_prune.architecture. The run's
+    an MHA model), the shape's head-count lattice taken from hard_prune.architecture and its budgeted
+    resource from target.budget (parameters, or FLOPs at data.seq_len). The run's
     frozen config keeps what the user wrote, so stage hashes do not move; every computation uses
     this pair (idempotent: resolving a resolved pair changes nothing)."""
     mode = resolve_attn_mode(shape, cfg.target.attn_mode)
     lattice = lattice_for(shape, cfg.hard_prune.architecture, biased=cfg.mask_learn.method == "flap")
-    return (shape.replace(lattice=lattice),
+    flops_seq_len = cfg.data.seq_len if cfg.target.budget == "flops" else 0
+    return (shape.replace(lattice=lattice, flops_seq_len=flops_seq_len),
             dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, attn_mode=mode)))
 
 

@@ -41,8 +41,7 @@ def test_dotted_overrides_are_typed() -> None:
     ("[model]\nsource = \"hf\"\n", "model.path: required when model.source = 'hf'"),
     ("[target]\nsparsity = 1.5\n", "target.sparsity: must be in (0, 1), got 1.5"),
     ("[target]\nsparsity = 0.0\n", "target.sparsity: must be in (0, 1), got 0.0"),
-    ("[target]\nbudget = \"flops\"\n", "target.budget = 'flops': not implemented, the budget model counts "
-     "parameters only (arch.LlamaShape); set target.budget = 'params'"),
+    ("[target]\nbudget = \"bytes\"\n", "target.budget: 'bytes' is not one of 'params', 'flops'"),
     ("[target]\nattn_mode = \"heads\"\n", "target.attn_mode: 'heads' is not one of 'auto', 'query_per_group', 'kv_group'"),
 ])
 def test_bad_experiment_files_name_the_field(tmp_path: Path, text: str, message: str) -> None:

@@ -172,6 +172,35 @@ def test_attn_mode_auto_prunes_heads_of_mha_models() -> None:
     assert resolve_target(shape, resolved) == (shape, resolved)  # idempotent
 
 
+def test_flops_budget_counts_forward_flops_at_data_seq_len() -> None:
+    from maskprune.targets import resolve_target
+
+    tiny = LlamaShape(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=96)
+    # By hand, T = 8: q/k/v/o weights 2·64·4·16 + 2·64·2·16 = 12288, 2 FLOPs each per token: 196608;
+    # QK^T and AV over 8·9/2 causal pairs: 2·2·4·16·36 = 9216; FFN 2·3·64·96·8 = 294912; LM head 2·64·100·8.
+    flops = tiny.replace(flops_seq_len=8)
+    assert flops.attn_cost_per_layer() == 196608 + 9216 and flops.ffn_cost_per_layer() == 294912
+    assert flops.prunable_cost() == 2 * (205824 + 294912) == 1_001_472
+    assert tiny.forward_flops(8) == 1_001_472 + 102_400
+    assert tiny.prunable_cost() == tiny.prunable_params()  # the default budget counts parameters
+    cfg = config_from_dict({"target": {"budget": "flops"}, "data": {"seq_len": 8}})
+    shape, _ = resolve_target(tiny, cfg)
+    assert shape.flops_seq_len == 8 and budget_for_sparsity(shape, 0.5) == 0.5 * 1_001_472
+    # At 2048 tokens the attention scores make a head dearer relative to an FFN channel than its
+    # weights alone: the minimax step's ∂R/∂s (BudgetModel.grad) and admissible() both see it.
+    long, plain = LLAMA3_70B.replace(flops_seq_len=2048), LLAMA3_70B
+    flops_model = BudgetModel(long, "query_per_group", sparsity=0.5, warmup_steps=1)
+    params_model = BudgetModel(plain, "query_per_group", sparsity=0.5, warmup_steps=1)
+    assert flops_model.dense == long.prunable_cost() and flops_model.final_budget == 0.5 * long.prunable_cost()
+    head = 2 * (2 * 8192 * 128) * 2048 + 2 * 2 * 128 * 2048 * 2049 / 2  # q and o rows of one head
+    channel = 2 * 3 * 8192 * 2048
+    assert flops_model.grad() == {"attn": 80 * head, "ffn": 80 * channel}
+    assert flops_model.grad()["attn"] / flops_model.grad()["ffn"] > params_model.grad()["attn"] / params_model.grad()["ffn"]
+    units, width = admissible(long, 48, 14336, flops_model.final_budget, "query_per_group", 64)
+    assert 80 * (long.attn_cost_per_layer(units) + long.ffn_cost_per_layer(width)) <= flops_model.final_budget
+
+
 def test_explicit_target_arch_fields_are_used_or_refused() -> None:
     from maskprune.targets import explicit_units, resolve_target
 
