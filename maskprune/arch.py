@@ -108,7 +108,7 @@ class LlamaShape:
         return counted.prunable_cost() + 2 * self.hidden_size * self.vocab_size * seq_len
 
     def prunable_params(self) -> int:
-        """Attention + FFN weights of every layer: what target.sparsity is a fraction of."""
+        """Attention + FFN weights of every layer (the default budget, target.budget = "params")."""
         per_layer = self.attn_params_per_layer() + self.ffn_params_per_layer()
         return int(per_layer * self.num_hidden_layers)
 
