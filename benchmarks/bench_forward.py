@@ -4,7 +4,7 @@
 
 The dense shape is SmolLM2-135M's (30 layers, hidden 576, 9 heads / 3 KV, FFN 1536, vocab 49152,
 tied embeddings) unless given; each pruned shape is the uniform one the one-shot baselines cut to
-at that target sparsity (`maskprune.targets.one_shot_units`: query_per_group, FFN aligned to 64).
+at that target sparsity (`maskprune.targets.one_shot_units`: attn_mode auto, FFN aligned to 64).
 Weights are random: speed depends on the shape only. One process, one identical batch, forward
 passes alternating between the models (`maskprune.evaluation.forward_tokens_per_s`), repeated.
 
@@ -60,7 +60,7 @@ def main() -> None:
     from maskprune.arch import LlamaShape, shape_for
     from maskprune.config import config_from_dict
     from maskprune.evaluation import forward_tokens_per_s
-    from maskprune.targets import one_shot_units
+    from maskprune.targets import one_shot_units, resolve_target
 
     dense = LlamaShape(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv,
@@ -68,8 +68,9 @@ def main() -> None:
                        tie_word_embeddings=not args.untied)
     shapes = {"dense": dense}
     for sparsity in args.sparsity:
-        cfg = config_from_dict({"target": {"sparsity": sparsity, "ffn_alignment": 64}})
-        shapes[f"pruned {sparsity:.0%}"] = shape_for(dense, *one_shot_units(dense, cfg), "query_per_group")
+        resolved, cfg = resolve_target(dense, config_from_dict({"target": {"sparsity": sparsity,
+                                                                         "ffn_alignment": 64}}))
+        shapes[f"pruned {sparsity:.0%}"] = shape_for(resolved, *one_shot_units(resolved, cfg), cfg.target.attn_mode)
     models = {name: build(shape, dense.tie_word_embeddings) for name, shape in shapes.items()}
     runs = [forward_tokens_per_s(models, dense.vocab_size, args.seq_len, args.batch, args.steps, seed=r)
             for r in range(args.repeats)]

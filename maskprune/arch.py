@@ -134,6 +134,8 @@ class LlamaShape:
 
 def attn_unit_count(shape: LlamaShape, mode: AttnMode) -> int:
     """Mask entries per layer: one per query head, or one per KV group."""
+    if mode not in ("query_per_group", "kv_group"):  # "auto" reaching here would count KV groups silently
+        raise ShapeError(f"attn_mode {mode!r}: resolve it against the source shape first (targets.resolve_target)")
     return shape.num_attention_heads if mode == "query_per_group" else shape.num_key_value_heads
 
 
