@@ -4,13 +4,13 @@
 
 The dense shape is SmolLM2-135M's (30 layers, hidden 576, 9 heads / 3 KV, FFN 1536, vocab 49152,
 tied embeddings) unless given; each pruned shape is the uniform one the one-shot baselines cut to
-at that target sparsity (`maskprune.targets.one_shot_units`: query_per_group, FFN aligned to 64).
+at that target sparsity (`maskprune.targets.one_shot_units`: attn_mode auto, FFN aligned to 64).
 Weights are random: speed depends on the shape only. One process, one identical batch; each
 repeat times `--steps` passes of every model in turn (`maskprune.evaluation.forward_tokens_per_s`).
 
-Ideal speed-up = matmul FLOPs of the dense forward / those of the pruned one, counted from
-`LlamaShape`: q/k/v/o, gate/up/down and the LM head (2 FLOPs per weight per token) plus the causal
-attention products QK^T and AV (2 * 2 * heads * head_dim per query-key pair, half the square).
+Ideal speed-up = matmul FLOPs of the dense forward / those of the pruned one, counted by
+`LlamaShape.forward_flops` (the model `target.budget = "flops"` budgets): q/k/v/o, gate/up/down and
+the LM head (2 FLOPs per weight per token) plus the causal attention products QK^T and AV (2 * 2 * heads * head_dim per query-key pair, half the square).
 Efficiency = measured speed-up / ideal: 1.0 means the pruned model is exactly as much faster as
 its smaller matmuls allow; the rest (norms, rotary, softmax, embedding, launch overhead) does not
 shrink with pruning and pulls it below 1.
@@ -26,16 +26,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pipeline/ is not a package
-
-
-def forward_flops(shape, seq_len: int) -> float:
-    """Matmul FLOPs of one forward pass over one sequence of `seq_len` tokens."""
-    layers, d, hd = shape.num_hidden_layers, shape.hidden_size, shape.head_dim
-    q, kv, ffn = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
-    projections = 2 * d * q * hd + 2 * d * kv * hd + 3 * d * ffn  # weights per layer
-    pairs = seq_len * (seq_len + 1) / 2  # causal query-key pairs
-    attention = 2 * 2 * q * hd * pairs  # QK^T and AV
-    return layers * (2 * projections * seq_len + attention) + 2 * d * shape.vocab_size * seq_len
 
 
 def build(shape, tie: bool) -> torch.nn.Module:
@@ -70,7 +60,7 @@ def main() -> None:
     from maskprune.arch import LlamaShape, shape_for
     from maskprune.config import config_from_dict
     from maskprune.evaluation import forward_tokens_per_s
-    from maskprune.targets import one_shot_units
+    from maskprune.targets import one_shot_units, resolve_target
 
     dense = LlamaShape(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv,
@@ -78,14 +68,15 @@ def main() -> None:
                        tie_word_embeddings=not args.untied)
     shapes = {"dense": dense}
     for sparsity in args.sparsity:
-        cfg = config_from_dict({"target": {"sparsity": sparsity, "ffn_alignment": 64}})
-        shapes[f"pruned {sparsity:.0%}"] = shape_for(dense, *one_shot_units(dense, cfg), "query_per_group")
+        resolved, cfg = resolve_target(dense, config_from_dict({"target": {"sparsity": sparsity,
+                                                                         "ffn_alignment": 64}}))
+        shapes[f"pruned {sparsity:.0%}"] = shape_for(resolved, *one_shot_units(resolved, cfg), cfg.target.attn_mode)
     models = {name: build(shape, dense.tie_word_embeddings) for name, shape in shapes.items()}
     # Each repeat times every model in turn, so a drift in machine load hits all of them alike.
     runs = [{name: forward_tokens_per_s(model, dense.vocab_size, args.seq_len, args.batch, args.steps, seed=r)
              for name, model in models.items()} for r in range(args.repeats)]
 
-    dense_flops = forward_flops(dense, args.seq_len)
+    dense_flops = dense.forward_flops(args.seq_len)
     print(f"cpu, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq_len}; "
           f"{args.repeats} repeats x {args.steps} passes per model, models in turn")
     print(f"{'model':12s} {'heads/kv/ffn':>13s} {'params':>8s} {'tokens/s':>9s} {'speed-up':>9s} "
@@ -94,7 +85,7 @@ def main() -> None:
     for name, shape in shapes.items():
         speed = statistics.median(run[name] for run in runs)
         measured = statistics.median(run[name] / run["dense"] for run in runs)  # paired per repeat
-        ideal = dense_flops / forward_flops(shape, args.seq_len)
+        ideal = dense_flops / shape.forward_flops(args.seq_len)
         result[name] = {"shape": shape.hf_overrides(), "params": shape.param_count(),
                         "tokens_per_s": speed, "speedup": measured, "ideal_speedup": ideal,
                         "efficiency": measured / ideal}

@@ -113,9 +113,9 @@ def main() -> None:
                                "train": {**train, "lr": 5e-5}}})
     config = llama_config(shape_args["vocab"], shape_args["hidden"], shape_args["layers"],
                           shape_args["heads"], shape_args["kv"], shape_args["ffn"])
-    dense = LlamaShape.from_hf_config(config)
-    from maskprune.targets import one_shot_units
+    from maskprune.targets import one_shot_units, resolve_target
 
+    dense, cfg = resolve_target(LlamaShape.from_hf_config(config), cfg)
     pruned = shape_for(dense, *one_shot_units(dense, cfg), cfg.target.attn_mode)
     if dist.is_rank0:
         started = time.perf_counter()

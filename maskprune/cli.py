@@ -200,7 +200,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         "architecture from its model or plan.arch_preset) and/or --model PRESET|config.json")
     # Flags given on the command line win over the experiment file (and the defaults).
     shared = {name: getattr(args, name) for name in ("nodes", "gpus_per_node", "seq_len", "lora_rank",
-                                                     "sparsity", "attn_mode", "ffn_alignment")
+                                                     "sparsity", "attn_mode", "ffn_alignment",
+                                                     "architecture")
               if getattr(args, name) is not None}
     per_stage = {name: getattr(args, name) for name in ("micro_batch", "checkpointing", "offload")
                  if getattr(args, name) is not None}
@@ -208,7 +209,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                        mask_learn=replace(settings.mask_learn, **per_stage),
                        continued_pretrain=replace(settings.continued_pretrain, **per_stage))
     if args.dry_run:
-        dry = asdict(plan_dry_run(config, settings.sparsity, settings.attn_mode, settings.ffn_alignment))
+        dry = asdict(plan_dry_run(config, settings.sparsity, settings.attn_mode, settings.ffn_alignment,
+                                  settings.architecture))
         print(json.dumps(dry, indent=2) if args.json else
               "\n".join(f"{key:18s} {value}" for key, value in dry.items()))
         return 0
@@ -277,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="activation checkpointing in both training stages [on; with --config: "
                             "each stage's activation_checkpointing]")
     planp.add_argument("--sparsity", type=float, help="target.sparsity of the pruned model [0.5]")
-    planp.add_argument("--attn-mode", choices=["query_per_group", "kv_group"], help="[query_per_group]")
+    planp.add_argument("--attn-mode", choices=["auto", "query_per_group", "kv_group"],
+                       help="target.attn_mode [auto: kv_group on MHA models, query_per_group on GQA]")
+    planp.add_argument("--architecture", choices=["auto", "llama", "mistral"],
+                       help="hard_prune.architecture [auto: Mistral where Llama rejects the head count]")
     planp.add_argument("--ffn-alignment", type=int, help="[64]")
     planp.add_argument("--dry-run", action="store_true",
                        help="only build source and pruned model on the meta device and check the shapes")

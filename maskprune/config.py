@@ -132,10 +132,14 @@ class TargetConfig:
     # Fraction of prunable parameters (attention + FFN, plus hidden/layers when enabled) removed.
     sparsity: float = 0.5
     arch: TargetArch | None = None
-    attn_mode: Literal["query_per_group", "kv_group"] = "query_per_group"
+    # "auto": kv_group on an MHA source (one query head per KV head: query_per_group could prune
+    # none), query_per_group otherwise; resolved once the source shape is known (targets.resolve_target).
+    attn_mode: Literal["auto", "query_per_group", "kv_group"] = "auto"
     prune_hidden: bool = False
     prune_layers: bool = False
     ffn_alignment: int = 64
+    # What sparsity removes a fraction of: attention + FFN parameters, or their forward FLOPs over
+    # one data.seq_len-token sequence (attention scores included: long sequences favour cutting heads).
     budget: Literal["params", "flops"] = "params"
 
     def validate(self) -> None:
@@ -257,6 +261,10 @@ class HardPruneConfig:
     equivalence_layers: int = 3
     # A ZeRO-3 checkpoint (root or tag folder) to prune instead of mask_learn's outputs.
     checkpoint: str = ""
+    # The class the pruned model is written as. "auto": LlamaForCausalLM where its config accepts
+    # the head count (heads divide hidden_size), MistralForCausalLM (same computation, sliding
+    # window off) otherwise; mask_learn and the baselines then may choose any head count.
+    architecture: Literal["auto", "llama", "mistral"] = "auto"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from maskprune.arch import LlamaShape
-from maskprune.export import ExportPlan, WeightSource, merged_weight, output_dtype
+from maskprune.export import ExportPlan, WeightSource, hf_config, merged_weight, output_dtype
 from maskprune.lora_merge import LoraAdapter
 from maskprune.masks_io import KeepIndices
 from maskprune.safetensors_io import SafetensorsDir
@@ -83,9 +83,7 @@ def _reference_weight(source: WeightSource, lora: LoraAdapter | None, name: str,
 
 
 def _eager_config(config: dict[str, Any]):
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig.from_dict({k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")})
+    cfg = hf_config(config)  # Llama, or Mistral for a head count Llama's config rejects
     cfg._attn_implementation = "eager"  # one attention kernel on both sides of the comparison
     return cfg
 
@@ -118,9 +116,11 @@ def check_blocks(plan: ExportPlan, src_config: dict[str, Any], source: WeightSou
                  sequences: int, seq_len: int, layers: int) -> tuple[float, list[int]]:
     """Max |output difference| over a sample of decoder layers, one layer pair in memory at a time."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
     src_shape = LlamaShape.from_hf_config(src_config)
     dense_cfg, pruned_cfg = _eager_config(src_config), _eager_config(plan.config)
+    pruned_layer = MistralDecoderLayer if pruned_cfg.model_type == "mistral" else LlamaDecoderLayer
     written = SafetensorsDir(out_dir)
     count = len(plan.kept_layers)
     sample = sorted({round(i * (count - 1) / max(layers - 1, 1)) for i in range(min(layers, count))})
@@ -130,7 +130,7 @@ def check_blocks(plan: ExportPlan, src_config: dict[str, Any], source: WeightSou
     for new in sample:
         old = plan.kept_layers[new]
         with torch.device("meta"):  # no init and no second copy: the loaded weights are assigned
-            dense, pruned = LlamaDecoderLayer(dense_cfg, old).eval(), LlamaDecoderLayer(pruned_cfg, new).eval()
+            dense, pruned = LlamaDecoderLayer(dense_cfg, old).eval(), pruned_layer(pruned_cfg, new).eval()
         ours = [s for s in plan.specs if s.name.startswith(f"model.layers.{new}.")]
         dense.load_state_dict({s.source.removeprefix(f"model.layers.{old}."):
                                _reference_weight(source, lora, s.source, dtype).float() for s in ours}, assign=True)

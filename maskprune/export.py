@@ -1,5 +1,8 @@
 """Keep indices (+ LoRA) → a plain, uniform HF Llama checkpoint, one tensor at a time.
 
+A head count that does not divide the hidden size is written as MistralForCausalLM (the same
+tensors and computation with the sliding window off; see arch.written_architecture).
+
 `plan_export` decides every output tensor's source, row/column indices and shape from the config
 and keep indices alone (so it also runs for 70B configs on paper); `write_export` streams: read one
 source tensor (memory-mapped), merge its LoRA delta, slice, cast, append to the open shard.
@@ -20,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from maskprune.arch import LlamaShape, check_loadable
+from maskprune.arch import Architecture, LlamaShape, check_loadable, written_architecture
 from maskprune.lora_merge import LoraAdapter
 from maskprune.masks_io import KeepIndices
 from maskprune.safetensors_io import ShardedWriter
@@ -32,6 +35,8 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
 # Buffers some old checkpoints carry; the model recomputes them from the rope parameters.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# LlamaConfig fields MistralConfig does not have (a Mistral output never has biases).
+LLAMA_ONLY_FIELDS = ("attention_bias", "mlp_bias", "pretraining_tp")
 
 
 class ExportError(ValueError):
@@ -124,7 +129,7 @@ def _check_keep(keep: KeepIndices, shape: LlamaShape) -> None:
                           "uniform groups; use keep_from_scores in either GQA mode")
 
 
-def plan_export(config: dict[str, Any], keep: KeepIndices | None) -> ExportPlan:
+def plan_export(config: dict[str, Any], keep: KeepIndices | None, architecture: Architecture = "auto") -> ExportPlan:
     """Every output tensor and the new config, from the source config and keep indices alone."""
     src = LlamaShape.from_hf_config(config)
     keep = keep if keep is not None else full_keep(src)
@@ -137,7 +142,8 @@ def plan_export(config: dict[str, Any], keep: KeepIndices | None) -> ExportPlan:
                             num_attention_heads=keep.q_heads.shape[1],
                             num_key_value_heads=keep.kv_heads.shape[1],
                             intermediate_size=keep.ffn.shape[1])
-    check_loadable(new_shape)
+    written = written_architecture(new_shape, architecture)
+    check_loadable(new_shape, written)
 
     specs: list[TensorSpec] = []
 
@@ -176,9 +182,27 @@ def plan_export(config: dict[str, Any], keep: KeepIndices | None) -> ExportPlan:
     new_config.update(new_shape.hf_overrides())
     if isinstance(config.get("layer_types"), list):
         new_config["layer_types"] = [config["layer_types"][i] for i in layers]
+    if written == "mistral":
+        new_config = as_mistral_config(new_config)
     return ExportPlan(config=new_config, specs=specs, params_before=src.param_count(),
                       params_after=sum(_numel(s.shape) for s in specs), keep_digest=keep_digest(keep),
                       kept_layers=layers, source_names=_source_names(src))
+
+
+def as_mistral_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A bias-free Llama config as MistralForCausalLM's: the same fields (rope parameters incl.
+    Llama-3 scaling, rms_norm_eps, head_dim, tie_word_embeddings) with the sliding window off."""
+    mistral = {k: v for k, v in config.items() if k not in LLAMA_ONLY_FIELDS}
+    mistral.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+    return mistral
+
+
+def hf_config(config: dict[str, Any]):
+    """The transformers config object of an exported config.json dict (Llama or Mistral)."""
+    from transformers import LlamaConfig, MistralConfig
+
+    cls = MistralConfig if config.get("model_type") == "mistral" else LlamaConfig
+    return cls.from_dict({k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")})
 
 
 def _source_names(src: LlamaShape) -> set[str]:
@@ -302,7 +326,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def dry_run(plan: ExportPlan) -> int:
     """Every slice on meta tensors and the pruned model built on the meta device: proves the
     export path's shapes for configs far too big to hold (70B) in seconds; returns its parameters."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     for spec in plan.specs:
         meta = TensorSpec(spec.name, spec.source, spec.shape, spec.source_shape,
@@ -311,7 +335,7 @@ def dry_run(plan: ExportPlan) -> int:
         if tuple(out.shape) != spec.shape:
             raise ExportError(f"{spec.name}: slicing gives {tuple(out.shape)}, planned {spec.shape}")
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig.from_dict(plan.config))
+        model = AutoModelForCausalLM.from_config(hf_config(plan.config))
     loaded = {name: tuple(p.shape) for name, p in model.named_parameters()}
     planned = {spec.name: spec.shape for spec in plan.specs}
     if loaded != planned:

@@ -24,7 +24,7 @@ from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
-from maskprune.targets import explicit_units
+from maskprune.targets import explicit_units, resolve_target
 from maskprune.training import Checkpointer, TrainingLoop, init_engine, prepare_for_training
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
@@ -135,7 +135,7 @@ class MaskLearner(TrainingLoop):
         for kind, kept in (("attn", attn_kept), ("ffn", ffn_kept)):
             units = self.budget.units[kind]
             value += (self.minimax.y[kind] * (kept.double() - self.minimax.s[kind]) / units).mean().item()
-        value += self.minimax.z * (self.budget.params(self.minimax.s) - self.budget.budget(self.step)) / self.budget.dense
+        value += self.minimax.z * (self.budget.cost(self.minimax.s) - self.budget.budget(self.step)) / self.budget.dense
         return value
 
     # ------------------------------------------------------------------ validation, logging
@@ -244,8 +244,8 @@ def write_summary(path: Path, source: LlamaShape, keep: KeepIndices, learner: Ma
         "source_shape": source.hf_overrides(), "final_shape": final.hf_overrides(),
         "params": {"source": source.param_count(), "final": final.param_count(),
                    "prunable_source": source.prunable_params(), "prunable_final": prunable_after},
-        "budget": learner.budget.final_budget,
-        "final_violation": max(0.0, prunable_after - learner.budget.final_budget),
+        "budget": learner.budget.final_budget,  # in the units of target.budget
+        "final_violation": max(0.0, final.prunable_cost() - learner.budget.final_budget),
         "target_dims": learner.minimax.s, "steps": learner.step,
     }
     atomic_write_json(path, summary)
@@ -259,9 +259,8 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
                      meta: dict[str, Any]) -> MaskLearner:
     """Masks and LoRA on the ZeRO-3 model, the engine over the LoRA parameters, the minimax state
     at the dense shape: the one way a MaskLearner is built (the stage and the benchmarks)."""
-    ml = cfg.mask_learn
-    shape = LlamaShape.from_hf_config(model.config)
-    mode = cfg.target.attn_mode
+    shape, cfg = resolve_target(LlamaShape.from_hf_config(model.config), cfg)
+    ml, mode = cfg.mask_learn, cfg.target.attn_mode
     masks = MaskState(shape, mode, *init_scores(shape, mode, ml.init, scores)).to(dist.device)
     attach_masks(model, masks)
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
@@ -270,7 +269,7 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
     budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_steps)
     explicit = explicit_units(shape, cfg) if cfg.target.arch is not None else None
     if explicit is not None:
-        budget.final_budget = float(shape_for(shape, *explicit, mode).prunable_params())
+        budget.final_budget = float(shape_for(shape, *explicit, mode).prunable_cost())
     minimax = MinimaxState(s={t: float(budget.units[t]) for t in ("attn", "ffn")},
                            y={t: torch.zeros(shape.num_hidden_layers, dtype=torch.float64)
                               for t in ("attn", "ffn")})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maskprune.arch import (AttnMode, LlamaShape, attn_params_for_units, attn_unit_count,
+from maskprune.arch import (AttnMode, LlamaShape, attn_cost_for_units, attn_unit_count,
                             legal_attn_units)
 
 TYPES = ("attn", "ffn")
@@ -67,20 +67,20 @@ class BudgetModel:
     def __init__(self, shape: LlamaShape, mode: AttnMode, sparsity: float, warmup_steps: int):
         self.shape, self.mode = shape, mode
         self.units = {"attn": attn_unit_count(shape, mode), "ffn": shape.intermediate_size}
-        self.dense = float(shape.prunable_params())
+        self.dense = float(shape.prunable_cost())
         self.final_budget = (1.0 - sparsity) * self.dense
         self.warmup_steps = warmup_steps
         self.floor = {"attn": float(legal_attn_units(shape, mode)[0]), "ffn": 1.0}
 
-    def params(self, s: dict[str, float]) -> float:
+    def cost(self, s: dict[str, float]) -> float:
         layers = self.shape.num_hidden_layers
-        return layers * (attn_params_for_units(s["attn"], self.shape, self.mode)
-                         + self.shape.ffn_params_per_layer(s["ffn"]))
+        return layers * (attn_cost_for_units(s["attn"], self.shape, self.mode)
+                         + self.shape.ffn_cost_per_layer(s["ffn"]))
 
     def grad(self) -> dict[str, float]:
         """∂R/∂s_t (R is affine in each s_t)."""
-        base = self.params({t: 0.0 for t in TYPES})
-        return {t: self.params({u: float(u == t) for u in TYPES}) - base for t in TYPES}
+        base = self.cost({t: 0.0 for t in TYPES})
+        return {t: self.cost({u: float(u == t) for u in TYPES}) - base for t in TYPES}
 
     def budget(self, step: int) -> float:
         progress = min(1.0, (step + 1) / max(self.warmup_steps, 1))
@@ -107,7 +107,7 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
             state.grad_scale[t] = max(grads[t].abs().mean().item(), 1e-12)
     stats: dict[str, float] = {}
     b_t = budget.budget(step)
-    r_s = budget.params(state.s)
+    r_s = budget.cost(state.s)
     budget_violation = (r_s - b_t) / budget.dense
     # Augmented Lagrangian (METHOD_NOTES 5): the s step sees z + ρ·violation, which damps the
     # s–z double integrator that otherwise swings around the budget. Unlike the prototype it is not
@@ -143,5 +143,5 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
     state.z = max(0.0, state.z + lr.dual_budget * budget_violation)
     stats.update({"dual/z": state.z, "sparsity/violation/budget": max(0.0, budget_violation),
                   "sparsity/budget_ratio": b_t / budget.dense,
-                  "sparsity/params_ratio": budget.params(state.s) / budget.dense})
+                  "sparsity/params_ratio": budget.cost(state.s) / budget.dense})
     return stats

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from maskprune.arch import (LlamaShape, admissible, attn_unit_count, budget_for_sparsity,
-                            check_loadable, shape_for)
+                            check_loadable, lattice_for, resolve_attn_mode, shape_for, written_architecture)
 from maskprune.config import ContinuedPretrainConfig, ExperimentConfig, MaskLearnConfig
+from maskprune.export import as_mistral_config, hf_config
 from maskprune.masks_io import keep_from_scores
 
 Offload = Literal["none", "optimizer", "param"]
@@ -82,9 +83,9 @@ class ParamCount:
     largest_block: int   # one decoder layer: what a layer-at-a-time pass holds
 
 
-def meta_model(config: LlamaConfig) -> LlamaForCausalLM:
+def meta_model(config: PretrainedConfig) -> torch.nn.Module:
     with torch.device("meta"):
-        return LlamaForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def count_params(model: torch.nn.Module) -> ParamCount:
@@ -103,16 +104,19 @@ class DryRun:
     attn_units: int
     ffn_width: int
     pruned_shape: dict[str, int]
+    attn_mode: str      # target.attn_mode after `auto` is resolved
+    architecture: str   # the class the pruned model is written as
     prunable_sparsity: float  # fraction of attention + FFN weights removed
     seconds: float
 
 
-def pruned_config(config: LlamaConfig, pruned: LlamaShape) -> LlamaConfig:
-    return LlamaConfig.from_dict({**config.to_dict(), **pruned.hf_overrides()})
+def pruned_config(config: LlamaConfig, pruned: LlamaShape, written: str) -> PretrainedConfig:
+    merged = {**config.to_dict(), **pruned.hf_overrides()}
+    return hf_config(as_mistral_config(merged) if written == "mistral" else merged)
 
 
-def plan_dry_run(config: LlamaConfig, sparsity: float, attn_mode: str = "query_per_group",
-                 ffn_alignment: int = 64) -> DryRun:
+def plan_dry_run(config: LlamaConfig, sparsity: float, attn_mode: str = "auto",
+                 ffn_alignment: int = 64, architecture: str = "auto") -> DryRun:
     """The shape logic of a run without data: admissible target at `sparsity` (both types cut by the
     same fraction first, then fitted to the budget), the keep-index export applied to meta weights,
     and the pruned model built on the meta device and checked against it."""
@@ -123,21 +127,25 @@ def plan_dry_run(config: LlamaConfig, sparsity: float, attn_mode: str = "query_p
     if counted != shape.param_count():
         raise PlanError(f"meta model has {counted} parameters but arch.LlamaShape counts "
                         f"{shape.param_count()}; the config has parts the planner does not model")
+    attn_mode = resolve_attn_mode(shape, attn_mode)  # as the mask_learn stage resolves it
+    shape = shape.replace(lattice=lattice_for(shape, architecture, biased=False))
     units, width = admissible(shape, (1 - sparsity) * attn_unit_count(shape, attn_mode),
                               (1 - sparsity) * shape.intermediate_size,
                               budget_for_sparsity(shape, sparsity), attn_mode, ffn_alignment)
     pruned = shape_for(shape, units, width, attn_mode)
-    check_loadable(pruned)
-    target = meta_model(pruned_config(config, pruned))
+    written = written_architecture(pruned, architecture)
+    check_loadable(pruned, written)
+    target = meta_model(pruned_config(config, pruned, written))
     _check_export(source, target, shape, units, width, attn_mode)
     pruned_total = count_params(target).total
     return DryRun(source_params=counted, pruned_params=pruned_total, attn_units=units, ffn_width=width,
-                  pruned_shape=pruned.hf_overrides(),
+                  pruned_shape=pruned.hf_overrides(), attn_mode=attn_mode,
+                  architecture=f"{written.capitalize()}ForCausalLM",
                   prunable_sparsity=1 - pruned.prunable_params() / shape.prunable_params(),
                   seconds=time.perf_counter() - start)
 
 
-def _check_export(source: LlamaForCausalLM, target: LlamaForCausalLM, shape: LlamaShape, units: int,
+def _check_export(source: LlamaForCausalLM, target: torch.nn.Module, shape: LlamaShape, units: int,
                   width: int, mode: str) -> None:
     """Slice every source projection by keep indices (as hard-prune does) and compare with the
     pruned model's shapes; meta tensors make this free."""
@@ -187,8 +195,9 @@ class PlanSettings:
     seq_len: int = 4096
     lora_rank: int = 8
     sparsity: float = 0.5
-    attn_mode: str = "query_per_group"
+    attn_mode: str = "auto"
     ffn_alignment: int = 64
+    architecture: str = "auto"
     mask_learn: StageSettings = field(default_factory=StageSettings)
     continued_pretrain: StageSettings = field(default_factory=StageSettings)
 
@@ -282,15 +291,16 @@ def lora_params(config: LlamaConfig, rank: int) -> int:
 def plan_memory(config: LlamaConfig, s: PlanSettings) -> tuple[list[StagePlan], DryRun]:
     shape = LlamaShape.from_hf_config(config)
     counts = count_params(meta_model(config))
-    dry = plan_dry_run(config, s.sparsity, s.attn_mode, s.ffn_alignment)
-    target = LlamaConfig.from_dict({**config.to_dict(), **dry.pruned_shape})
+    dry = plan_dry_run(config, s.sparsity, s.attn_mode, s.ffn_alignment, s.architecture)
+    target = hf_config({**config.to_dict(), **dry.pruned_shape,
+                        **({"model_type": "mistral"} if dry.architecture == "MistralForCausalLM" else {})})
     pruned = LlamaShape.from_hf_config(target)
     pruned_counts = count_params(meta_model(target))
     ml, cpt = s.mask_learn, s.continued_pretrain
     offload_params = ml.offload == "param"
 
     frozen = 2 * counts.total // s.gpus
-    units = attn_unit_count(shape, s.attn_mode)
+    units = attn_unit_count(shape, dry.attn_mode)
     mask_floats = 2 * shape.num_hidden_layers * (units + shape.intermediate_size)  # value + grad
     dual_floats = 2 * shape.num_hidden_layers + 1 + 2                              # per-layer, budget, targets
     mask_learn = StagePlan("mask_learn", [
@@ -382,7 +392,7 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
     return PlanSettings(nodes=cfg.launcher.num_nodes, gpus_per_node=cfg.launcher.num_gpus,
                         seq_len=cfg.data.seq_len, lora_rank=cfg.mask_learn.lora.rank,
                         sparsity=cfg.target.sparsity, attn_mode=cfg.target.attn_mode,
-                        ffn_alignment=cfg.target.ffn_alignment,
+                        ffn_alignment=cfg.target.ffn_alignment, architecture=cfg.hard_prune.architecture,
                         mask_learn=stage(cfg.mask_learn), continued_pretrain=stage(cfg.continued_pretrain))
 
 

@@ -30,7 +30,7 @@ STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("model", "data.sources", "data.seq_len"), ()),
     "tokenize": (("data",), ("prepare",)),
-    "mask_learn": (("target", "mask_learn"), ("prepare", "tokenize")),
+    "mask_learn": (("target", "mask_learn", "hard_prune.architecture"), ("prepare", "tokenize")),
     "hard_prune": (("hard_prune",), ("prepare", "mask_learn")),
     "continued_pretrain": (("continued_pretrain",), ("prepare", "tokenize", "hard_prune")),
     "evaluate": (("evaluate", "data.eval_text"), ("prepare", "tokenize", "hard_prune", "continued_pretrain")),

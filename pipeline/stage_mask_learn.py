@@ -19,23 +19,30 @@ from maskprune.lora import lora_state_dict, save_adapter
 from maskprune.mask_learn import PREEMPTED_EXIT_CODE, assemble_learner, write_summary
 from maskprune.masks_io import save_keep_indices
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
-from maskprune.targets import check_target
+from maskprune.targets import check_target, resolve_target
 from maskprune.training import build_zero3_model, load_ds_config
 
 
 def main() -> int:
     args = stage_argv_parser(__doc__).parse_args()
     dist, run = start_distributed("mask_learn", args.run_dir)
-    cfg, ml = run.cfg, run.cfg.mask_learn
+    ml = run.cfg.mask_learn
     torch.manual_seed(ml.train.seed)
     ds = load_ds_config(ml.ds_config, ml.train)
     warn_if_fp32_on_gpu("mask_learn", ds)
     model_dir = run.upstream("prepare", "model")
-    check_target(LlamaShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text())), cfg)
+    source = LlamaShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    shape, cfg = resolve_target(source, run.cfg)  # run.cfg stays as written: the stage hash reads it
+    log(f"mask_learn: target.attn_mode = {cfg.target.attn_mode}"
+        + (f" (auto: {source.num_attention_heads} query heads over {source.num_key_value_heads} KV heads)"
+           if run.cfg.target.attn_mode == "auto" else "")
+        + f"; head counts of the {shape.lattice} lattice (hard_prune.architecture = "
+          f"{cfg.hard_prune.architecture}); target.budget = {cfg.target.budget}"
+        + (f" at {shape.flops_seq_len} tokens" if shape.flops_seq_len else ""))
+    check_target(shape, cfg)
     model, hf_ds = build_zero3_model(model_dir, ds)
     model.config.use_cache = False
     model.requires_grad_(False)
-    shape = LlamaShape.from_hf_config(model.config)
     data_dir = run.upstream("tokenize", "data")
     train_iter = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
                                dist.world_size, ml.train.seed)

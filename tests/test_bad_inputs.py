@@ -214,7 +214,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str, str]] = [
     ("sparsity_out_of_range", toml("[target]\nsparsity = 1.2\n"), "run",
      "target.sparsity: must be in (0, 1), got 1.2; or give target.arch instead"),
     ("literal_not_allowed", toml("[target]\nattn_mode = \"heads\"\n"), "run",
-     "target.attn_mode: 'heads' is not one of 'query_per_group', 'kv_group'"),
+     "target.attn_mode: 'heads' is not one of 'auto', 'query_per_group', 'kv_group'"),
     ("not_toml", toml("[target\nsparsity = 0.5\n"), "run", "not valid TOML"),
     ("experiment_file_missing", lambda ctx: [str(ctx.tmp / "nope.toml"), "--run-dir", str(ctx.run)], "run",
      "nope.toml: experiment file not found; pass a TOML file such as configs/tiny.toml"),

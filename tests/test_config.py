@@ -41,7 +41,8 @@ def test_dotted_overrides_are_typed() -> None:
     ("[model]\nsource = \"hf\"\n", "model.path: required when model.source = 'hf'"),
     ("[target]\nsparsity = 1.5\n", "target.sparsity: must be in (0, 1), got 1.5"),
     ("[target]\nsparsity = 0.0\n", "target.sparsity: must be in (0, 1), got 0.0"),
-    ("[target]\nattn_mode = \"heads\"\n", "target.attn_mode: 'heads' is not one of 'query_per_group', 'kv_group'"),
+    ("[target]\nbudget = \"bytes\"\n", "target.budget: 'bytes' is not one of 'params', 'flops'"),
+    ("[target]\nattn_mode = \"heads\"\n", "target.attn_mode: 'heads' is not one of 'auto', 'query_per_group', 'kv_group'"),
 ])
 def test_bad_experiment_files_name_the_field(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -95,8 +95,9 @@ def test_magnitude_and_wanda_sp_match_a_hand_computation() -> None:
 
 
 def test_taylor_equals_weight_times_gradient_summed_over_the_unit() -> None:
-    """The activation-hook shortcut equals |Σ w · ∂L/∂w| from real weight gradients."""
-    model = tiny_model()
+    """The activation-hook shortcut equals |Σ w · ∂L/∂w| from real weight gradients. In float64: the two
+    sides sum token products in different orders and the signed sum cancels, so fp32 has no bound."""
+    model = tiny_model().double()
     shape = LlamaShape.from_hf_config(model.config)
     batches = calib_batches()
     scores = unit_scores(model, batches, "taylor", shape, "kv_group")
@@ -114,7 +115,9 @@ def test_taylor_equals_weight_times_gradient_summed_over_the_unit() -> None:
 
 
 def test_flap_bias_is_the_removed_channels_mean_in_the_model_already_cut_before_it() -> None:
-    model = tiny_model()
+    # float64 models: flap_bias cuts by replacing inputs, the reference by masking and adding biases,
+    # two computation orders whose fp32 difference would be compared otherwise.
+    model = tiny_model().double()
     shape = LlamaShape.from_hf_config(model.config)
     batches = calib_batches()
     scores = unit_scores(model, batches, "flap", shape, "query_per_group")
@@ -132,7 +135,7 @@ def test_flap_bias_is_the_removed_channels_mean_in_the_model_already_cut_before_
 
     # Layer 1's FFN: the means of its inputs in the model masked to `keep` with the compensation
     # of every projection before it added (built here from equivalence.mask_dense_model).
-    reference = tiny_model()
+    reference = tiny_model().double()
     mask_dense_model(reference, keep)
     earlier = [(reference.model.layers[0].self_attn.o_proj, bias["bias.o_proj"][0]),
                (reference.model.layers[0].mlp.down_proj, bias["bias.down_proj"][0]),

@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from maskprune.arch import (LlamaShape, ShapeError, admissible, budget_for_sparsity, check_loadable,
-                            head_mask_from_units, legal_attn_units)
-from maskprune.config import LoraConfig
+                            head_mask_from_units, lattice_for, legal_attn_units, resolve_attn_mode)
+from maskprune.config import ExperimentConfig, LoraConfig, TargetArch, config_from_dict
 from maskprune.lora import attach_lora
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import keep_from_scores
@@ -119,6 +119,105 @@ def test_admissible_shapes_respect_loader_and_budget() -> None:
         check_loadable(smol.replace(num_attention_heads=5, num_key_value_heads=1))
     with pytest.raises(ShapeError, match="no legal shape fits"):
         admissible(smol, 3, 64, 1000.0, "query_per_group", 64)
+
+
+SMOL = LlamaShape(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, head_dim=64, intermediate_size=1536, tie_word_embeddings=True)
+LLAMA3_70B = LlamaShape(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, head_dim=128, intermediate_size=28672)
+
+
+def test_head_count_lattice_of_each_architecture() -> None:
+    # SmolLM2: uniform GQA groups alone allow only 3, 6, 9 query heads (query_per_group keeps 3 KV
+    # heads; kv_group cuts whole groups of 3), and all divide 576: Mistral adds nothing here.
+    for lattice in ("llama", "mistral"):
+        assert legal_attn_units(SMOL.replace(lattice=lattice), "query_per_group") == [3, 6, 9]
+        assert legal_attn_units(SMOL.replace(lattice=lattice), "kv_group") == [1, 2, 3]
+    # Llama-3-70B: Llama's loader keeps the divisors of 8192; Mistral's every multiple of the 8 KV heads.
+    assert legal_attn_units(LLAMA3_70B, "query_per_group") == [8, 16, 32, 64]
+    assert legal_attn_units(LLAMA3_70B.replace(lattice="mistral"), "query_per_group") == list(range(8, 65, 8))
+    # A learned 40 heads is kept as 40 under Mistral, rounded to 32 or 64 under Llama.
+    budget = budget_for_sparsity(LLAMA3_70B, 0.3)
+    assert admissible(LLAMA3_70B.replace(lattice="mistral"), 40, 20480, budget, "query_per_group", 64)[0] == 40
+    assert admissible(LLAMA3_70B, 40, 20480, budget, "query_per_group", 64)[0] in (32, 64)
+    assert lattice_for(LLAMA3_70B, "auto", biased=False) == "mistral"
+    assert lattice_for(LLAMA3_70B, "mistral", biased=False) == "mistral"
+    assert lattice_for(LLAMA3_70B, "llama", biased=False) == "llama"
+    assert lattice_for(LLAMA3_70B, "auto", biased=True) == "llama"  # FLAP's compensation biases
+    assert lattice_for(LLAMA3_70B.replace(attention_bias=True), "mistral", biased=False) == "llama"
+    check_loadable(SMOL.replace(num_attention_heads=7, num_key_value_heads=1), "mistral")
+    with pytest.raises(ShapeError, match="does not divide hidden_size=576"):
+        check_loadable(SMOL.replace(num_attention_heads=7, num_key_value_heads=1), "llama")
+
+
+def test_attn_mode_auto_prunes_heads_of_mha_models() -> None:
+    mha = LLAMA3_70B.replace(num_attention_heads=32, num_key_value_heads=32, hidden_size=4096)
+    assert resolve_attn_mode(mha, "auto") == "kv_group"
+    assert resolve_attn_mode(LLAMA3_70B, "auto") == "query_per_group"
+    assert resolve_attn_mode(LLAMA3_70B, "kv_group") == "kv_group"
+    assert resolve_attn_mode(mha, "kv_group") == "kv_group"
+    with pytest.raises(ShapeError) as err:
+        resolve_attn_mode(mha, "query_per_group")
+    assert str(err.value) == ("target.attn_mode = 'query_per_group' cannot prune heads of this model: it has "
+                              "one query head per KV head (32 of each), so every group keeps its only head; "
+                              "set target.attn_mode = 'kv_group' (or 'auto')")
+    # One resolution, on a copy: the config the run froze (and hashes) keeps "auto".
+    from maskprune.targets import resolve_target
+
+    cfg = ExperimentConfig()
+    assert cfg.target.attn_mode == "auto" and cfg.hard_prune.architecture == "auto"
+    shape, resolved = resolve_target(mha, cfg)
+    assert resolved.target.attn_mode == "kv_group" and shape.lattice == "mistral"
+    assert cfg.target.attn_mode == "auto"
+    assert resolve_target(shape, resolved) == (shape, resolved)  # idempotent
+
+
+def test_flops_budget_counts_forward_flops_at_data_seq_len() -> None:
+    from maskprune.targets import resolve_target
+
+    tiny = LlamaShape(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=96)
+    # By hand, T = 8: q/k/v/o weights 2·64·4·16 + 2·64·2·16 = 12288, 2 FLOPs each per token: 196608;
+    # QK^T and AV over 8·9/2 causal pairs: 2·2·4·16·36 = 9216; FFN 2·3·64·96·8 = 294912; LM head 2·64·100·8.
+    flops = tiny.replace(flops_seq_len=8)
+    assert flops.attn_cost_per_layer() == 196608 + 9216 and flops.ffn_cost_per_layer() == 294912
+    assert flops.prunable_cost() == 2 * (205824 + 294912) == 1_001_472
+    assert tiny.forward_flops(8) == 1_001_472 + 102_400
+    assert tiny.prunable_cost() == tiny.prunable_params()  # the default budget counts parameters
+    cfg = config_from_dict({"target": {"budget": "flops"}, "data": {"seq_len": 8}})
+    shape, _ = resolve_target(tiny, cfg)
+    assert shape.flops_seq_len == 8 and budget_for_sparsity(shape, 0.5) == 0.5 * 1_001_472
+    # At 2048 tokens the attention scores make a head dearer relative to an FFN channel than its
+    # weights alone: the minimax step's ∂R/∂s (BudgetModel.grad) and admissible() both see it.
+    long, plain = LLAMA3_70B.replace(flops_seq_len=2048), LLAMA3_70B
+    flops_model = BudgetModel(long, "query_per_group", sparsity=0.5, warmup_steps=1)
+    params_model = BudgetModel(plain, "query_per_group", sparsity=0.5, warmup_steps=1)
+    assert flops_model.dense == long.prunable_cost() and flops_model.final_budget == 0.5 * long.prunable_cost()
+    head = 2 * (2 * 8192 * 128) * 2048 + 2 * 2 * 128 * 2048 * 2049 / 2  # q and o rows of one head
+    channel = 2 * 3 * 8192 * 2048
+    assert flops_model.grad() == {"attn": 80 * head, "ffn": 80 * channel}
+    assert flops_model.grad()["attn"] / flops_model.grad()["ffn"] > params_model.grad()["attn"] / params_model.grad()["ffn"]
+    units, width = admissible(long, 48, 14336, flops_model.final_budget, "query_per_group", 64)
+    assert 80 * (long.attn_cost_per_layer(units) + long.ffn_cost_per_layer(width)) <= flops_model.final_budget
+
+
+def test_explicit_target_arch_fields_are_used_or_refused() -> None:
+    from maskprune.targets import explicit_units, resolve_target
+
+    shape, cfg = resolve_target(SMOL, config_from_dict({"target": {"arch": {"num_attention_heads": 6}}}))
+    assert explicit_units(shape, cfg) == (6, 1536)
+    for arch, message in ((TargetArch(hidden_size=512), "target.arch.hidden_size = 512: mask_learn cuts"),
+                          (TargetArch(num_hidden_layers=20), "target.arch.num_hidden_layers = 20"),
+                          (TargetArch(num_attention_heads=6, num_key_value_heads=2),
+                           "target.arch.num_key_value_heads = 2: 6 heads in query_per_group mode keep 3"),
+                          (TargetArch(num_attention_heads=5), "num_attention_heads = 5 is not reachable")):
+        cfg.target.arch = arch
+        with pytest.raises(ShapeError, match=message):
+            explicit_units(shape, cfg)
+    kv_shape, kv_cfg = resolve_target(SMOL, config_from_dict({"target": {"attn_mode": "kv_group",
+                                                                         "arch": {"num_attention_heads": 4}}}))
+    with pytest.raises(ShapeError, match="not reachable in kv_group mode; legal head counts: \\[3, 6, 9\\]"):
+        explicit_units(kv_shape, kv_cfg)  # 4 heads are not whole groups of 3
 
 
 def test_minimax_moves_targets_down_to_the_budget_and_masks_follow() -> None:

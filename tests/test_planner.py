@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from maskprune.arch import LlamaShape, budget_for_sparsity
+from maskprune.arch import LlamaShape, ShapeError, budget_for_sparsity
 from maskprune.cli import main
 from maskprune.planner import (PRESETS, PlanError, PlanSettings, StageSettings, activation_item,
                                count_params, load_model_config, meta_model, plan_dry_run, plan_memory)
@@ -75,6 +75,25 @@ def test_dry_run_llama_3_70b_in_seconds() -> None:
     assert dry.ffn_width % 64 == 0 and dry.pruned_shape["num_key_value_heads"] == 8
     kv = plan_dry_run(config, 0.5, attn_mode="kv_group")
     assert kv.pruned_shape["num_attention_heads"] == 8 * kv.pruned_shape["num_key_value_heads"]
+
+
+def test_mha_prunes_heads_and_free_head_counts_are_written_as_mistral() -> None:
+    """Llama-2-7B (MHA): auto mode cuts heads with their KV heads (it kept 32/32 in query_per_group).
+    Llama-3-70B at 40% keeps 40 of 64 heads, which LlamaConfig rejects: written as Mistral."""
+    dry = plan_dry_run(load_model_config("llama-2-7b"), 0.5)
+    assert dry.attn_mode == "kv_group" and dry.architecture == "LlamaForCausalLM"
+    assert dry.pruned_shape["num_attention_heads"] == dry.pruned_shape["num_key_value_heads"] == 16
+    with pytest.raises(ShapeError, match="one query head per KV head"):
+        plan_dry_run(load_model_config("llama-2-7b"), 0.5, attn_mode="query_per_group")
+    config = load_model_config("llama-3-70b")
+    free = plan_dry_run(config, 0.4)
+    assert free.attn_mode == "query_per_group" and free.pruned_shape["num_attention_heads"] == 40
+    assert free.architecture == "MistralForCausalLM" and free.pruned_shape["num_key_value_heads"] == 8
+    shape = LlamaShape.from_hf_config(config)
+    assert free.pruned_params == shape.replace(num_attention_heads=40, intermediate_size=free.ffn_width).param_count()
+    assert plan_dry_run(config, 0.4, architecture="llama").pruned_shape["num_attention_heads"] in (32, 64)
+    stages, _ = plan_memory(config, PlanSettings(nodes=8, sparsity=0.4))  # the memory plan builds it too
+    assert stages[1].items[0].gpu_bytes > 0
 
 
 def test_cli_plan_json_and_config_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
