@@ -98,7 +98,7 @@ class DataConfig:
     tokenizer_vocab_size: int = 0
     # Shard element type; "auto" = uint16 when every id fits, else uint32.
     token_dtype: Literal["auto", "uint16", "uint32"] = "auto"
-    # Local tokenizer processes when not under MPI (0 = one per CPU core).
+    # Tokenizer processes per rank (0 = this node's cores the job may use, shared by its ranks).
     workers: int = 0
     # Text/JSONL files are cut into work units of about this size: the grain of parallelism and resume.
     chunk_mb: float = 64.0

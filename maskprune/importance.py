@@ -293,6 +293,25 @@ def _removed_channels(model: nn.Module, keep: KeepIndices) -> dict[str, list[Ten
     return removed
 
 
+def _decoder_inputs(model: nn.Module, batches: list[Tensor]) -> list[tuple[Tensor, dict]]:
+    """Per batch, the hidden states entering the first decoder layer and the keyword arguments the
+    decoder passes every layer (causal mask, rotary embeddings, positions), so layers can then be run
+    one at a time. Each forward runs to the end: one stopped by an exception leaves a DeepSpeed
+    engine's parameter coordinator with weights it still counts as in use."""
+    caught: list[tuple[Tensor, dict]] = []
+
+    def catch(module: nn.Module, args: tuple[Tensor, ...], kwargs: dict) -> None:
+        caught.append((args[0], kwargs))
+
+    handle = _layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+    finally:
+        handle.remove()
+    return caught
+
+
 def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) -> dict[str, Tensor]:
     """FLAP bias compensation for `keep`: the removed input channels' mean contribution,
     b = W[:, removed] @ mean(x[removed]), for o_proj and down_proj ({"bias.o_proj": [L, hidden],
@@ -301,43 +320,57 @@ def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) ->
     Sequential, as FLAP computes it: a layer's means are those of its inputs in the model whose
     earlier layers are already pruned and compensated, so each compensation also corrects the shift
     the earlier cuts cause (means of the dense model's inputs measured worse than no compensation).
-    One forward pass over this rank's calibration batches joined into one batch, each projection's
-    removed input channels replaced by their mean over every token of every rank (all-reduced in the
-    hook) — which is the pruned layer plus its compensation — so every layer sees its whole
-    calibration set before the next runs. Memory: activations of that joined batch, no gradients.
+    Layer by layer over every calibration batch of every rank: each batch's hidden states are carried
+    from one layer to the next; in a layer, one sweep over the batches sums o_proj's inputs (float64,
+    all-reduced), a second sums down_proj's with o_proj's removed inputs replaced by their mean (which
+    is the pruned layer plus its compensation), a third gives the next layer's inputs with both
+    replaced. Memory: this rank's calibration hidden states (tokens x hidden, twice) and one batch's
+    activations at a time, whatever the number of batches; ZeRO-3 gathers one layer at a time.
 
     Llama has no o_proj / down_proj bias, so the pruned checkpoint needs `mlp_bias=True` (zero
     gate/up biases) and `attention_bias=True`, which in HF Llama adds q/k/v biases too; those must be
     written as zeros. The mask_learn stage stores them in the masks file (`KeepIndices.bias`) and
     hard-prune writes them that way (`export.with_compensation`)."""
     device = _device(model)
-    joined = torch.cat(_batch_list(batches, device))
+    batches = _batch_list(batches, device)
     removed = _removed_channels(model, keep)
     means: dict[str, list[Tensor]] = {kind: [] for kind in removed}
+    with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
+        inputs = _decoder_inputs(model, batches)
+        hidden = [h for h, _ in inputs]
+        for index, layer in enumerate(_layers(model)):
+            replace: dict[str, tuple[Tensor, Tensor]] = {}  # kind -> (removed channels, their mean)
+            sums: dict[str, Tensor] = {}  # the kind being measured -> [channel sums..., token count]
 
-    def substitute(kind: str, index: int):
-        cut = removed[kind][index].to(device)
+            def pre_hook(kind: str):
+                def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+                    x = args[0]
+                    if kind in replace:
+                        cut, mean = replace[kind]
+                        return (torch.where(cut, mean.to(x.dtype), x), *args[1:])
+                    if kind in sums:
+                        flat = x.detach().double().reshape(-1, x.shape[-1])
+                        sums[kind] += torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
+                    return None
+                return hook
 
-        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            x = args[0]
-            flat = x.detach().double().reshape(-1, x.shape[-1])
-            total = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
-            _all_reduce_(total)
-            mean = total[:-1] / total[-1] * cut
-            means[kind].append(mean.cpu())
-            return (torch.where(cut, mean.to(x.dtype), x), *args[1:])
-        return hook
-
-    handles = []
-    for index, layer in enumerate(_layers(model)):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(substitute("attn", index)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(substitute("ffn", index)))
-    try:
-        with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
-            model(input_ids=joined, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+            handles = [layer.self_attn.o_proj.register_forward_pre_hook(pre_hook("attn")),
+                       layer.mlp.down_proj.register_forward_pre_hook(pre_hook("ffn"))]
+            try:
+                for kind in ("attn", "ffn"):
+                    cut = removed[kind][index].to(device)
+                    sums[kind] = torch.zeros(cut.numel() + 1, dtype=torch.float64, device=device)
+                    for h, (_, kwargs) in zip(hidden, inputs):
+                        layer(h, **kwargs)
+                    total = sums.pop(kind)
+                    _all_reduce_(total)
+                    mean = total[:-1] / total[-1] * cut
+                    means[kind].append(mean.cpu())
+                    replace[kind] = (cut, mean)
+                hidden = [_hidden_states(layer(h, **kwargs)) for h, (_, kwargs) in zip(hidden, inputs)]
+            finally:
+                for handle in handles:
+                    handle.remove()
     out: dict[str, list[Tensor]] = {"bias.o_proj": [], "bias.down_proj": []}
     for index, layer in enumerate(_layers(model)):
         for name, module, kind in (("bias.o_proj", layer.self_attn.o_proj, "attn"),
@@ -345,6 +378,11 @@ def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) ->
             with _gathered(module):
                 out[name].append((module.weight.detach().double().cpu() @ means[kind][index]).float())
     return {name: torch.stack(rows) for name, rows in out.items()}
+
+
+def _hidden_states(layer_output: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """A decoder layer's output hidden states (transformers 5 returns the tensor, 4.x a tuple)."""
+    return layer_output[0] if isinstance(layer_output, tuple) else layer_output
 
 
 def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: str) -> dict[str, Tensor]:

@@ -37,9 +37,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] tokenize: {message}", flush=True)
 
 
-# Set by mpirun (Open MPI, MPICH / Intel MPI) and srun. Read directly rather than through
-# maskprune.dist, whose torch import would cost every tokenizer rank seconds for nothing.
-WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+# Set for each task by mpirun (Open MPI, MPICH / Intel MPI) and srun. Not SLURM_NTASKS: a batch script
+# (where `maskprune run` starts this stage as one process) has it too, and reading it made the stage
+# join a one-rank MPI world and tokenize in a single process on a node full of allocated cores. Read
+# directly rather than through maskprune.dist, whose torch import would cost every rank seconds.
+WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
 def mpi_comm():
@@ -49,6 +51,15 @@ def mpi_comm():
 
         return MPI.COMM_WORLD
     return None
+
+
+def local_workers(configured: int, ranks_on_node: int, units: int) -> int:
+    """Tokenizer processes for this rank: `data.workers`, else this node's usable cores shared by its
+    ranks. Usable = the CPU affinity mask, which Slurm's cgroup/cpuset narrows to the job's cores
+    (os.cpu_count() would count the whole node's and oversubscribe a shared one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = configured or max(1, cores // max(1, ranks_on_node))
+    return min(wanted, max(1, units))
 
 
 def setup(cfg: DataConfig, model_dir: Path, work: Path) -> dict:
@@ -153,7 +164,8 @@ def main() -> int:
                    dtype=plan["dtype"], cfg=cfg, work=work)
     mine = [units[n] for n in sorted(assign(units, world)[rank])]
     started = time.time()
-    workers = 1 if comm else min(cfg.workers or os.cpu_count() or 1, max(1, len(mine)))
+    ranks_on_node = comm.Split_type(comm.COMM_TYPE_SHARED).Get_size() if comm else 1
+    workers = local_workers(cfg.workers, ranks_on_node, len(mine))
     records, error = [], ""
     try:
         records = tokenize_units(mine, workers, show=rank == 0)

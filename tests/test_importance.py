@@ -156,6 +156,26 @@ def test_flap_bias_is_the_removed_channels_mean_in_the_model_already_cut_before_
     assert not torch.allclose(bias["bias.down_proj"][1].double(), dense_means, rtol=1e-3, atol=1e-5)
 
 
+def test_flap_bias_runs_one_calibration_batch_at_a_time_with_the_joined_batch_result() -> None:
+    """The compensation pass never concatenates the calibration set (a 70B's calibration activations
+    would not fit): every forward sees one batch, and the means equal those of one joined batch."""
+    model = tiny_model()
+    shape = LlamaShape.from_hf_config(model.config)
+    batches = calib_batches()
+    scores = unit_scores(model, batches, "flap", shape, "query_per_group")
+    keep = keep_from_scores(scores["attn"], scores["ffn"], shape, 2, 24, "query_per_group", "flap")
+    seen_rows: list[int] = []
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen_rows.append(a[0].shape[0]))
+    per_batch = flap_bias(model, batches, keep)
+    handle.remove()
+    assert seen_rows and set(seen_rows) == {batches[0].shape[0]}
+    joined = flap_bias(model.double(), [torch.cat(batches)], keep)
+    model.float()
+    for name in per_batch:
+        # float64 model for the reference: only the per-batch run's fp32 rounding differs.
+        torch.testing.assert_close(per_batch[name].double(), joined[name].double(), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_zero3_two_ranks_give_the_single_process_scores(tmp_path: Path) -> None:
     model = tiny_model()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -305,6 +306,33 @@ def test_mpi_two_ranks_equal_one_process(text_run: Path, tiny_prepared: Path, co
     proc = stage(run, mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2")
     assert "on 2 rank(s)" in proc.stdout
     assert shard_bytes(run) == shard_bytes(text_run)
+
+
+def test_inside_a_slurm_batch_script_every_allocated_core_tokenizes(tiny_prepared: Path, corpus: Path,
+                                                                    tmp_path: Path) -> None:
+    """`maskprune run` in a batch script starts tokenize as one process whose environment has the
+    job's SLURM_NTASKS (one task per node): that is no MPI world, and the stage must use the cores
+    the job was given, not one process."""
+    run = make_run(tmp_path / "batch", tiny_prepared, sources=text_source(corpus), chunk_mb=0.01,
+                   workers=0, max_train_tokens=0, seq_len=32)
+    env = cpu_env(SLURM_JOB_ID="7", SLURM_NTASKS="8", SLURM_NNODES="8", SLURM_PROCID="0")
+    proc = subprocess.run([sys.executable, str(STAGE), "--run-dir", str(run)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    units = int(proc.stdout.split(" work units")[0].split()[-1])
+    cores = len(os.sched_getaffinity(0))
+    assert f"on 1 rank(s) x {min(cores, units)} process(es)" in proc.stdout
+
+
+def test_local_workers_share_the_allowed_cores_between_a_node_s_ranks() -> None:
+    sys.path.insert(0, str(STAGE.parent))
+    from stage_tokenize import local_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert local_workers(0, 1, 1000) == cores
+    assert local_workers(0, cores * 2, 1000) == 1
+    assert local_workers(3, 1, 1000) == 3
+    assert local_workers(0, 1, 1) == 1
 
 
 @pytest.mark.slow
