@@ -85,11 +85,12 @@ def build_zero3_model(model_dir: str | Path, ds: dict[str, Any]) -> tuple[torch.
     for as long as the model is used (transformers checks it for ZeRO-3)."""
     from transformers.integrations import HfDeepSpeedConfig
 
-    from maskprune.zero_load import build_partitioned_model, load_into_partitions
+    from maskprune.zero_load import build_partitioned_model, load_into_partitions, open_checkpoint
 
+    weights = open_checkpoint(Path(model_dir))  # a bad folder fails before the model is built
     hf_ds = HfDeepSpeedConfig(ds)
     model = build_partitioned_model(Path(model_dir), ds, model_dtype(ds))
-    load_into_partitions(model, Path(model_dir))
+    load_into_partitions(model, weights)
     return model, hf_ds
 
 

@@ -7,7 +7,7 @@ them, the non-persistent buffers and the logits of a forward pass on fixed token
 OUT_DIR/gathered.safetensors. MODE memory: a thread samples this rank's RssAnon every 10 ms from
 before anything is imported beyond the stdlib to after the load, and each rank writes
 OUT_DIR/rank{r}.json with its baseline (after `import deepspeed, transformers` and
-init_distributed, before the model) and its peak. MODE memory_from_pretrained: the same
+init_distributed and the model code, before the model) and its peak. MODE memory_from_pretrained: the same
 measurement for transformers' own from_pretrained under HfDeepSpeedConfig (the path this
 replaced), for the before/after figures.
 """
@@ -55,9 +55,12 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
     model_dir, out_dir, mode, ds_path = Path(args[0]), Path(args[1]), args[2], args[3]
     sampler = PeakSampler()
-    import deepspeed  # noqa: F401  (the baseline includes the libraries every stage imports)
+    # The baseline includes the libraries and model code any load imports (111 MB of RssAnon on
+    # their own): a fixed cost per rank, whatever the model's size.
+    import deepspeed  # noqa: F401
     import torch
-    import transformers  # noqa: F401
+    import transformers.integrations.deepspeed  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
     from maskprune.config import TrainLoopConfig
     from maskprune.dist import init_distributed
