@@ -21,10 +21,9 @@ import torch
 from safetensors import safe_open
 
 from maskprune.dist import log
+from maskprune.export import IGNORED_SUFFIXES
 from maskprune.safetensors_io import SafetensorsDir, WeightFileError
 
-# Buffers some old checkpoints carry; the model recomputes them from the rope parameters.
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
