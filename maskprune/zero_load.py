@@ -51,6 +51,7 @@ def build_partitioned_model(model_dir: Path, ds: dict[str, Any], dtype: torch.dt
             _init_without_broadcast(deepspeed)(config_dict_or_path=ds):
         model = model_class(config)
     model.tie_weights()  # no_init_weights skips the tying that post_init would do
+    model.eval()  # as from_pretrained returns it; training stages switch to train mode themselves
     log(f"built {model_class.__name__} partitioned over ranks in {time.perf_counter() - started:.1f} s")
     return model
 
