@@ -75,6 +75,13 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def shards(self) -> dict[Path, list[str]]:
+        """Each file with its tensor names in file order, so a reader can go shard by shard."""
+        by_file: dict[Path, list[str]] = {}
+        for key, (path, entry) in sorted(self._where.items(), key=lambda kv: (kv[1][0], kv[1][1]["data_offsets"][0])):
+            by_file.setdefault(path, []).append(key)
+        return by_file
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name][1]["shape"])
 

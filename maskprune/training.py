@@ -82,15 +82,19 @@ def model_dtype(ds: dict[str, Any]) -> torch.dtype:
 
 
 def build_zero3_model(model_dir: str | Path, ds: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
-    """A Llama partitioned across ranks as it loads (HfDeepSpeedConfig makes from_pretrained use
-    zero.Init), so a 70B model never materialises on one rank. Keep the returned config object alive
-    for as long as the model is used."""
-    from transformers import AutoModelForCausalLM
+    """A Llama partitioned across ranks as it is built (zero.Init) and filled from its safetensors
+    files slice by slice (`zero_load`), so no rank ever holds more than its partition and one
+    tensor's slice: a 70B never materialises on a rank. Keep the returned HfDeepSpeedConfig alive
+    for as long as the model is used (transformers checks it for ZeRO-3)."""
     from transformers.integrations import HfDeepSpeedConfig
 
+    from maskprune.zero_load import build_partitioned_model, load_into_partitions, open_checkpoint
+
+    weights = open_checkpoint(Path(model_dir))  # a bad folder fails before the model is built
     hf_ds = HfDeepSpeedConfig(ds)
-    with WATCHDOG.guard(f"model load {model_dir}"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model_dtype(ds), trust_remote_code=False)
+    with WATCHDOG.guard(f"model load {model_dir}"):  # load_into_partitions also pets it per tensor
+        model = build_partitioned_model(Path(model_dir), ds, model_dtype(ds))
+        load_into_partitions(model, weights)
     return model, hf_ds
 
 
