@@ -19,6 +19,7 @@ from maskprune.pretrain import Pretrainer, build_teacher
 from maskprune.prune_job import build_pruned_model, job_from_checkpoint
 from maskprune.stage import StageRun, run_stage
 from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config
+from maskprune.universal import grad_accum_for_resume
 
 
 def main() -> int:
@@ -27,6 +28,7 @@ def main() -> int:
     run = StageRun("continued_pretrain", args.run_dir, is_rank0=dist.is_rank0)
     cpt = run.cfg.continued_pretrain
     torch.manual_seed(cpt.train.seed)
+    cpt.train.grad_accum = grad_accum_for_resume(run.dir / "checkpoints", cpt.train, dist.world_size)
     ds = load_ds_config(cpt.ds_config, cpt.train)
     model_dir = run.upstream("hard_prune", "model")
     model, hf_ds = build_zero3_model(model_dir, ds)  # hf_ds (and teacher_hf_ds) must stay alive

@@ -21,6 +21,7 @@ from maskprune.masks_io import save_keep_indices
 from maskprune.stage import StageRun, run_stage
 from maskprune.targets import check_target
 from maskprune.training import build_zero3_model, load_ds_config
+from maskprune.universal import grad_accum_for_resume
 
 
 def main() -> int:
@@ -29,6 +30,7 @@ def main() -> int:
     run = StageRun("mask_learn", args.run_dir, is_rank0=dist.is_rank0)
     cfg, ml = run.cfg, run.cfg.mask_learn
     torch.manual_seed(ml.train.seed)
+    ml.train.grad_accum = grad_accum_for_resume(run.dir / "checkpoints", ml.train, dist.world_size)
     ds = load_ds_config(ml.ds_config, ml.train)
     model_dir = run.upstream("prepare", "model")
     check_target(LlamaShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text())), cfg)
