@@ -76,10 +76,6 @@ def convert_on_rank0(checkpoint: Path) -> Path:
     return out
 
 
-def written_world_size(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / META_FILE).read_text())["world_size"])
-
-
 def grad_accum_for_resume(root: Path, train: TrainLoopConfig, world_size: int) -> int:
     """The grad_accum that keeps the newest complete checkpoint's global batch on `world_size` ranks
     (train.grad_accum when nothing is resumed or the world size is the checkpoint's)."""
