@@ -99,7 +99,7 @@ def test_checkpoint_of_two_ranks_resumes_on_another_number(uninterrupted: Path, 
         assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
     if stage == "mask_learn":
         ref, new = (load_file(str(r / "mask_learn" / "masks.safetensors")) for r in (uninterrupted, run_dir))
-        for name in ("q_heads", "kv_heads", "ffn"):
+        for name in ("keep.q_heads", "keep.kv_heads", "keep.ffn"):
             assert torch.equal(ref[name], new[name]), name
         lora = [load_file(str(r / "mask_learn" / "lora" / "adapter_model.safetensors"))
                 for r in (uninterrupted, run_dir)]
