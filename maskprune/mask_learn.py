@@ -25,7 +25,8 @@ from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units, resolve_target
-from maskprune.training import Checkpointer, TrainingLoop, init_engine, prepare_for_training
+from maskprune.training import (Checkpointer, TrainingLoop, init_engine, mean_over_ranks,
+                                prepare_for_training)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
@@ -115,6 +116,7 @@ class MaskLearner(TrainingLoop):
             self.engine.step()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() / self.ml.train.grad_accum
+        sums = mean_over_ranks(sums, self.dist.device)  # the global batch's, not rank 0's alone
         grads = self.mask_grads()
         stats = {f"loss/{k}": v for k, v in sums.items()}
         if self.step < self.hardening_start:

@@ -18,7 +18,7 @@ import torch
 from maskprune.config import ContinuedPretrainConfig, TrainLoopConfig
 from maskprune.dist import log
 from maskprune.losses import distill_kl
-from maskprune.training import TrainingLoop, build_zero3_model, tag_for
+from maskprune.training import TrainingLoop, build_zero3_model, mean_over_ranks, tag_for
 
 
 class TeacherMismatchError(ValueError):
@@ -87,14 +87,9 @@ class Pretrainer(TrainingLoop):
             self.engine.step()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().double() / accum
-        names = sorted(sums)
         # The logged loss is the mean over every rank's micro-batches, not rank 0's alone.
-        values = torch.stack([sums[n] for n in names])  # on the device: NCCL reduces only GPU tensors
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(values)
-            values /= self.dist.world_size
-        values = values.cpu()
-        stats = {("loss/train" if n == "total" else f"loss/{n}"): v.item() for n, v in zip(names, values)}
+        stats = {("loss/train" if n == "total" else f"loss/{n}"): v
+                 for n, v in mean_over_ranks(sums, self.dist.device).items()}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             stats["grad/norm"] = float(grad_norm)

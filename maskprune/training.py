@@ -14,6 +14,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "maskprune_meta.json"
+UNIVERSAL_DIR = "universal"  # root/universal/<tag>: a checkpoint re-laid for any world size (universal.py)
 
 
 class CheckpointError(ValueError):
@@ -201,7 +203,8 @@ class Checkpointer:
             if tensors:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                           str(folder / "maskprune_state.safetensors"))
-            atomic_write_json(folder / META_FILE, {**meta, "step": step, "world_size": _world()})
+            atomic_write_json(folder / META_FILE, {**meta, "step": step, "world_size": _world(),
+                                                   "train_batch_size": engine.train_batch_size()})
             if rank0_extra is not None:
                 rank0_extra(folder)
         barrier()
@@ -210,6 +213,7 @@ class Checkpointer:
             atomic_write_text(self.root / "latest", tag)
             for old in self.complete_tags()[:-self.keep_last]:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+                shutil.rmtree(self.root / UNIVERSAL_DIR / old, ignore_errors=True)
         barrier()
         return folder
 
@@ -233,21 +237,42 @@ class Checkpointer:
             raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER}); "
                                   "resume picks the newest complete one")
         written = json.loads((folder / META_FILE).read_text()).get("world_size", _world())
-        if written != _world():
-            # ZeRO-3 optimizer partitions and per-rank RNG are laid out for the writing world size.
-            raise CheckpointError(f"{folder}: written by {written} ranks, this run has {_world()}; resume "
-                                  f"with launcher.num_gpus x launcher.num_nodes = {written}, or export it "
-                                  "with tools/zero_to_hf.py (any rank count) and start a new run from that")
-        _, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
-        if client_state is None:
-            raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
-        rng = load_file(str(folder / f"rng_rank{rank():05d}.safetensors"))
-        torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["torch_cuda"])
+        if written == _world():
+            client_state = self._load_engine(engine, self.root, tag)
+            rng = load_file(str(folder / f"rng_rank{rank():05d}.safetensors"))
+            torch.set_rng_state(rng["torch_cpu"])
+            if "torch_cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["torch_cuda"])
+        else:
+            client_state = self._load_resharded(engine, folder, written)
         state_path = folder / "maskprune_state.safetensors"
         tensors = load_file(str(state_path)) if state_path.is_file() else {}
         return client_state, tensors
+
+    @staticmethod
+    def _load_engine(engine: Any, root: Path, tag: str) -> dict[str, Any]:
+        _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+        if client_state is None:
+            raise CheckpointError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        return client_state
+
+    def _load_resharded(self, engine: Any, folder: Path, written: int) -> dict[str, Any]:
+        """A checkpoint of `written` ranks on this run's world size, through its universal form
+        (maskprune/universal.py); each rank's RNG reseeded from (seed, step, rank)."""
+        from maskprune.universal import convert_on_rank0
+
+        universal = convert_on_rank0(folder)
+        log(f"{folder}: written by {written} ranks, resuming on {_world()}: loading its universal form "
+            f"{universal}; RNG reseeded per rank, losses continue within fp tolerance, not bit-identically")
+        # DeepSpeed reads the flag at load time; only this load takes the universal path.
+        engine._config.load_universal_checkpoint = True
+        try:
+            client_state = self._load_engine(engine, universal.parent, universal.name)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        entropy = [client_state["data"]["seed"], client_state["step"], rank()]
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        return client_state
 
 
 # ----------------------------------------------------------------------------- validation
@@ -268,6 +293,18 @@ def validation_loss(engine: Any, valid: TokenShards, batch_size: int, max_batche
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(values)
     return values[0].item() / max(values[1].item(), 1.0)
+
+
+def mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Each value averaged over ranks (float64): a logged loss is the whole global batch's, the same
+    however the batch is split over ranks, so a resume on another world size continues the curve."""
+    names = sorted(values)
+    # On the device: NCCL reduces only GPU tensors.
+    stacked = torch.stack([torch.as_tensor(values[n], dtype=torch.float64, device=device) for n in names])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stacked)
+        stacked /= _world()
+    return dict(zip(names, stacked.cpu().tolist()))
 
 
 def _world() -> int:

@@ -20,6 +20,7 @@ from maskprune.prune_job import build_pruned_model, job_from_checkpoint
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,
                                 prepare_for_training)
+from maskprune.universal import grad_accum_for_resume
 from maskprune.watchdog import WATCHDOG
 
 
@@ -28,6 +29,7 @@ def main() -> int:
     dist, run = start_distributed("continued_pretrain", args.run_dir)
     cpt = run.cfg.continued_pretrain
     torch.manual_seed(cpt.train.seed)
+    cpt.train.grad_accum = grad_accum_for_resume(run.dir / "checkpoints", cpt.train, dist.world_size)
     ds = load_ds_config(cpt.ds_config, cpt.train)
     warn_if_fp32_on_gpu("continued_pretrain", ds)
     model_dir = run.upstream("hard_prune", "model")

@@ -21,6 +21,7 @@ from maskprune.masks_io import save_keep_indices
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.targets import check_target, resolve_target
 from maskprune.training import build_zero3_model, load_ds_config
+from maskprune.universal import grad_accum_for_resume
 
 
 def main() -> int:
@@ -28,6 +29,7 @@ def main() -> int:
     dist, run = start_distributed("mask_learn", args.run_dir)
     ml = run.cfg.mask_learn
     torch.manual_seed(ml.train.seed)
+    ml.train.grad_accum = grad_accum_for_resume(run.dir / "checkpoints", ml.train, dist.world_size)
     ds = load_ds_config(ml.ds_config, ml.train)
     warn_if_fp32_on_gpu("mask_learn", ds)
     model_dir = run.upstream("prepare", "model")

@@ -85,12 +85,15 @@ def test_kill_and_resume_gives_the_same_final_masks(learned: Path, tiny_tokenize
     os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run (after step 6)
     proc.wait()
     assert (run_dir / "mask_learn" / "checkpoints" / "step00000004" / "COMPLETE").is_file()
-    # ZeRO-3 partitions are laid out for 2 ranks: a 1-rank resume is refused, saying what to do.
+    # Another rank count resumes (test_universal_resume.py) if it can keep the global batch of
+    # 4 x 2 = 8 sequences; 3 ranks of 4 cannot: refused before anything is written, saying what to do.
+    before = sorted(p.name for p in (run_dir / "mask_learn" / "checkpoints").iterdir())
     other = run_cli("run", "configs/tiny.toml", "--run-dir", str(run_dir), "--until", "mask_learn",
-                    *STEPS, "--set", "launcher.num_gpus=1", check=False)
+                    *STEPS, "--set", "launcher.num_gpus=3", check=False)
     assert other.returncode == 2
-    assert "written by 2 ranks, this run has 1; resume with launcher.num_gpus x launcher.num_nodes = 2" \
-        in other.stderr
+    assert "written by 2 ranks with a global batch of 8 sequences; 3 ranks x micro_batch_size 4 cannot " \
+        "make it up" in other.stderr, other.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "mask_learn" / "checkpoints").iterdir()) == before
     result = run_mask_learn(run_dir)
     assert "resume" in result.stdout
     fresh = load_file(str(learned / "mask_learn" / "masks.safetensors"))

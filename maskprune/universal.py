@@ -1,0 +1,122 @@
+"""Resuming a ZeRO-3 checkpoint on a different number of ranks, through DeepSpeed universal checkpoints.
+
+    python -m maskprune.universal RUN/mask_learn/checkpoints [--tag step00000040] [--workers 8]
+
+A ZeRO-3 checkpoint holds each rank's flat slice of the fp32 weights and Adam moments, so it loads
+only on the world size that wrote it. `ds_to_universal` merges the slices into one file per
+parameter and state (`universal/<tag>/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt`), which any world
+size re-partitions on load. The conversion goes into a sibling folder (staged, then renamed), never
+touches the original, and is done once: a resume finds it ready. The command above runs it as its own
+step (parallel workers, no distributed job waiting); a resume that finds no conversion makes one on
+rank 0 (one worker) while the other ranks wait.
+
+What carries over and how:
+- Trained parameters and their optimizer state: the universal form. Only parameters the optimizer
+  holds are in it: mask_learn's frozen base weights are excluded from its checkpoints and come, as
+  on every resume, from the model the stage starts from.
+- Masks, dual variables, target dims, hardening masks: rank 0's `maskprune_state.safetensors`
+  (replicated on every rank, independent of the world size).
+- Data position: one global sample count (maskprune/data.py), so the same samples follow in the same
+  order. The global batch (micro x grad_accum x ranks) is kept: grad_accum is recomputed for the new
+  world size (`grad_accum_for_resume`), and a world size that cannot reach the checkpoint's global
+  batch with this micro batch is refused with the numbers to use.
+- RNG: per-rank generator states have no counterpart on another world size; each rank is reseeded
+  from (seed, step, rank). The training losses therefore continue within floating-point tolerance
+  (the gradient sums run in another order), not bit-identically as on the same world size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from maskprune.config import TrainLoopConfig
+from maskprune.dist import barrier, log, rank
+from maskprune.training import COMPLETE_MARKER, META_FILE, UNIVERSAL_DIR, Checkpointer, CheckpointError
+
+
+def universal_folder(checkpoint: Path) -> Path:
+    """Where the universal form of checkpoint folder `root/<tag>` lives: `root/universal/<tag>`."""
+    return checkpoint.parent / UNIVERSAL_DIR / checkpoint.name
+
+
+def convert(checkpoint: Path, workers: int = 1) -> Path:
+    """The universal form of `checkpoint`, made if missing: staged in a `.partial` folder and renamed,
+    so a kill mid-conversion leaves nothing that is taken for a finished one."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = universal_folder(checkpoint)
+    if (out / COMPLETE_MARKER).is_file():
+        return out
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(staging),
+                              num_extract_workers=workers, num_merge_workers=workers,
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    ds_to_universal(args)
+    # ds_to_universal points a `latest_universal` file at its output folder; we always load by tag.
+    (staging.parent / "latest_universal").unlink(missing_ok=True)
+    (staging / COMPLETE_MARKER).write_text(f"{checkpoint.name}\n")
+    staging.rename(out)
+    return out
+
+
+def convert_on_rank0(checkpoint: Path) -> Path:
+    """`convert` run by rank 0 alone while the other ranks wait; every rank gets the folder."""
+    out = universal_folder(checkpoint)
+    if rank() == 0 and not (out / COMPLETE_MARKER).is_file():
+        log(f"converting {checkpoint} to a universal checkpoint in {out} (one worker; "
+            f"`python -m maskprune.universal {checkpoint.parent}` does it beforehand, in parallel)")
+        convert(checkpoint)
+    barrier()
+    return out
+
+
+def grad_accum_for_resume(root: Path, train: TrainLoopConfig, world_size: int) -> int:
+    """The grad_accum that keeps the newest complete checkpoint's global batch on `world_size` ranks
+    (train.grad_accum when nothing is resumed or the world size is the checkpoint's)."""
+    tag = Checkpointer(root, 1).latest() if train.resume == "auto" else None
+    if tag is None:
+        return train.grad_accum
+    meta = json.loads((root / tag / META_FILE).read_text())
+    if meta["world_size"] == world_size or "train_batch_size" not in meta:
+        return train.grad_accum
+    global_batch = int(meta["train_batch_size"])
+    per_accum = train.micro_batch_size * world_size
+    if global_batch % per_accum:
+        raise CheckpointError(
+            f"{root / tag}: written by {meta['world_size']} ranks with a global batch of {global_batch} "
+            f"sequences; {world_size} ranks x micro_batch_size {train.micro_batch_size} cannot make it up "
+            f"({global_batch} is not a multiple of {per_accum}); resume on a number of ranks that divides "
+            f"{global_batch // train.micro_batch_size}, or set micro_batch_size so that micro_batch_size x "
+            f"ranks divides {global_batch}")
+    accum = global_batch // per_accum
+    if accum != train.grad_accum:
+        log(f"resuming {root / tag} ({meta['world_size']} ranks) on {world_size} ranks: grad_accum "
+            f"{train.grad_accum} -> {accum}, keeping the global batch of {global_batch} sequences")
+    return accum
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Convert a stage's checkpoint to the universal form, "
+                                     "ready for a resume on another number of ranks.")
+    parser.add_argument("checkpoints", type=Path, help="a stage's checkpoints folder, e.g. RUN/mask_learn/checkpoints")
+    parser.add_argument("--tag", help="the checkpoint to convert (default: the newest complete one)")
+    parser.add_argument("--workers", type=int, default=4, help="parallel processes (default 4)")
+    args = parser.parse_args(argv)
+    tag = args.tag or Checkpointer(args.checkpoints, 1).latest()
+    if tag is None or not (args.checkpoints / tag / COMPLETE_MARKER).is_file():
+        print(f"maskprune.universal: error: no complete checkpoint {tag or ''} in {args.checkpoints}; "
+              "name a folder holding step*/COMPLETE", file=sys.stderr)
+        return 2
+    out = convert(args.checkpoints / tag, workers=args.workers)
+    print(f"{args.checkpoints / tag} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Resume on another number of ranks (maskprune/universal.py): a checkpoint written by 2 ZeRO-3 CPU ranks
+continues on 1 and on 4 ranks, in mask_learn and in continued_pretrain.
+
+What must hold: the resumed run converts the checkpoint once into `checkpoints/universal/<tag>` without
+touching the original, keeps the global batch by changing grad_accum, trains on the same samples, and its
+logged losses (the mean over the global batch) follow the uninterrupted 2-rank run's step by step within
+fp tolerance (the gradient sums run in another order); mask_learn ends with the same masks.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import copy_run
+from helpers import run_cli
+from maskprune.config import TrainLoopConfig
+from maskprune.rundir import RunDir
+from maskprune.training import CheckpointError
+from maskprune.universal import grad_accum_for_resume
+
+STAGES = {"mask_learn": 8, "continued_pretrain": 6}  # steps; checkpoints every half
+SETTINGS = [f"{stage}.train.{key}={value}" for stage, steps in STAGES.items() for key, value in
+            (("steps", steps), ("checkpoint_every", steps // 2), ("keep_last", 4), ("micro_batch_size", 1),
+             ("grad_accum", 2), ("warmup_steps", 2), ("eval_every", steps), ("eval_batches", 2))]
+SETTINGS.append("mask_learn.budget_warmup_steps=3")
+DOWNSTREAM = {"mask_learn": ("hard_prune", "continued_pretrain", "evaluate"),
+              "continued_pretrain": ("evaluate",)}
+
+
+def run_argv(run_dir: Path, until: str, ranks: int) -> list[str]:
+    return ["run", "configs/tiny.toml", "--run-dir", str(run_dir), "--until", until,
+            *[x for s in [*SETTINGS, f"launcher.num_gpus={ranks}"] for x in ("--set", s)]]
+
+
+def losses(tb_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def digest_tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_tokenized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = copy_run(tiny_tokenized, tmp_path_factory.mktemp("universal") / "uninterrupted")
+    run_cli(*run_argv(run_dir, "continued_pretrain", ranks=2))
+    return run_dir
+
+
+def cut_back(uninterrupted: Path, stage: str, dest: Path) -> tuple[Path, str]:
+    """A copy of the uninterrupted run as if `stage` had died right after its middle checkpoint."""
+    run_dir = copy_run(uninterrupted, dest)
+    run = RunDir(run_dir)
+    for later in DOWNSTREAM[stage]:
+        run.clear_stage(later)
+    root = run_dir / stage / "checkpoints"
+    middle = f"step{STAGES[stage] // 2:08d}"
+    for tag in root.glob("step*"):
+        if tag.name > middle:
+            shutil.rmtree(tag)
+    (root / "latest").write_text(middle)
+    run.mark_failed(stage, "node lost")
+    return run_dir, middle
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_checkpoint_of_two_ranks_resumes_on_another_number(uninterrupted: Path, tmp_path: Path, stage: str,
+                                                           ranks: int) -> None:
+    run_dir, middle = cut_back(uninterrupted, stage, tmp_path / "run")
+    root = run_dir / stage / "checkpoints"
+    original = digest_tree(root / middle)
+
+    out = run_cli(*run_argv(run_dir, stage, ranks)).stdout
+    assert f"written by 2 ranks, resuming on {ranks}: loading its universal form {root / 'universal' / middle}" \
+        in out, out[-3000:]
+    accum = 4 // ranks
+    assert f"grad_accum 2 -> {accum}, keeping the global batch of 4 sequences" in out, out[-3000:]
+    assert f"resumed from {root / middle} at step {STAGES[stage] // 2}" in out, out[-3000:]
+    assert digest_tree(root / middle) == original  # converted beside it, never in place
+    assert not list((root / "universal").glob(".*partial"))
+
+    # The resumed steps' losses (means over the same global batches) follow the 2-rank run.
+    tag = "loss/total" if stage == "mask_learn" else "loss/train"
+    expected, got = losses(uninterrupted / "tb" / stage, tag), losses(run_dir / "tb" / stage, tag)
+    resumed_steps = list(range(STAGES[stage] // 2 + 1, STAGES[stage] + 1))
+    assert sorted(got) == resumed_steps
+    for step in resumed_steps:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+    if stage == "mask_learn":
+        ref, new = (load_file(str(r / "mask_learn" / "masks.safetensors")) for r in (uninterrupted, run_dir))
+        for name in ("keep.q_heads", "keep.kv_heads", "keep.ffn"):
+            assert torch.equal(ref[name], new[name]), name
+        lora = [load_file(str(r / "mask_learn" / "lora" / "adapter_model.safetensors"))
+                for r in (uninterrupted, run_dir)]
+        for name in lora[0]:
+            torch.testing.assert_close(lora[1][name], lora[0][name], rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fast: the batch arithmetic
+
+def fake_checkpoint(root: Path, world_size: int, train_batch_size: int) -> None:
+    tag = root / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / "maskprune_meta.json").write_text(json.dumps({"world_size": world_size,
+                                                         "train_batch_size": train_batch_size}))
+    (tag / "COMPLETE").write_text("4\n")
+
+
+def test_grad_accum_keeps_the_checkpoints_global_batch(tmp_path: Path) -> None:
+    fake_checkpoint(tmp_path, world_size=16, train_batch_size=64)  # 2 nodes x 8 GPUs, micro 2, accum 2
+    train = TrainLoopConfig(micro_batch_size=2, grad_accum=2)
+    assert grad_accum_for_resume(tmp_path, train, 16) == 2
+    assert grad_accum_for_resume(tmp_path, train, 8) == 4  # a node lost
+    assert grad_accum_for_resume(tmp_path, train, 32) == 1  # more nodes
+    assert grad_accum_for_resume(tmp_path, TrainLoopConfig(micro_batch_size=2, grad_accum=2, resume="never"),
+                                 8) == 2
+    assert grad_accum_for_resume(tmp_path / "none", train, 8) == 2  # nothing to resume
+    with pytest.raises(CheckpointError, match="global batch of 64 sequences; 24 ranks x micro_batch_size 2 "
+                                              "cannot make it up"):
+        grad_accum_for_resume(tmp_path, train, 24)
+    with pytest.raises(CheckpointError, match="64 is not a multiple of 128"):
+        grad_accum_for_resume(tmp_path, train, 64)
