@@ -9,6 +9,7 @@ checkpoint and published whole as RUN/export/model/ (tools/zero_to_hf.py's path)
 only the staging folder RUN/export/.model.partial, and the rerun starts the export over: it reads
 the checkpoint once, minutes against the hours of training that wrote it.
 """
+import os
 import sys
 
 from maskprune.dist import log, stage_argv_parser
@@ -18,6 +19,10 @@ from maskprune.stage import StageRun, run_stage
 
 def main() -> int:
     args = stage_argv_parser(__doc__).parse_args()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # N copies would write the same staging folder at once and leave N-1 accelerators idle.
+        raise ValueError("the export stage runs as one process: start it with `python "
+                         "pipeline/stage_export.py` (or `maskprune run`), not under deepspeed/torchrun/srun")
     run = StageRun("export", args.run_dir)
     checkpoints = run.upstream("continued_pretrain", "checkpoints")
     tag = run.upstream("continued_pretrain", "final_tag")
