@@ -67,7 +67,7 @@ def run_method(args: argparse.Namespace, base: Path, run_dir: Path, overrides: l
     copy_run(base, run_dir)
     # Training stages with the pipeline's own environment (1 thread per rank); the single-process
     # evaluation with every core.
-    maskprune_cli(args.config, run_dir, overrides, "--until", "continued_pretrain")
+    maskprune_cli(args.config, run_dir, overrides, "--until", "export")
     maskprune_cli(args.config, run_dir, overrides, "--only", "evaluate", threads=args.eval_threads)
     return json.loads((run_dir / "evaluate" / "results.json").read_text())
 

@@ -273,7 +273,6 @@ class ContinuedPretrainConfig(TrainingStageConfig):
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4, weight_decay=0.01))
     # kl_weight > 0: distil from the dense source model (prepare's), itself partitioned by ZeRO-3.
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(kl_weight=0.0))
-    shard_size_mb: int = 2000  # safetensors shard size of the exported HF model
 
     def validate(self) -> None:
         if self.distill.kl_weight < 0:
@@ -281,8 +280,27 @@ class ContinuedPretrainConfig(TrainingStageConfig):
         if self.distill.hidden_weight != 0:
             raise ConfigError("continued_pretrain.distill.hidden_weight: only logit distillation "
                               "(kl_weight) is supported here; set hidden_weight = 0")
+
+
+@dataclass
+class ExportConfig:
+    """The export stage: continued_pretrain's final ZeRO-3 checkpoint -> a plain HF model, in one
+    process after the training job has exited."""
+    shard_size_mb: int = 2000  # largest safetensors shard of the exported model
+    # Sequences of the built-in check of the written model against the checkpoint (0 skips it).
+    equivalence_sequences: int = 4
+    equivalence_seq_len: int = 32
+
+    def validate(self) -> None:
         if self.shard_size_mb < 1:
-            raise ConfigError("continued_pretrain.shard_size_mb: must be >= 1")
+            raise ConfigError("export.shard_size_mb: must be >= 1")
+        if self.equivalence_sequences < 0 or self.equivalence_seq_len < 1:
+            raise ConfigError("export.equivalence_sequences / export.equivalence_seq_len: must be >= 0 / >= 1")
+
+    def prune_config(self) -> HardPruneConfig:
+        """The settings of the shared hard-prune writer (no keep indices: consolidation only)."""
+        return HardPruneConfig(shard_size_mb=self.shard_size_mb, equivalence_sequences=self.equivalence_sequences,
+                               equivalence_seq_len=self.equivalence_seq_len)
 
 
 @dataclass
@@ -336,6 +354,7 @@ class ExperimentConfig:
     mask_learn: MaskLearnConfig = field(default_factory=MaskLearnConfig)
     hard_prune: HardPruneConfig = field(default_factory=HardPruneConfig)
     continued_pretrain: ContinuedPretrainConfig = field(default_factory=ContinuedPretrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
@@ -405,12 +424,18 @@ def _closest(key: str, names: list[str]) -> str | None:
     return initials if initials in names else None
 
 
+# Keys that an older release read from another place (a frozen RUN/config.toml may still have them).
+MOVED_KEYS = {"continued_pretrain.shard_size_mb": "export.shard_size_mb"}
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
+        if path in MOVED_KEYS:
+            raise ConfigError(f"{path}: moved to {MOVED_KEYS[path]}; rename it there")
         if key not in hints:
             close = _closest(key, names)
             hint = f"; did you mean {(where + '.' if where else '') + close!r}?" if close else \

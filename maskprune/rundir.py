@@ -23,7 +23,7 @@ from typing import Any
 
 from maskprune.config import ExperimentConfig, config_to_dict, dump_config, load_config
 
-STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain", "evaluate")
+STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain", "export", "evaluate")
 
 # Which config sections (dotted for a single field) and which upstream stages each stage reads.
 # prepare reads the text only to build the tiny model, so tokenize-only settings do not touch it.
@@ -33,7 +33,8 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mask_learn": (("target", "mask_learn", "hard_prune.architecture"), ("prepare", "tokenize")),
     "hard_prune": (("hard_prune",), ("prepare", "mask_learn")),
     "continued_pretrain": (("continued_pretrain",), ("prepare", "tokenize", "hard_prune")),
-    "evaluate": (("evaluate", "data.eval_text"), ("prepare", "tokenize", "hard_prune", "continued_pretrain")),
+    "export": (("export",), ("continued_pretrain",)),
+    "evaluate": (("evaluate", "data.eval_text"), ("prepare", "tokenize", "hard_prune", "export")),
 }
 
 
@@ -169,7 +170,7 @@ class RunDir:
         self.save_state(state)
 
     def final_checkpoint(self) -> str | None:
-        for stage in ("continued_pretrain", "hard_prune"):
+        for stage in ("export", "hard_prune"):
             state = self.state(stage)
             if state.status == "done" and state.outputs and state.outputs.get("model"):
                 return state.outputs["model"]

@@ -3,25 +3,21 @@
     deepspeed --num_gpus 2 pipeline/stage_continued_pretrain.py --run-dir runs/tiny
 
 Trains hard_prune's model on the tokenize stage's train split (optionally distilling from prepare's
-dense model), validates on the valid split, checkpoints to RUN/continued_pretrain/checkpoints/
-(resumable with resume = "auto") and exports the last checkpoint as a plain HF model to
-RUN/continued_pretrain/model/.
+dense model), validates on the valid split and checkpoints to RUN/continued_pretrain/checkpoints/
+(resumable with resume = "auto"). Outputs the checkpoint root and the final tag; the export stage
+turns that tag into a plain HF model once this job (and every rank and GPU of it) has exited.
 """
 
 import torch
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from maskprune.config import HardPruneConfig
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dist import StopFlag, log, stage_argv_parser
 from maskprune.mask_learn import PREEMPTED_EXIT_CODE
 from maskprune.pretrain import Pretrainer, build_teacher
-from maskprune.prune_job import build_pruned_model, job_from_checkpoint
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,
                                 prepare_for_training)
 from maskprune.universal import grad_accum_for_resume
-from maskprune.watchdog import WATCHDOG
 
 
 def main() -> int:
@@ -51,19 +47,9 @@ def main() -> int:
         tb_dir=run.tb_dir, progress_path=run.dir / "progress.json")
     if not trainer.run(StopFlag(run.run.root / "STOP")):
         return PREEMPTED_EXIT_CODE
-    out = run.dir / "model"
-    # Training is over: from here models load plainly. With the ZeRO-3 config still registered, the
-    # export's check would partition its reference model across ranks that are no longer there.
-    unset_hf_deepspeed_config()
-    if dist.is_rank0:
-        # tools/zero_to_hf.py's path: fp32 partitions read one parameter at a time, written in the
-        # pruned model's dtype, checked against the checkpoint, published whole (staging folder).
-        with WATCHDOG.guard("export"):
-            report = build_pruned_model(job_from_checkpoint(trainer.final_checkpoint()), out,
-                                        HardPruneConfig(shard_size_mb=cpt.shard_size_mb), progress=False)
-        log(f"continued_pretrain: exported {trainer.final_checkpoint().name} -> {out} "
-            f"({report['params_after']:,} parameters, check max |diff| {report['max_abs_diff']})")
-    run.finish({"model": str(out), "checkpoints": str(run.dir / "checkpoints")})
+    final = trainer.final_checkpoint()
+    log(f"continued_pretrain: final checkpoint {final}; the export stage makes the HF model from it")
+    run.finish({"checkpoints": str(final.parent), "final_tag": final.name})
     return 0
 
 

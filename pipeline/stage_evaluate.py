@@ -1,4 +1,4 @@
-"""Stage 5, evaluate: dense, pruned and pruned + continued-pretrain side by side in one table.
+"""Stage 6, evaluate: dense, pruned and pruned + continued-pretrain side by side in one table.
 
     python pipeline/stage_evaluate.py --run-dir runs/tiny
 
@@ -27,7 +27,7 @@ from maskprune.stage import StageRun, run_stage
 from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
 
 # (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
-MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "continued_pretrain"))
+MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "export"))
 
 
 def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,

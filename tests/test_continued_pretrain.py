@@ -1,5 +1,7 @@
 """Continued pretraining on 2 CPU ranks under ZeRO-3: the loss falls on real text, a SIGKILLed run
 resumed with resume = "auto" ends in the very same weights, and its TensorBoard curves do not overlap.
+The export stage, one process after the training job has exited, turns the final checkpoint into
+the HF model.
 
 The pruned model is a small random-init Llama (built in code, with the prepared model's tokenizer)
 recorded as hard_prune's output, so these tests need only the prepare and tokenize stages.
@@ -12,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from maskprune.rundir import RunDir
 from maskprune.safetensors_io import SafetensorsDir
 
 STAGE = REPO / "pipeline" / "stage_continued_pretrain.py"
+EXPORT = REPO / "pipeline" / "stage_export.py"
 STEPS = 12
 SETTINGS = [f"continued_pretrain.train.steps={STEPS}", "continued_pretrain.train.micro_batch_size=2",
             "continued_pretrain.train.grad_accum=2", "continued_pretrain.train.warmup_steps=2",
@@ -88,6 +92,12 @@ def run_stage(run_dir: Path, timeout: float = 900) -> str:
     return proc.stdout
 
 
+def run_export(run_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """The export stage as `maskprune run` starts it: plain python, no launcher."""
+    return subprocess.run([sys.executable, str(EXPORT), "--run-dir", str(run_dir)], cwd=REPO,
+                          env=cpu_env(**env), capture_output=True, text=True, timeout=600)
+
+
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -103,8 +113,12 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(base_run: Path) -> tuple[Path, str]:
+    """The training job, then (once it has exited) the export; returns the training job's output."""
     run_dir = fresh_run(base_run, base_run.parent / "uninterrupted")
-    return run_dir, run_stage(run_dir)
+    stdout = run_stage(run_dir)
+    export = run_export(run_dir)
+    assert export.returncode == 0, export.stderr[-5000:]
+    return run_dir, stdout
 
 
 @pytest.mark.slow
@@ -119,9 +133,11 @@ def test_loss_falls_and_the_export_is_the_trained_model(uninterrupted: tuple[Pat
         assert scalars(run_dir, tag), tag
     state = RunDir(run_dir).state("continued_pretrain")
     assert state.status == "done"
-    model_dir = Path(state.outputs["model"])
     checkpoints = Path(state.outputs["checkpoints"])
     assert sorted(p.name for p in checkpoints.glob("step*")) == ["step00000009", "step00000012"]
+    assert state.outputs["final_tag"] == "step00000012"
+    model_dir = Path(RunDir(run_dir).state("export").outputs["model"])
+    assert model_dir == run_dir / "export" / "model"
     meta = json.loads((checkpoints / "step00000012" / "maskprune_meta.json").read_text())
     assert meta["stage"] == "continued_pretrain" and meta["lora"] is None and meta["masks"] is None
 
@@ -159,9 +175,10 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_weights(
     assert killed_at < STEPS
     stdout = run_stage(run_dir)
     assert "resumed from" in stdout
+    assert run_export(run_dir).returncode == 0
 
-    expected = weights(Path(RunDir(uninterrupted[0]).state("continued_pretrain").outputs["model"]))
-    got = weights(run_dir / "continued_pretrain" / "model")
+    expected = weights(Path(RunDir(uninterrupted[0]).state("export").outputs["model"]))
+    got = weights(run_dir / "export" / "model")
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
@@ -184,7 +201,40 @@ def test_distillation_with_activation_checkpointing(base_run: Path) -> None:
     assert len(distill) == 4 and all(d > 0 for d in distill)
     for c, d, t in zip(ce, distill, total):
         assert abs(c + 0.5 * d - t) < 1e-5
-    assert (run_dir / "continued_pretrain" / "model" / "config.json").is_file()
+    assert (run_dir / "continued_pretrain" / "checkpoints" / "step00000004" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_the_training_job_exports_nothing_and_the_export_runs_after_it(
+        uninterrupted: tuple[Path, str]) -> None:
+    run_dir, stdout = uninterrupted
+    run = RunDir(run_dir)
+    cpt, export = run.state("continued_pretrain"), run.state("export")
+    # The distributed job ends with its checkpoint: no model folder, no export line in its log.
+    assert set(cpt.outputs) == {"checkpoints", "final_tag"}
+    assert not (run_dir / "continued_pretrain" / "model").exists()
+    assert "] export: " not in stdout and "prune_report" not in stdout
+    # The export started only once the training job had recorded its end (and exited: run_stage
+    # waited for the launcher), in its own process, and exported exactly the final tag.
+    assert export.status == "done" and export.started_at > cpt.finished_at
+    report = json.loads((run_dir / "export" / "model" / "prune_report.json").read_text())
+    assert report["origin"]["checkpoint"] == str(Path(cpt.outputs["checkpoints"]) / cpt.outputs["final_tag"])
+    assert report["origin"]["stage"] == "continued_pretrain" and report["origin"]["step"] == STEPS
+    assert export.outputs["checkpoint"] == report["origin"]["checkpoint"]
+
+
+def test_export_refuses_to_run_as_many_ranks(tmp_path: Path) -> None:
+    # Under deepspeed/torchrun every rank would write the same staging folder: one clear error instead.
+    proc = run_export(tmp_path, WORLD_SIZE="2", RANK="0")
+    assert proc.returncode == 2 and proc.stderr.count("maskprune: error:") == 1, proc.stderr[-3000:]
+    assert "runs as one process" in proc.stderr
+    assert not (tmp_path / "export").exists()
+
+
+def test_shard_size_moved_to_the_export_section() -> None:
+    with pytest.raises(ConfigError, match="continued_pretrain.shard_size_mb: moved to export.shard_size_mb"):
+        load_config(REPO / "configs" / "tiny.toml", ["continued_pretrain.shard_size_mb=100"])
+    assert load_config(REPO / "configs" / "tiny.toml", ["export.shard_size_mb=100"]).export.shard_size_mb == 100
 
 
 @pytest.mark.slow

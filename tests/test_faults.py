@@ -1,5 +1,6 @@
 """Fault injection on the real pipeline (2 CPU ranks, ZeRO-3, fp32): SIGKILL of one rank mid-training,
-a checkpoint write cut short, a kill during hard-prune and during tools/zero_to_hf.py.
+a checkpoint write cut short, a kill during hard-prune, during the export stage and during
+tools/zero_to_hf.py.
 
 What must hold: the launcher tears the job down and `maskprune run` reports the failure; the same
 command resumes from the newest *complete* checkpoint and ends bit-identical to an uninterrupted run;
@@ -142,7 +143,7 @@ def plant_incomplete(root: Path, latest: str, every: int) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_tokenized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = copy_run(tiny_tokenized, tmp_path_factory.mktemp("faults") / "uninterrupted")
-    run_cli(*run_argv(run_dir, "continued_pretrain"))
+    run_cli(*run_argv(run_dir, "export"))
     return run_dir
 
 
@@ -172,7 +173,7 @@ def after_hard_prune(uninterrupted: Path, tmp_path: Path) -> Path:
     """A copy of the uninterrupted run with everything after hard_prune not yet run."""
     run_dir = copy_run(uninterrupted, tmp_path / "run")
     run = RunDir(run_dir)
-    for stage in ("continued_pretrain", "evaluate"):
+    for stage in ("continued_pretrain", "export", "evaluate"):
         run.clear_stage(stage)
     return run_dir
 
@@ -187,10 +188,10 @@ def test_kill_one_continued_pretrain_rank_then_resume_is_bit_identical(uninterru
     root = run_dir / "continued_pretrain" / "checkpoints"
     latest = check_checkpoints(root)
     plant_incomplete(root, latest, every=3)
-    resumed = run_cli(*run_argv(run_dir, "continued_pretrain")).stdout
+    resumed = run_cli(*run_argv(run_dir, "export")).stdout
     assert f"resumed from {root / latest}" in resumed, resumed[-3000:]
     check_checkpoints(root)
-    assert_identical(uninterrupted / "continued_pretrain" / "model", run_dir / "continued_pretrain" / "model")
+    assert_identical(uninterrupted / "export" / "model", run_dir / "export" / "model")
 
 
 def test_incomplete_checkpoint_is_refused_by_conversion_and_never_latest(uninterrupted: Path,
@@ -230,7 +231,7 @@ SLOW_CHECK = ["--set", "hard_prune.equivalence_sequences=64", "--set", "hard_pru
 
 def test_kill_during_hard_prune_leaves_no_finished_looking_output(uninterrupted: Path, tmp_path: Path) -> None:
     run_dir = copy_run(uninterrupted, tmp_path / "run")
-    for stage in ("hard_prune", "continued_pretrain", "evaluate"):
+    for stage in ("hard_prune", "continued_pretrain", "export", "evaluate"):
         RunDir(run_dir).clear_stage(stage)
     argv = [str(BIN / "maskprune"), *run_argv(run_dir, "hard_prune"), *SLOW_CHECK]
     kill_when_staging(argv, run_dir / "hard_prune" / ".model.partial", tmp_path / "killed.log", cpu_env())
@@ -247,6 +248,31 @@ def test_kill_during_hard_prune_leaves_no_finished_looking_output(uninterrupted:
     assert_identical(uninterrupted / "hard_prune" / "model", run_dir / "hard_prune" / "model")
 
 
+def test_kill_during_export_leaves_no_model_and_the_rerun_redoes_only_the_export(uninterrupted: Path,
+                                                                                 tmp_path: Path) -> None:
+    run_dir = copy_run(uninterrupted, tmp_path / "run")  # continued_pretrain done, its checkpoints kept
+    run = RunDir(run_dir)
+    for stage in ("export", "evaluate"):
+        run.clear_stage(stage)
+    checkpoints = Path(run.state("continued_pretrain").outputs["checkpoints"])
+    before = digest_tree(checkpoints)
+    slow_check = ["--set", "export.equivalence_sequences=64", "--set", "export.equivalence_seq_len=256"]
+    argv = [str(BIN / "maskprune"), *run_argv(run_dir, "export"), *slow_check]
+    kill_when_staging(argv, run_dir / "export" / ".model.partial", tmp_path / "killed.log", cpu_env())
+    assert run.state("export").status == "running"
+    assert not (run_dir / "export" / "model").exists()
+    # What is offered as the result is still the last finished model, not a half-written export.
+    assert run.final_checkpoint() == run.state("hard_prune").outputs["model"]
+
+    out = run_cli(*run_argv(run_dir, "export"), *slow_check).stdout
+    assert "continued_pretrain: done, skipped" in out and "export: running (resume)" in out, out[-3000:]
+    assert run.state("continued_pretrain").attempts == RunDir(uninterrupted).state("continued_pretrain").attempts
+    assert digest_tree(checkpoints) == before  # training was not redone, its checkpoints untouched
+    assert run.state("export").status == "done" and run.final_checkpoint() == str(run_dir / "export" / "model")
+    assert not (run_dir / "export" / ".model.partial").exists()
+    assert_identical(uninterrupted / "export" / "model", run_dir / "export" / "model")
+
+
 def test_kill_during_conversion_keeps_the_previous_export(uninterrupted: Path, tmp_path: Path) -> None:
     root = uninterrupted / "continued_pretrain" / "checkpoints"
     out = tmp_path / "out"
@@ -261,4 +287,4 @@ def test_kill_during_conversion_keeps_the_previous_export(uninterrupted: Path, t
     assert digest_tree(out) == previous  # still the earlier, complete export
     subprocess.run(argv, cwd=REPO, env=cpu_env(), check=True, capture_output=True, timeout=300)
     assert not (tmp_path / ".out.partial").exists()
-    assert_identical(uninterrupted / "continued_pretrain" / "model", out)
+    assert_identical(uninterrupted / "export" / "model", out)

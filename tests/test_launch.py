@@ -97,13 +97,15 @@ def test_stage_command_srun_one_task_per_gpu():
                         str(stage_script("continued_pretrain")), "--run-dir", "/runs/x"]
 
 
-@pytest.mark.parametrize("kind", ["srun", "srun_tasks"])
-def test_single_process_stages_never_go_through_srun(kind):
+@pytest.mark.parametrize("stage", ["hard_prune", "export"])
+@pytest.mark.parametrize("kind", ["srun", "srun_tasks", "deepspeed"])
+def test_single_process_stages_never_go_through_srun(kind, stage):
     from maskprune.config import LauncherConfig
-    from maskprune.launcher import stage_command
+    from maskprune.launcher import stage_command, stage_script
 
-    argv = stage_command("hard_prune", Path("/r"), LauncherConfig(kind=kind, num_nodes=2))
-    assert argv[0] == sys.executable
+    # export runs after the training job has exited: one process on the batch host, no launcher.
+    argv = stage_command(stage, Path("/r"), LauncherConfig(kind=kind, num_nodes=2))
+    assert argv == [sys.executable, str(stage_script(stage)), "--run-dir", "/r"]
 
 
 def test_srun_kinds_are_valid_config_values(tmp_path):
@@ -308,7 +310,8 @@ def test_only_runs_one_stage_and_needs_the_earlier_ones(tmp_path, monkeypatch, c
 
     status = {s: v["status"] for s, v in RunDir(run).summary()["stages"].items()}
     assert status == {"prepare": "done", "tokenize": "done", "mask_learn": "pending",
-                      "hard_prune": "pending", "continued_pretrain": "pending", "evaluate": "pending"}
+                      "hard_prune": "pending", "continued_pretrain": "pending", "export": "pending",
+                      "evaluate": "pending"}
     with pytest.raises(SystemExit):
         cli.main(["run", "configs/tiny.toml", "--run-dir", run, "--only", "tokenize", "--until", "prepare"])
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import copy_run
 from helpers import run_cli
+from maskprune.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,8 @@ SHORT = ["--set", "mask_learn.train.steps=8", "--set", "mask_learn.budget_warmup
 @pytest.fixture(scope="module")
 def finished(tiny_tokenized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = copy_run(tiny_tokenized, tmp_path_factory.mktemp("pipeline") / "run")
-    run_cli("run", "configs/tiny.toml", "--run-dir", str(run_dir), *SHORT, timeout=1500)
+    out = run_cli("run", "configs/tiny.toml", "--run-dir", str(run_dir), *SHORT, timeout=1500).stdout
+    (run_dir.parent / "run.log").write_text(out)
     return run_dir
 
 
@@ -35,7 +37,7 @@ def test_final_checkpoint_is_a_plain_uniform_smaller_hf_model(finished: Path) ->
     info = status(finished)
     assert all(stage["status"] == "done" for stage in info["stages"].values())
     final = Path(info["final_checkpoint"])
-    assert final == finished / "continued_pretrain" / "model"
+    assert final == finished / "export" / "model"
     model = AutoModelForCausalLM.from_pretrained(final)  # no custom code, no trust_remote_code
     source = AutoModelForCausalLM.from_pretrained(info["stages"]["prepare"]["outputs"]["model"])
     q_rows = {layer.self_attn.q_proj.weight.shape[0] for layer in model.model.layers}
@@ -51,11 +53,25 @@ def test_final_checkpoint_is_a_plain_uniform_smaller_hf_model(finished: Path) ->
     assert set(results["models"]) == {"dense", "pruned", "pruned+cpt"}
 
 
+def test_export_runs_after_the_training_job_has_exited(finished: Path) -> None:
+    log = (finished.parent / "run.log").read_text()
+    training = log[log.index("[maskprune] continued_pretrain: running"):log.index("[maskprune] export: running")]
+    assert "resumed from" not in training and "final checkpoint" in training
+    assert "] export: " not in training  # the distributed job itself exported nothing
+    assert f"-> {finished / 'export' / 'model'}" in log[log.index("[maskprune] export: running"):]
+    run = RunDir(finished)
+    cpt, export = run.state("continued_pretrain"), run.state("export")
+    assert set(cpt.outputs) == {"checkpoints", "final_tag"} and cpt.outputs["final_tag"] == "step00000006"
+    assert not (finished / "continued_pretrain" / "model").exists()
+    # `maskprune run` marks a stage running only after the previous stage's process tree returned.
+    assert export.started_at > cpt.finished_at
+
+
 def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in finished.rglob("state.json")}
     out = run_cli("run", "configs/tiny.toml", "--run-dir", str(finished), *SHORT).stdout
     assert "nothing to do" in out
-    assert out.count("done, skipped") == 6
+    assert out.count("done, skipped") == 7
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("state.json")} == before
 
 
@@ -74,6 +90,6 @@ def test_reset_reruns_that_stage_and_the_ones_after_it(finished: Path) -> None:
     after = status(finished)["stages"]
     for stage in ("prepare", "tokenize", "mask_learn"):
         assert f"{stage}: done, skipped" in out
-    for stage in ("hard_prune", "continued_pretrain", "evaluate"):
+    for stage in ("hard_prune", "continued_pretrain", "export", "evaluate"):
         assert f"{stage}: running" in out
         assert after[stage]["attempts"] == before[stage]["attempts"] + 1

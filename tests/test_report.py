@@ -60,7 +60,9 @@ def _full_run(root: Path) -> RunDir:
     (model / "prune_report.json").write_text(json.dumps(
         {"config": FINAL, "params_before": PARAMS[0], "params_after": PARAMS[1]}))
     run.mark_done("hard_prune", {"model": str(model), "report": str(model / "prune_report.json")})
-    run.mark_done("continued_pretrain", {"model": str(root / "continued_pretrain" / "model")})
+    run.mark_done("continued_pretrain", {"checkpoints": str(root / "continued_pretrain" / "checkpoints"),
+                                         "final_tag": "step00000005"})
+    run.mark_done("export", {"model": str(root / "export" / "model")})
     results = {"models": {name: {"ppl": {"eval_text": {"128": {"ppl": a}, "2048": {"ppl": b}}}}
                           for name, (a, b) in PPL.items()}}
     (root / "evaluate").mkdir(exist_ok=True)
@@ -94,7 +96,7 @@ def test_report_full_synthetic_run(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "query heads 4 -> 2, KV heads 2 -> 2, FFN channels 600 -> 200" in out
     assert "eval_text @128: 10.12 (dense) -> 20.46 (pruned) -> 12.79 (pruned+cpt)" in out
     assert "eval_text @2048: 11.23 (dense)" in out
-    assert str(tmp_path / "continued_pretrain" / "model") in out and str(tmp_path / "report.md") in out
+    assert str(tmp_path / "export" / "model") in out and str(tmp_path / "report.md") in out
 
 
 def test_report_partial_run_lists_missing_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,7 +104,7 @@ def test_report_partial_run_lists_missing_stages(tmp_path: Path, capsys: pytest.
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     md = (tmp_path / "report.md").read_text()
-    missing = "tokenize, mask_learn, hard_prune, continued_pretrain, evaluate"
+    missing = "tokenize, mask_learn, hard_prune, continued_pretrain, export, evaluate"
     assert f"Not done: {missing}." in md and f"stages not done: {missing}" in out
     assert "the evaluate stage is not done" in md and "| FFN channels | 600 | - |" in md
     assert _check_pngs(tmp_path, md) == []

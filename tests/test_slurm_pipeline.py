@@ -1,7 +1,8 @@
 """Slow tier, issue 7: the REAL tiny pipeline as one job of a real single-host Slurm (tests/slurm/
 start_slurm.sh: munged, slurmctld, two `slurmd -N n1/n2`). `launch/pipeline.sbatch` runs `maskprune
 run` on the batch host; mask_learn and continued_pretrain start through `srun` (launcher.kind = srun),
-one deepspeed launcher per node, one CPU rank per node: a world of 2 ranks across the two "nodes".
+one deepspeed launcher per node, one CPU rank per node: a world of 2 ranks across the two "nodes";
+the export stage runs afterwards as one process on the batch host.
 The job is preempted once through the USR1 path (`scancel --batch --signal=USR1`, what `#SBATCH
 --signal=B:USR1@300` does before the time limit) during mask_learn: the trap writes RUN/STOP, every
 rank stops at the same step boundary with a checkpoint, the driver exits 3, the job requeues itself,
@@ -42,7 +43,7 @@ def reference(tiny_tokenized: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The same pipeline, uninterrupted, on this machine: 2 deepspeed CPU ranks on one node (up to
     the final model: evaluate writes nothing that is compared)."""
     run = copy_run(tiny_tokenized, tmp_path_factory.mktemp("slurm_reference") / "run")
-    run_cli("run", "configs/tiny.toml", "--run-dir", str(run), *SETS, "--until", "continued_pretrain",
+    run_cli("run", "configs/tiny.toml", "--run-dir", str(run), *SETS, "--until", "export",
             "--set", "launcher.kind=deepspeed", "--set", "launcher.num_nodes=1", "--set", "launcher.num_gpus=2",
             timeout=1500)
     return run
@@ -143,10 +144,10 @@ def test_pipeline_job_preempted_by_usr1_requeues_resumes_and_ends_bit_identical(
                                   run / "mask_learn" / "masks.safetensors")
     checked += assert_same_tensors(reference / "mask_learn" / "lora" / "adapter_model.safetensors",
                                    run / "mask_learn" / "lora" / "adapter_model.safetensors")
-    shards = sorted(p.name for p in (reference / "continued_pretrain" / "model").glob("*.safetensors"))
-    assert shards and shards == sorted(p.name for p in (run / "continued_pretrain" / "model").glob("*.safetensors"))
+    shards = sorted(p.name for p in (reference / "export" / "model").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (run / "export" / "model").glob("*.safetensors"))
     for shard in shards:
-        checked += assert_same_tensors(reference / "continued_pretrain" / "model" / shard,
-                                       run / "continued_pretrain" / "model" / shard)
+        checked += assert_same_tensors(reference / "export" / "model" / shard,
+                                       run / "export" / "model" / shard)
     print(f"job {job}: preempted at step {preempted_at}, stopped at step {stops[0]}, finished in "
           f"{elapsed:.0f} s; states {states}; {checked} tensors equal")
