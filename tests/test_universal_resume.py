@@ -28,8 +28,8 @@ SETTINGS = [f"{stage}.train.{key}={value}" for stage, steps in STAGES.items() fo
             (("steps", steps), ("checkpoint_every", steps // 2), ("keep_last", 4), ("micro_batch_size", 1),
              ("grad_accum", 2), ("warmup_steps", 2), ("eval_every", steps), ("eval_batches", 2))]
 SETTINGS.append("mask_learn.budget_warmup_steps=3")
-DOWNSTREAM = {"mask_learn": ("hard_prune", "continued_pretrain", "evaluate"),
-              "continued_pretrain": ("evaluate",)}
+DOWNSTREAM = {"mask_learn": ("hard_prune", "continued_pretrain", "export", "evaluate"),
+              "continued_pretrain": ("export", "evaluate")}
 
 
 def run_argv(run_dir: Path, until: str, ranks: int) -> list[str]:
