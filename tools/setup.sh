@@ -45,5 +45,5 @@ if [[ "$mode" == "demo" ]]; then
   .venv/bin/maskprune run configs/demo.toml --run-dir runs/demo
   .venv/bin/maskprune report runs/demo
 else
-  .venv/bin/python -m pytest tests -q -p no:cacheprovider
+  .venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=25
 fi
