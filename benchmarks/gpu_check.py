@@ -99,6 +99,7 @@ split = "train"
 
 [target]
 sparsity = 0.5
+ffn_alignment = {128 if gpu else 16}
 
 [launcher]
 kind = "deepspeed"
@@ -197,8 +198,9 @@ def main() -> int:
                 row["mfu"] = 6 * params * row["tokens_per_s"] / (gpus * peak * 1e12)
         figures[stage_dir.name] = row
     where = torch.cuda.get_device_name() if gpu else "CPU (smoke)"
-    print(f"\n[gpu_check] {where} x {gpus}, {dense_params / 1e9:.2f}B dense, batch {micro} x {seq_len} "
-          f"per rank, bf16 ZeRO-3, activation checkpointing; whole pipeline {total:.0f} s")
+    print(f"\n[gpu_check] {where} x {gpus}, {dense_params / 1e6:,.1f}M dense, batch {micro} x {seq_len} "
+          f"per rank, {'bf16 ZeRO-3, activation checkpointing' if gpu else 'fp32 ZeRO-3 on CPU'}; "
+          f"whole pipeline {total:.0f} s")
     print(f"{'stage':20s} {'seconds':>8s} {'tokens/s':>10s} {'GPU peak GiB':>13s} {'MFU':>6s}")
     for name, row in figures.items():
         cells = [f"{row['seconds']:8.1f}",
