@@ -342,12 +342,16 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(name: str, setup: Callab
     # Nothing that existed changed, except `maskprune run`'s frozen config and the state record of
     # a stage that was not done (now running/failed); no stage became done.
     after = snapshot(tmp_path, tiny_tokenized)
+    lock = ctx.run / ".lock"  # taken (rewritten) before anything in the run is read, released empty
     allowed = {str(ctx.run / "config.toml")} if kind == "stage" else set()
+    allowed.add(str(lock))
     allowed |= {str(ctx.run / s / "state.json") for s in STAGES if s not in done_before}
     changed = sorted(p for p, v in before.items() if p not in allowed and after.get(p) != v)
     assert not changed, changed
+    # The lock is the one new file a refused `maskprune run` may leave: released, naming no holder.
+    assert not lock.exists() or lock.read_text() == "", lock.read_text()
     if kind != "stage":
-        assert sorted(set(after) - set(before)) == [], "a refused command wrote files"
+        assert sorted(set(after) - set(before) - {str(lock)}) == [], "a refused command wrote files"
     now = statuses(ctx.run)
     if kind == "stage":
         # The stage named by the orchestrator failed; stages before it may have run (a model that
