@@ -248,8 +248,9 @@ def test_activation_checkpointing_gives_the_same_losses_and_weights(
         plain, checkpointed = scalars(uninterrupted[0], tag), scalars(run_dir, tag)
         assert [s for s, _ in checkpointed] == [s for s, _ in plain], tag
         assert [v for _, v in checkpointed] == pytest.approx([v for _, v in plain], rel=1e-5), tag
-    expected = weights(Path(RunDir(uninterrupted[0]).state("continued_pretrain").outputs["model"]))
-    got = weights(run_dir / "continued_pretrain" / "model")
+    assert run_export(run_dir).returncode == 0
+    expected = weights(Path(RunDir(uninterrupted[0]).state("export").outputs["model"]))
+    got = weights(run_dir / "export" / "model")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
 
