@@ -164,7 +164,11 @@ def main() -> int:
                    dtype=plan["dtype"], cfg=cfg, work=work)
     mine = [units[n] for n in sorted(assign(units, world)[rank])]
     started = time.time()
-    ranks_on_node = comm.Split_type(comm.COMM_TYPE_SHARED).Get_size() if comm else 1
+    ranks_on_node = 1
+    if comm:
+        from mpi4py import MPI
+
+        ranks_on_node = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()  # this node's ranks
     workers = local_workers(cfg.workers, ranks_on_node, len(mine))
     records, error = [], ""
     try:
