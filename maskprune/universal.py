@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from maskprune.config import TrainLoopConfig
-from maskprune.dist import barrier, log, rank
+from maskprune.dist import barrier, broadcast_from_rank0, log, rank
 from maskprune.training import COMPLETE_MARKER, META_FILE, UNIVERSAL_DIR, Checkpointer, CheckpointError
 
 
@@ -79,7 +79,10 @@ def convert_on_rank0(checkpoint: Path) -> Path:
 def grad_accum_for_resume(root: Path, train: TrainLoopConfig, world_size: int) -> int:
     """The grad_accum that keeps the newest complete checkpoint's global batch on `world_size` ranks
     (train.grad_accum when nothing is resumed or the world size is the checkpoint's)."""
-    tag = Checkpointer(root, 1).latest() if train.resume == "auto" else None
+    # Rank 0 lists the folder, as Checkpointer.resume does: ranks that saw different tags mid-save
+    # would pick different grad_accum values and hang in their first collective.
+    tag = broadcast_from_rank0(Checkpointer(root, 1).latest()
+                               if train.resume == "auto" and rank() == 0 else None)
     if tag is None:
         return train.grad_accum
     meta = json.loads((root / tag / META_FILE).read_text())
