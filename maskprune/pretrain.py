@@ -17,7 +17,7 @@ import torch
 
 from maskprune.config import ContinuedPretrainConfig, TrainLoopConfig
 from maskprune.dist import log
-from maskprune.losses import distill_kl
+from maskprune.losses import lm_losses
 from maskprune.training import TrainingLoop, build_zero3_model, mean_over_ranks, tag_for
 
 
@@ -64,15 +64,17 @@ class Pretrainer(TrainingLoop):
 
     def micro_losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = batch.to(self.dist.device)
-        out = self.engine(input_ids=batch, labels=batch)
-        losses = {"ce": out.loss}
-        total = out.loss
-        distill = self.cfg.distill
+        out = self.engine(input_ids=batch)
+        teacher_logits = None
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=batch).logits
-            losses["distill"] = distill_kl(out.logits, teacher_logits, distill.temperature)
-            total = total + distill.kl_weight * losses["distill"]
+        ce, kl = lm_losses(out.logits, batch, teacher_logits, self.cfg.distill.temperature)
+        losses = {"ce": ce}
+        total = ce
+        if kl is not None:
+            losses["distill"] = kl
+            total = total + self.cfg.distill.kl_weight * kl
         losses["total"] = total
         return losses
 
