@@ -1,13 +1,16 @@
 """The mask-learn loop: LoRA through the DeepSpeed engine, masks / targets / duals by the minimax.
 
-Per optimizer step: a no-grad teacher pass of the same engine with masks and LoRA switched off,
-the student pass with hard masks (STE), CE + distillation backward, the engine's LoRA step, an
-all-reduce of the (replicated) mask gradients, then `minimax_step`. The last `hardening_fraction`
+Per optimizer step: the student pass with hard masks (STE), which also computes the dense
+self-teacher (masks and LoRA off, no grad) layer by layer on the same gathered parameters
+(maskprune/teacher.py), CE + distillation backward, the engine's LoRA step, an all-reduce of the
+(replicated) mask gradients, then `minimax_step`. The last `hardening_fraction`
 of steps train LoRA under the final uniform masks (METHOD_NOTES 4).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,13 @@ from maskprune.config import ExperimentConfig, TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dist import DistInfo, log
 from maskprune.lora import LoraSwitch, attach_lora
-from maskprune.losses import distill_kl, hidden_mse
+from maskprune.losses import hidden_mse, lm_losses
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units, resolve_target
+from maskprune.teacher import ShadowTeacher
 from maskprune.training import (Checkpointer, TrainingLoop, init_engine, mean_over_ranks,
                                 prepare_for_training)
 
@@ -39,6 +43,7 @@ class MaskLearner(TrainingLoop):
     minimax: MinimaxState
     budget: BudgetModel
     explicit_units: tuple[int, int] | None = None  # target.arch given: the shape is not learned
+    teacher: ShadowTeacher | None = None  # with distillation: the dense model, run alongside
 
     @property
     def ml(self):
@@ -74,24 +79,32 @@ class MaskLearner(TrainingLoop):
             f"{keep.ffn.shape[1]} FFN channels; only LoRA trains from here")
 
     # ------------------------------------------------------------------ one step
+    @contextmanager
+    def teacher_mode(self) -> Iterator[None]:
+        """Masks and LoRA off: the model computes the dense teacher."""
+        self.masks.enabled, self.lora.enabled = False, False
+        try:
+            yield
+        finally:
+            self.masks.enabled, self.lora.enabled = True, True
+
     def forward_losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         distill = self.ml.distill
-        want_hidden = distill.hidden_weight > 0
         batch = batch.to(self.dist.device)
-        teacher = None
-        if distill.kl_weight > 0 or want_hidden:
-            self.masks.enabled, self.lora.enabled = False, False
-            with torch.no_grad():
-                teacher = self.engine(input_ids=batch, output_hidden_states=want_hidden)
-            self.masks.enabled, self.lora.enabled = True, True
-        out = self.engine(input_ids=batch, labels=batch, output_hidden_states=want_hidden)
-        losses = {"ce": out.loss}
-        total = out.loss
-        if teacher is not None and distill.kl_weight > 0:
-            losses["distill"] = distill_kl(out.logits, teacher.logits, distill.temperature)
-            total = total + distill.kl_weight * losses["distill"]
-        if teacher is not None and want_hidden:
-            losses["hidden"] = hidden_mse(out.hidden_states, teacher.hidden_states)
+        if self.teacher is None:
+            ce, _ = lm_losses(self.engine(input_ids=batch).logits, batch, None, distill.temperature)
+            return {"ce": ce, "total": ce}
+        with self.teacher.collect() as teacher:
+            out = self.engine(input_ids=batch)
+        ce, kl = lm_losses(out.logits, batch, teacher.logits if distill.kl_weight > 0 else None,
+                           distill.temperature)
+        losses = {"ce": ce}
+        total = ce
+        if kl is not None:
+            losses["distill"] = kl
+            total = total + distill.kl_weight * kl
+        if distill.hidden_weight > 0:
+            losses["hidden"] = hidden_mse(teacher.student_normed, teacher.normed)
             total = total + distill.hidden_weight * losses["hidden"]
         losses["total"] = total
         return losses
@@ -109,13 +122,14 @@ class MaskLearner(TrainingLoop):
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for _ in range(self.ml.train.grad_accum):
             losses = self.forward_losses(next(self.train_iter))
             self.engine.backward(losses["total"])
             self.engine.step()
+            # Detached device tensors, read once per step below: no host sync per micro-batch.
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.item() / self.ml.train.grad_accum
+                sums[name] = sums.get(name, 0.0) + value.detach().double() / self.ml.train.grad_accum
         sums = mean_over_ranks(sums, self.dist.device)  # the global batch's, not rank 0's alone
         grads = self.mask_grads()
         stats = {f"loss/{k}": v for k, v in sums.items()}
@@ -275,8 +289,11 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
     minimax = MinimaxState(s={t: float(budget.units[t]) for t in ("attn", "ffn")},
                            y={t: torch.zeros(shape.num_hidden_layers, dtype=torch.float64)
                               for t in ("attn", "ffn")})
-    return MaskLearner(cfg=cfg, dist=dist, engine=engine, masks=masks, lora=lora_switch,
-                       minimax=minimax, budget=budget, train_iter=train_iter, valid=valid,
-                       checkpointer=Checkpointer(work_dir / "checkpoints", ml.train.keep_last),
-                       meta=meta, tb_dir=tb_dir, progress_path=work_dir / "progress.json",
-                       explicit_units=explicit)
+    learner = MaskLearner(cfg=cfg, dist=dist, engine=engine, masks=masks, lora=lora_switch,
+                          minimax=minimax, budget=budget, train_iter=train_iter, valid=valid,
+                          checkpointer=Checkpointer(work_dir / "checkpoints", ml.train.keep_last),
+                          meta=meta, tb_dir=tb_dir, progress_path=work_dir / "progress.json",
+                          explicit_units=explicit)
+    if ml.distill.kl_weight > 0 or ml.distill.hidden_weight > 0:
+        learner.teacher = ShadowTeacher(model, learner.teacher_mode).attach()
+    return learner

@@ -1,7 +1,11 @@
-"""Activation checkpointing with the mask hooks, the STE, LoRA and the self-teacher pass, in one
-process: every layer really recomputes in backward (its hooks run a third time), and the losses and
-every gradient (mask scores, LoRA) equal those without checkpointing, in float64."""
+"""Activation checkpointing with the mask hooks, the STE, LoRA and the self-teacher, in one process:
+every layer really recomputes in backward (its hooks run a third time), and the losses and every
+gradient (mask scores, LoRA) equal those without checkpointing, in float64. The self-teacher run
+alongside the student (maskprune/teacher.py) gives exactly what a separate teacher pass gives."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,15 +16,18 @@ from maskprune.config import LoraConfig
 from maskprune.losses import distill_kl
 from maskprune.lora import attach_lora
 from maskprune.masking import MaskState, attach_masks
+from maskprune.teacher import ShadowTeacher
 from maskprune.training import prepare_for_training
 
 CONFIG = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
 
 
-def mask_learn_micro_step(checkpointing: bool) -> tuple[dict[str, float], dict[str, torch.Tensor], list[int]]:
-    """One mask-learn micro-step as MaskLearner.forward_losses does it: teacher (masks and LoRA off,
-    no grad), student (hard masks through the STE, LoRA on), CE + KL, backward."""
+def mask_learn_micro_step(checkpointing: bool, teacher_alongside: bool = True
+                          ) -> tuple[dict[str, float], dict[str, torch.Tensor], list[int]]:
+    """One mask-learn micro-step as MaskLearner.forward_losses does it: student (hard masks through
+    the STE, LoRA on) with the teacher (masks and LoRA off, no grad) computed alongside, CE + KL,
+    backward. `teacher_alongside=False`: the teacher as a pass of its own, first."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG)).double().eval()  # eval: as from_pretrained returns it
     model.requires_grad_(False)
@@ -43,11 +50,20 @@ def mask_learn_micro_step(checkpointing: bool) -> tuple[dict[str, float], dict[s
 
     batch = torch.randint(0, 128, (2, 16), generator=generator)
     torch.manual_seed(2)  # LoRA dropout: recomputation must replay the same dropout masks
-    masks.enabled, switch.enabled = False, False
-    with torch.no_grad():
-        teacher = model(input_ids=batch)
-    masks.enabled, switch.enabled = True, True
-    out = model(input_ids=batch, labels=batch)
+
+    @contextmanager
+    def teacher_mode() -> Iterator[None]:
+        masks.enabled, switch.enabled = False, False
+        yield
+        masks.enabled, switch.enabled = True, True
+
+    if teacher_alongside:
+        with ShadowTeacher(model, teacher_mode).attach().collect() as teacher:
+            out = model(input_ids=batch, labels=batch)
+    else:
+        with teacher_mode(), torch.no_grad():
+            teacher = model(input_ids=batch)
+        out = model(input_ids=batch, labels=batch)
     kl = distill_kl(out.logits, teacher.logits, 2.0)
     (out.loss + kl).backward()
     grads = {"mask.attn": masks.attn_scores.grad, "mask.ffn": masks.ffn_scores.grad,
@@ -77,3 +93,13 @@ def test_training_mode_is_set_with_or_without_checkpointing() -> None:
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
     prepare_for_training(model, activation_checkpointing=True)
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_teacher_alongside_equals_a_separate_teacher_pass(checkpointing: bool) -> None:
+    losses, grads, calls = mask_learn_micro_step(checkpointing, teacher_alongside=True)
+    separate_losses, separate_grads, separate_calls = mask_learn_micro_step(checkpointing, teacher_alongside=False)
+    # The same modules on the same inputs in the same order of random draws: equal to the bit.
+    assert losses == separate_losses and calls == separate_calls
+    for name, grad in grads.items():
+        assert torch.equal(grad, separate_grads[name]), name
