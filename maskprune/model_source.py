@@ -206,11 +206,12 @@ def build_tiny(cfg: ModelConfig, data: DataConfig, dest: Path) -> dict:
     from transformers import GenerationConfig
 
     texts = [doc for source in data.sources for doc in iter_documents(source)]
-    tokenizer = train_bpe_tokenizer(texts, cfg.tiny.vocab_size, dest)
-    config = tiny_config(cfg.tiny, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    tiny = cfg.tiny
+    tokenizer = train_bpe_tokenizer(texts, tiny.vocab_size, dest)
+    config = tiny_config(tiny, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(cfg.seed)
-    model = FAMILIES[cfg.tiny.family].model_class()(config)
+    model = FAMILIES[tiny.family].model_class()(config)
     losses: list[float] = []
     if tiny.pretrain_steps:
         budget = tiny.pretrain_steps * 8 * data.seq_len * 2
