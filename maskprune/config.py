@@ -270,9 +270,10 @@ class HardPruneConfig:
     equivalence_layers: int = 3
     # A ZeRO-3 checkpoint (root or tag folder) to prune instead of mask_learn's outputs.
     checkpoint: str = ""
-    # The class the pruned model is written as. "auto": LlamaForCausalLM where its config accepts
+    # The class a pruned Llama is written as. "auto": LlamaForCausalLM where its config accepts
     # the head count (heads divide hidden_size), MistralForCausalLM (same computation, sliding
-    # window off) otherwise; mask_learn and the baselines then may choose any head count.
+    # window off) otherwise; mask_learn and the baselines then may choose any head count. Other
+    # families are written as their own class ("auto"; see maskprune/families).
     architecture: Literal["auto", "llama", "mistral"] = "auto"
 
 
