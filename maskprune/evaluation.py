@@ -99,7 +99,7 @@ def shard_tokens(data_dir: str | Path, max_tokens: int) -> torch.Tensor:
     shards = TokenShards(data_dir, "valid")
     parts, total = [], 0
     for i in range(len(shards)):
-        parts.append(torch.from_numpy(shards[i]).long())
+        parts.append(torch.from_numpy(shards.text(i)).long())
         total += parts[-1].numel()
         if max_tokens and total >= max_tokens:
             break

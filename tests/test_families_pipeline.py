@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import REPO, cpu_env, run_cli
+from maskprune.data import TokenShards
 from maskprune.families import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -47,6 +48,13 @@ def test_family_goes_through_every_stage(tmp_path: Path, family: str) -> None:
     assert len({a.q_proj.weight.shape for a in attn}) == len({a.k_proj.weight.shape for a in attn}) == 1
     assert final.config.num_attention_heads < source.config.num_attention_heads or \
         final.config.intermediate_size < source.config.intermediate_size
+    # Gemma is trained with BOS opening every sequence: its training sequences get it too.
+    shards = TokenShards(run_dir / "tokenize", "train")
+    bos = source.config.bos_token_id if FAMILIES[family].bos_first else None
+    assert shards.bos_first == bos and len(shards[0]) == 128
+    text = shards.text(0).tolist()
+    assert len(text) == 128 - (bos is not None) and shards[0].tolist()[-len(text):] == text
+    assert bos is None or shards[0][0] == bos
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     assert set(results["models"]) == {"dense", "pruned", "pruned+cpt"}
 
