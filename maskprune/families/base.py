@@ -61,7 +61,8 @@ class Family:
     # Input embeddings multiplied by sqrt(hidden_size) (Gemma): cutting hidden channels would
     # change that factor, so hidden pruning is refused for such a family.
     scaled_embedding: bool = False
-    # Trained with BOS opening every sequence: perplexity chunks get it in front (evaluation.py).
+    # Trained with BOS opening every sequence: training sequences (tokenize stage) and perplexity
+    # chunks (evaluation.py) get it in front.
     bos_first: bool = False
     # Settings a tiny test/demo model of this family adds to the common shape (model.tiny).
     tiny_extras: dict[str, Any] = field(default_factory=dict)
