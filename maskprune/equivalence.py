@@ -97,7 +97,10 @@ def check_full(plan: ExportPlan, src_config: dict[str, Any], source: WeightSourc
     """Max |logit difference| of the pruned checkpoint (loaded by transformers) vs the masked dense model."""
     from transformers import AutoModelForCausalLM
 
-    dense = family_of(src_config).model_class()(_eager_config(src_config)).double().eval()
+    # Built in float64 (not cast to it afterwards): buffers computed in the constructor, such as
+    # Gemma's embedding scale sqrt(hidden_size), must be the float64 values from_pretrained gives
+    # the pruned model, not fp32 ones cast up (sqrt(640) differs by 1.2e-8 relative).
+    dense = AutoModelForCausalLM.from_config(_eager_config(src_config), dtype=torch.float64).eval()
     names = plan.source_names & set(source.names())
     if src_config.get("tie_word_embeddings"):
         names.discard("lm_head.weight")

@@ -233,3 +233,16 @@ def test_gemma3_perplexity_chunks_open_with_bos_as_unscored_context(tmp_path: Pa
         nll -= logp[torch.arange(1, 32), chunk[1:]].sum().item()  # BOS (id 1 here) predicts nothing scored
     got = perplexity(model, tokens, 32, 2)
     assert got["predicted_tokens"] == 3 * 31 and got["ppl"] == pytest.approx(math.exp(nll / 93), rel=1e-6)
+
+
+def test_reference_is_built_in_float64_so_gemma_embedding_scale_matches(tmp_path: Path) -> None:
+    """Gemma scales embeddings by sqrt(hidden_size), a buffer set in the constructor: a reference
+    built in fp32 and cast to float64 carries sqrt(48) rounded to fp32 while the pruned model loads
+    it in float64. The check must build its reference in float64 to measure slicing alone."""
+    config = tiny_config(TinyModelConfig(family="gemma3", hidden_size=48, num_hidden_layers=2), VOCAB,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = FAMILIES["gemma3"].model_class()(config).eval()
+    model.save_pretrained(tmp_path / "src")
+    keep = random_keep(LlamaShape.from_hf_config(model.config), "query_per_group", 2, 96)
+    assert prune(tmp_path, keep)["max_abs_diff"] == 0.0
