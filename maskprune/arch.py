@@ -11,13 +11,10 @@ from typing import Any, Literal
 
 import torch
 
+from maskprune.families import ATTN_PROJ, MLP_PROJ, FAMILIES, Architecture, FamilyError, HeadRule, family_of
+
 AttnMode = Literal["query_per_group", "kv_group"]
 AttnModeSetting = Literal["auto", "query_per_group", "kv_group"]
-# The class a pruned checkpoint is written as. transformers' LlamaConfig rejects a head count that
-# does not divide hidden_size even with an explicit head_dim; MistralConfig (Llama's architecture
-# with an optional sliding window, read by vLLM, TGI and llama.cpp) accepts any, but has no bias flags.
-Architecture = Literal["auto", "llama", "mistral"]
-Written = Literal["llama", "mistral"]
 
 
 class ShapeError(ValueError):
@@ -34,10 +31,14 @@ class LlamaShape:
     head_dim: int
     intermediate_size: int
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    # Whose head-count rule a pruned shape obeys: "llama" (heads divide hidden) or "mistral" (any).
-    lattice: Written = "llama"
+    # The source family (maskprune.families) and the projections that carry a bias.
+    family: str = "llama"
+    biases: frozenset[str] = frozenset()
+    # Norm weight vectors per layer: over the hidden size, and over head_dim (q_norm / k_norm).
+    layer_norms: int = 2
+    head_norms: int = 0
+    # The head counts a pruned shape may have: those dividing hidden_size, or any (see lattice_for).
+    lattice: HeadRule = "divides_hidden"
     # What the budget counts (target.budget): 0 = parameters; T > 0 = forward FLOPs of one
     # sequence of T tokens (data.seq_len), attention scores included.
     flops_seq_len: int = 0
@@ -45,22 +46,24 @@ class LlamaShape:
     @classmethod
     def from_hf_config(cls, config: Any) -> "LlamaShape":
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        family = family_of(config)
         heads = get("num_attention_heads")
-        head_dim = get("head_dim") or get("hidden_size") // heads
         return cls(
             vocab_size=get("vocab_size"),
             hidden_size=get("hidden_size"),
             num_hidden_layers=get("num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=get("num_key_value_heads") or heads,
-            head_dim=head_dim,
+            head_dim=family.head_dim(config),
             intermediate_size=get("intermediate_size"),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            attention_bias=bool(get("attention_bias", False)),
-            mlp_bias=bool(get("mlp_bias", False)),
+            family=family.name,
+            biases=family.biased(config),
+            layer_norms=len(family.layer_norms),
+            head_norms=len(family.head_norms),
         )
 
-    def replace(self, **changes: int | str) -> "LlamaShape":
+    def replace(self, **changes: Any) -> "LlamaShape":
         return dataclasses.replace(self, **changes)
 
     @property
@@ -73,13 +76,13 @@ class LlamaShape:
         kv = self.num_key_value_heads if kv_heads is None else kv_heads
         d, hd = self.hidden_size, self.head_dim
         weights = 2 * d * q * hd + 2 * d * kv * hd
-        bias = (q * hd + 2 * kv * hd + d) if self.attention_bias else 0
-        return weights + bias
+        widths = {"q_proj": q * hd, "k_proj": kv * hd, "v_proj": kv * hd, "o_proj": d}
+        return weights + sum(widths[p] for p in ATTN_PROJ if p in self.biases)
 
     def ffn_params_per_layer(self, channels: float | None = None) -> float:
         i = self.intermediate_size if channels is None else channels
-        bias = (2 * i + self.hidden_size) if self.mlp_bias else 0
-        return 3 * self.hidden_size * i + bias
+        widths = {"gate_proj": i, "up_proj": i, "down_proj": self.hidden_size}
+        return 3 * self.hidden_size * i + sum(widths[p] for p in MLP_PROJ if p in self.biases)
 
     # The budgeted resource R: parameters, or forward matmul FLOPs over one flops_seq_len-token
     # sequence (2 per weight per token, plus QK^T and AV: 2 · 2 · q · head_dim per causal query-key
@@ -116,7 +119,8 @@ class LlamaShape:
         d = self.hidden_size
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        per_layer = self.attn_params_per_layer() + self.ffn_params_per_layer() + 2 * d
+        norms = self.layer_norms * d + self.head_norms * self.head_dim
+        per_layer = self.attn_params_per_layer() + self.ffn_params_per_layer() + norms
         return int(embed + head + d + per_layer * self.num_hidden_layers)
 
     def hf_overrides(self) -> dict[str, int]:
@@ -160,15 +164,15 @@ def head_mask_from_units(unit_mask: torch.Tensor, shape: LlamaShape, mode: AttnM
 
 
 def legal_attn_units(shape: LlamaShape, mode: AttnMode) -> list[int]:
-    """Unit counts whose query-head count the loader of `shape.lattice` accepts (Llama: hidden %
-    heads == 0; Mistral: any). In query_per_group mode every group keeps the same number of heads,
-    so units are multiples of the KV count."""
+    """Unit counts whose query-head count `shape.lattice` allows (heads dividing hidden_size, or
+    any). In query_per_group mode every group keeps the same number of heads, so units are
+    multiples of the KV count."""
     legal = []
     for units in range(1, attn_unit_count(shape, mode) + 1):
         if mode == "query_per_group" and units % shape.num_key_value_heads:
             continue
         q = int(units_to_q_heads(units, shape, mode))
-        if shape.lattice == "mistral" or shape.hidden_size % q == 0:
+        if shape.lattice == "any" or shape.hidden_size % q == 0:
             legal.append(units)
     return legal
 
@@ -184,34 +188,24 @@ def resolve_attn_mode(shape: LlamaShape, requested: AttnModeSetting) -> AttnMode
     return requested
 
 
-def lattice_for(shape: LlamaShape, architecture: Architecture, biased: bool) -> Written:
-    """The head-count rule the planner, mask_learn and baselines must respect for `architecture`.
-    Biases (the source's, or FLAP's o_proj/down_proj compensation) need Llama's bias flags, which
-    Mistral lacks: then only Llama's lattice can be written."""
-    if architecture == "llama" or biased or shape.attention_bias or shape.mlp_bias:
-        return "llama"
-    return "mistral"
+def lattice_for(shape: LlamaShape, architecture: Architecture, biased: bool) -> HeadRule:
+    """The head-count rule the planner, mask_learn and baselines must respect when the pruned model
+    is written as `architecture` (the source family decides: families/*.py). `biased`: FLAP's
+    o_proj / down_proj compensation will be written too."""
+    try:
+        return FAMILIES[shape.family].lattice(architecture, shape.biases, biased)
+    except FamilyError as err:
+        raise ShapeError(str(err)) from None
 
 
-def written_architecture(shape: LlamaShape, architecture: Architecture) -> Written:
-    """The class a pruned `shape` is written as: `auto` keeps Llama where its loader accepts the
-    shape and writes Mistral otherwise; refused in one line where the choice cannot load it."""
-    llama_ok = shape.hidden_size % shape.num_attention_heads == 0
-    biased = shape.attention_bias or shape.mlp_bias
-    if architecture == "llama" or (architecture == "auto" and (llama_ok or biased)):
-        if not llama_ok:
-            raise ShapeError(
-                f"num_attention_heads={shape.num_attention_heads} does not divide hidden_size="
-                f"{shape.hidden_size}, which transformers' LlamaConfig rejects; "
-                + ("the model has biases, which MistralConfig has no field for: choose a head count "
-                   "that divides hidden_size" if biased else
-                   "set hard_prune.architecture = 'auto' or 'mistral' to write it as MistralForCausalLM"))
-        return "llama"
-    if biased:
-        raise ShapeError("hard_prune.architecture = 'mistral': this model has biases (attention_bias / "
-                         "mlp_bias, or FLAP's compensation), which MistralConfig has no field for; "
-                         "set hard_prune.architecture = 'auto' or 'llama'")
-    return "mistral"
+def written_architecture(shape: LlamaShape, architecture: Architecture) -> str:
+    """The family (name) a pruned `shape` is written as, refused in one line where the choice
+    cannot load it (e.g. a head count LlamaConfig rejects with hard_prune.architecture = 'llama')."""
+    try:
+        return FAMILIES[shape.family].written(architecture, shape.biases, shape.num_attention_heads,
+                                              shape.hidden_size).name
+    except FamilyError as err:
+        raise ShapeError(str(err)) from None
 
 
 def ffn_widths(shape: LlamaShape, alignment: int) -> list[int]:
@@ -259,22 +253,23 @@ def admissible(shape: LlamaShape, s_attn: float, s_ffn: float, budget: float, mo
     return best[1], best[2]
 
 
-def check_loadable(shape: LlamaShape, written: Written = "llama") -> None:
-    """Refuse shapes the pinned transformers would reject as `written`, naming the legal values."""
-    from transformers import LlamaConfig, MistralConfig
+def check_loadable(shape: LlamaShape, written: str = "llama") -> None:
+    """Refuse shapes the pinned transformers would reject as family `written`, naming the legal values."""
+    import transformers
 
-    legal_heads = [h for h in range(1, shape.hidden_size + 1) if shape.hidden_size % h == 0
-                   and h % max(shape.num_key_value_heads, 1) == 0 and h <= 4 * shape.hidden_size]
+    family = FAMILIES[written]
     if shape.num_key_value_heads < 1 or shape.num_attention_heads % shape.num_key_value_heads:
         raise ShapeError(f"num_attention_heads={shape.num_attention_heads} is not a multiple of "
                          f"num_key_value_heads={shape.num_key_value_heads}")
-    if written == "llama" and shape.hidden_size % shape.num_attention_heads:
+    if family.head_rule == "divides_hidden" and shape.hidden_size % shape.num_attention_heads:
+        legal_heads = [h for h in range(1, min(shape.hidden_size, 1024) + 1) if shape.hidden_size % h == 0
+                       and h % shape.num_key_value_heads == 0]
         raise ShapeError(f"num_attention_heads={shape.num_attention_heads} does not divide "
-                         f"hidden_size={shape.hidden_size}, which transformers rejects; legal head "
-                         f"counts with {shape.num_key_value_heads} KV heads: "
-                         f"{[h for h in legal_heads if h <= 1024][:32]}")
+                         f"hidden_size={shape.hidden_size}, which transformers' {family.config_class} "
+                         f"rejects; legal head counts with {shape.num_key_value_heads} KV heads: "
+                         f"{legal_heads[:32]}")
     try:
-        (LlamaConfig if written == "llama" else MistralConfig)(**shape.hf_overrides(), vocab_size=shape.vocab_size)
+        getattr(transformers, family.config_class)(**shape.hf_overrides(), vocab_size=shape.vocab_size)
     except Exception as err:  # the loader's own rule, whatever it is in this version
         raise ShapeError(f"transformers rejects this shape: {err}") from None
 

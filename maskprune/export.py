@@ -1,7 +1,8 @@
-"""Keep indices (+ LoRA) → a plain, uniform HF Llama checkpoint, one tensor at a time.
+"""Keep indices (+ LoRA) → a plain, uniform HF checkpoint of the source's family, one tensor at a time.
 
-A head count that does not divide the hidden size is written as MistralForCausalLM (the same
-tensors and computation with the sliding window off; see arch.written_architecture).
+Which tensors a family has, which carry biases and which class the pruned model is written as come
+from maskprune.families (a pruned Llama whose head count LlamaConfig rejects is written as
+MistralForCausalLM: the same tensors and computation with the sliding window off).
 
 `plan_export` decides every output tensor's source, row/column indices and shape from the config
 and keep indices alone (so it also runs for 70B configs on paper); `write_export` streams: read one
@@ -23,7 +24,9 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from maskprune.arch import Architecture, LlamaShape, check_loadable, written_architecture
+from maskprune.arch import LlamaShape, ShapeError, check_loadable, written_architecture
+from maskprune.families import ATTN_PROJ, FAMILIES, MLP_PROJ, Architecture, family_of
+from maskprune.families.llama import compensation_config
 from maskprune.lora_merge import LoraAdapter
 from maskprune.masks_io import KeepIndices
 from maskprune.safetensors_io import ShardedWriter
@@ -35,8 +38,6 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
 # Buffers some old checkpoints carry; the model recomputes them from the rope parameters.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# LlamaConfig fields MistralConfig does not have (a Mistral output never has biases).
-LLAMA_ONLY_FIELDS = ("attention_bias", "mlp_bias", "pretraining_tp")
 
 
 class ExportError(ValueError):
@@ -131,9 +132,14 @@ def _check_keep(keep: KeepIndices, shape: LlamaShape) -> None:
 
 def plan_export(config: dict[str, Any], keep: KeepIndices | None, architecture: Architecture = "auto") -> ExportPlan:
     """Every output tensor and the new config, from the source config and keep indices alone."""
+    family = family_of(config)
     src = LlamaShape.from_hf_config(config)
     keep = keep if keep is not None else full_keep(src)
     _check_keep(keep, src)
+    if keep.hidden is not None and family.scaled_embedding:
+        raise ExportError(f"keep.hidden: {family.architecture} scales its embeddings by sqrt(hidden_size), "
+                          "so cutting hidden channels changes what every kept channel computes; prune "
+                          "heads, FFN channels and layers only")
     hd = src.head_dim
     hidden = keep.hidden
     d_out = src.hidden_size if hidden is None else len(hidden)
@@ -158,22 +164,21 @@ def plan_export(config: dict[str, Any], keep: KeepIndices | None, architecture: 
     for new, old in enumerate(layers):
         p, s = f"model.layers.{new}.", f"model.layers.{old}."
         q, kv, ffn = _blocks(keep.q_heads[old], hd), _blocks(keep.kv_heads[old], hd), keep.ffn[old].long()
-        add(p + "input_layernorm.weight", s + "input_layernorm.weight", hidden, None, (d,))
-        for proj, rows, full in (("q_proj", q, n_q * hd), ("k_proj", kv, n_kv * hd), ("v_proj", kv, n_kv * hd)):
-            add(p + f"self_attn.{proj}.weight", s + f"self_attn.{proj}.weight", rows, hidden, (full, d))
-            if src.attention_bias:
-                add(p + f"self_attn.{proj}.bias", s + f"self_attn.{proj}.bias", rows, None, (full,))
-        add(p + "self_attn.o_proj.weight", s + "self_attn.o_proj.weight", hidden, q, (d, n_q * hd))
-        if src.attention_bias:
-            add(p + "self_attn.o_proj.bias", s + "self_attn.o_proj.bias", hidden, None, (d,))
-        add(p + "post_attention_layernorm.weight", s + "post_attention_layernorm.weight", hidden, None, (d,))
-        for proj in ("gate_proj", "up_proj"):
-            add(p + f"mlp.{proj}.weight", s + f"mlp.{proj}.weight", ffn, hidden, (inter, d))
-            if src.mlp_bias:
-                add(p + f"mlp.{proj}.bias", s + f"mlp.{proj}.bias", ffn, None, (inter,))
-        add(p + "mlp.down_proj.weight", s + "mlp.down_proj.weight", hidden, ffn, (d, inter))
-        if src.mlp_bias:
-            add(p + "mlp.down_proj.bias", s + "mlp.down_proj.bias", hidden, None, (d,))
+        # (weight rows, weight cols, full shape) per projection; a bias is sliced like the rows.
+        cuts = {"q_proj": (q, hidden, (n_q * hd, d)), "k_proj": (kv, hidden, (n_kv * hd, d)),
+                "v_proj": (kv, hidden, (n_kv * hd, d)), "o_proj": (hidden, q, (d, n_q * hd)),
+                "gate_proj": (ffn, hidden, (inter, d)), "up_proj": (ffn, hidden, (inter, d)),
+                "down_proj": (hidden, ffn, (d, inter))}
+        for norm in family.layer_norms:
+            add(p + f"{norm}.weight", s + f"{norm}.weight", hidden, None, (d,))
+        for proj, (rows, cols, full) in cuts.items():
+            name = family.proj_name(proj)
+            add(p + f"{name}.weight", s + f"{name}.weight", rows, cols, full)
+            if proj in src.biases:
+                add(p + f"{name}.bias", s + f"{name}.bias", rows, None, full[:1])
+        for norm in family.head_norms:  # one head_dim vector shared by every head: kept whole
+            name = f"{family.attn}.{norm}.weight"
+            add(p + name, s + name, None, None, (hd,))
     add("model.norm.weight", "model.norm.weight", hidden, None, (d,))
     if not src.tie_word_embeddings:
         add("lm_head.weight", "lm_head.weight", None, hidden, (src.vocab_size, d))
@@ -182,35 +187,24 @@ def plan_export(config: dict[str, Any], keep: KeepIndices | None, architecture: 
     new_config.update(new_shape.hf_overrides())
     if isinstance(config.get("layer_types"), list):
         new_config["layer_types"] = [config["layer_types"][i] for i in layers]
-    if written == "mistral":
-        new_config = as_mistral_config(new_config)
+    new_config = FAMILIES[written].output_config(new_config)
     return ExportPlan(config=new_config, specs=specs, params_before=src.param_count(),
                       params_after=sum(_numel(s.shape) for s in specs), keep_digest=keep_digest(keep),
                       kept_layers=layers, source_names=_source_names(src))
 
 
-def as_mistral_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A bias-free Llama config as MistralForCausalLM's: the same fields (rope parameters incl.
-    Llama-3 scaling, rms_norm_eps, head_dim, tie_word_embeddings) with the sliding window off."""
-    mistral = {k: v for k, v in config.items() if k not in LLAMA_ONLY_FIELDS}
-    mistral.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
-    return mistral
-
-
 def hf_config(config: dict[str, Any]):
-    """The transformers config object of an exported config.json dict (Llama or Mistral)."""
-    from transformers import LlamaConfig, MistralConfig
-
-    cls = MistralConfig if config.get("model_type") == "mistral" else LlamaConfig
-    return cls.from_dict({k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")})
+    """The transformers config object of a config.json dict (any supported family)."""
+    return family_of(config).hf_config(config)
 
 
 def _source_names(src: LlamaShape) -> set[str]:
-    suffixes = ["input_layernorm.weight", "post_attention_layernorm.weight"]
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        suffixes += [f"self_attn.{proj}.weight"] + ([f"self_attn.{proj}.bias"] if src.attention_bias else [])
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        suffixes += [f"mlp.{proj}.weight"] + ([f"mlp.{proj}.bias"] if src.mlp_bias else [])
+    family = FAMILIES[src.family]
+    suffixes = [f"{norm}.weight" for norm in family.layer_norms]
+    suffixes += [f"{family.attn}.{norm}.weight" for norm in family.head_norms]
+    for proj in ATTN_PROJ + MLP_PROJ:
+        name = family.proj_name(proj)
+        suffixes += [f"{name}.weight"] + ([f"{name}.bias"] if proj in src.biases else [])
     names = {f"model.layers.{i}.{s}" for i in range(src.num_hidden_layers) for s in suffixes}
     return names | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
 
@@ -256,7 +250,11 @@ def with_compensation(config: dict[str, Any], source: WeightSource,
     """The config and source to export from: unchanged, or with keep's bias compensation."""
     if keep is None or not keep.bias:
         return config, source
-    return {**config, "attention_bias": True, "mlp_bias": True}, CompensatedSource(source, config, keep.bias)
+    if family_of(config).name != "llama":
+        raise ShapeError(f"the masks carry FLAP's bias compensation ({', '.join(sorted(keep.bias))}), which "
+                         f"{family_of(config).architecture} has no bias fields for; prune it without "
+                         "compensation (mask_learn.method = 'wanda_sp' or another method)")
+    return compensation_config(config), CompensatedSource(source, config, keep.bias)
 
 
 def merged_weight(source: WeightSource, lora: LoraAdapter | None, name: str) -> torch.Tensor:
@@ -286,7 +284,7 @@ def check_source(plan: ExportPlan, source: WeightSource) -> None:
     extra = sorted(n for n in names - plan.source_names if not n.endswith(IGNORED_SUFFIXES))
     if missing or extra:
         raise ExportError(f"source weights do not match config.json: missing {missing[:5]}, "
-                          f"unexpected {extra[:5]}; is this a Llama checkpoint of that config?")
+                          f"unexpected {extra[:5]}; is this checkpoint the one config.json describes?")
     for spec in plan.specs:
         if tuple(source.shape(spec.source)) != spec.source_shape:
             raise ExportError(f"{spec.source}: shape {tuple(source.shape(spec.source))} in the weights, "

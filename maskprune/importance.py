@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from maskprune.arch import LlamaShape, attn_unit_count
+from maskprune.families import family_of
 from maskprune.masks_io import KeepIndices
 
 METHODS = ("magnitude", "wanda_sp", "flap", "taylor", "random")
@@ -81,6 +82,12 @@ def _batch_list(batches: Iterable[Tensor], device: torch.device) -> list[Tensor]
 
 def _layers(model: nn.Module) -> nn.ModuleList:
     return model.get_decoder().layers
+
+
+def _blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(attention, MLP) module of every decoder layer, where the model's family keeps them."""
+    family = family_of(model.config)
+    return [(family.attn_module(layer), family.mlp_module(layer)) for layer in _layers(model)]
 
 
 @contextlib.contextmanager
@@ -168,10 +175,10 @@ class InputStats:
 def input_stats(model: nn.Module, batches: Iterable[Tensor]) -> InputStats:
     device = _device(model)
     batches = _batch_list(batches, device)
-    layers = _layers(model)
-    width_attn = layers[0].self_attn.o_proj.in_features
-    width_ffn = layers[0].mlp.down_proj.in_features
-    sums = {kind: torch.zeros(2, len(layers), width, dtype=torch.float64, device=device)
+    blocks = _blocks(model)
+    width_attn = blocks[0][0].o_proj.in_features
+    width_ffn = blocks[0][1].down_proj.in_features
+    sums = {kind: torch.zeros(2, len(blocks), width, dtype=torch.float64, device=device)
             for kind, width in (("attn", width_attn), ("ffn", width_ffn))}
 
     def tap(kind: str, index: int):
@@ -182,9 +189,9 @@ def input_stats(model: nn.Module, batches: Iterable[Tensor]) -> InputStats:
         return hook
 
     handles = []
-    for index, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(tap("attn", index)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(tap("ffn", index)))
+    for index, (sa, mlp) in enumerate(blocks):
+        handles.append(sa.o_proj.register_forward_pre_hook(tap("attn", index)))
+        handles.append(mlp.down_proj.register_forward_pre_hook(tap("ffn", index)))
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
@@ -222,8 +229,7 @@ def _magnitude(model: nn.Module, shape: LlamaShape, mode: str) -> dict[str, Tens
     in kv_group mode, where the group is removed with them); gate + up rows and the down column of a
     channel."""
     attn, ffn = [], []
-    for layer in _layers(model):
-        sa, mlp = layer.self_attn, layer.mlp
+    for sa, mlp in _blocks(model):
         with _gathered(sa.q_proj, sa.k_proj, sa.v_proj, sa.o_proj):
             q_rows = sa.q_proj.weight.detach().double().pow(2).sum(1)          # [n_q * hd]
             o_cols = sa.o_proj.weight.detach().double().pow(2).sum(0)
@@ -245,8 +251,8 @@ def _magnitude(model: nn.Module, shape: LlamaShape, mode: str) -> dict[str, Tens
 def _wanda_sp(model: nn.Module, stats: InputStats, shape: LlamaShape, mode: str) -> dict[str, Tensor]:
     """Wanda structured: Σ |W_ij| · ||x_j|| over the output projection's columns of the unit."""
     attn, ffn = [], []
-    for index, layer in enumerate(_layers(model)):
-        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+    for index, (sa, mlp) in enumerate(_blocks(model)):
+        o_proj, down_proj = sa.o_proj, mlp.down_proj
         with _gathered(o_proj):
             col_abs = o_proj.weight.detach().double().abs().sum(0).cpu()
         attn.append(_to_units(_per_head(col_abs * stats.sq_norm("attn")[index].sqrt(), shape), shape, mode))
@@ -266,8 +272,8 @@ def _flap(model: nn.Module, stats: InputStats, shape: LlamaShape, mode: str) -> 
     channels, a KV group its heads. With uniform per-layer widths (our setting) the standardisation
     leaves each layer's ranking unchanged; it is kept so scores compare across types as in FLAP."""
     attn, ffn = [], []
-    for index, layer in enumerate(_layers(model)):
-        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+    for index, (sa, mlp) in enumerate(_blocks(model)):
+        o_proj, down_proj = sa.o_proj, mlp.down_proj
         with _gathered(o_proj):
             col_sq = o_proj.weight.detach().double().pow(2).sum(0).cpu()
         fluct = _standardize(stats.variance("attn")[index] * col_sq)
@@ -280,13 +286,13 @@ def _flap(model: nn.Module, stats: InputStats, shape: LlamaShape, mode: str) -> 
 
 def _removed_channels(model: nn.Module, keep: KeepIndices) -> dict[str, list[Tensor]]:
     """Per layer, the o_proj ("attn") and down_proj ("ffn") input channels `keep` removes (bool)."""
-    layers = _layers(model)
-    head_dim = layers[0].self_attn.head_dim
+    blocks = _blocks(model)
+    head_dim = blocks[0][0].head_dim
     removed: dict[str, list[Tensor]] = {"attn": [], "ffn": []}
-    for index, layer in enumerate(layers):
-        attn = torch.ones(layer.self_attn.o_proj.in_features, dtype=torch.bool)
+    for index, (sa, mlp) in enumerate(blocks):
+        attn = torch.ones(sa.o_proj.in_features, dtype=torch.bool)
         attn[(keep.q_heads[index].unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()] = False
-        ffn = torch.ones(layer.mlp.down_proj.in_features, dtype=torch.bool)
+        ffn = torch.ones(mlp.down_proj.in_features, dtype=torch.bool)
         ffn[keep.ffn[index]] = False
         removed["attn"].append(attn)
         removed["ffn"].append(ffn)
@@ -338,7 +344,7 @@ def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) ->
     with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
         inputs = _decoder_inputs(model, batches)
         hidden = [h for h, _ in inputs]
-        for index, layer in enumerate(_layers(model)):
+        for index, (layer, (sa, mlp)) in enumerate(zip(_layers(model), _blocks(model))):
             replace: dict[str, tuple[Tensor, Tensor]] = {}  # kind -> (removed channels, their mean)
             sums: dict[str, Tensor] = {}  # the kind being measured -> [channel sums..., token count]
 
@@ -354,8 +360,8 @@ def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) ->
                     return None
                 return hook
 
-            handles = [layer.self_attn.o_proj.register_forward_pre_hook(pre_hook("attn")),
-                       layer.mlp.down_proj.register_forward_pre_hook(pre_hook("ffn"))]
+            handles = [sa.o_proj.register_forward_pre_hook(pre_hook("attn")),
+                       mlp.down_proj.register_forward_pre_hook(pre_hook("ffn"))]
             try:
                 for kind in ("attn", "ffn"):
                     cut = removed[kind][index].to(device)
@@ -372,9 +378,9 @@ def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) ->
                 for handle in handles:
                     handle.remove()
     out: dict[str, list[Tensor]] = {"bias.o_proj": [], "bias.down_proj": []}
-    for index, layer in enumerate(_layers(model)):
-        for name, module, kind in (("bias.o_proj", layer.self_attn.o_proj, "attn"),
-                                   ("bias.down_proj", layer.mlp.down_proj, "ffn")):
+    for index, (sa, mlp) in enumerate(_blocks(model)):
+        for name, module, kind in (("bias.o_proj", sa.o_proj, "attn"),
+                                   ("bias.down_proj", mlp.down_proj, "ffn")):
             with _gathered(module):
                 out[name].append((module.weight.detach().double().cpu() @ means[kind][index]).float())
     return {name: torch.stack(rows) for name, rows in out.items()}
@@ -394,8 +400,8 @@ def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: st
     materialising a weight gradient: parameters are frozen for the pass (no ZeRO-3 gradient
     partitioning is triggered) and the embedding output is made to require grad instead."""
     device = _device(model)
-    layers = _layers(model)
-    n_layers, n_q, n_kv = len(layers), shape.num_attention_heads, shape.num_key_value_heads
+    blocks = _blocks(model)
+    n_layers, n_q, n_kv = len(blocks), shape.num_attention_heads, shape.num_key_value_heads
     acc = {"q": torch.zeros(n_layers, n_q, dtype=torch.float64, device=device),
            "o": torch.zeros(n_layers, n_q, dtype=torch.float64, device=device),
            "kv": torch.zeros(n_layers, n_kv, dtype=torch.float64, device=device),
@@ -415,8 +421,7 @@ def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: st
     hd = shape.head_dim
     handles = [model.get_input_embeddings().register_forward_hook(
         lambda module, args, output: output.requires_grad_(True))]
-    for index, layer in enumerate(layers):
-        sa, mlp = layer.self_attn, layer.mlp
+    for index, (sa, mlp) in enumerate(blocks):
         handles += [sa.q_proj.register_forward_hook(tap("q", index, hd, False)),
                     sa.o_proj.register_forward_hook(tap("o", index, hd, True)),
                     mlp.gate_proj.register_forward_hook(tap("ffn", index, 1, False)),

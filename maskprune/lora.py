@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from maskprune.config import LoraConfig
-
-ATTN_PROJ = {"q_proj", "k_proj", "v_proj", "o_proj"}
+from maskprune.families import ATTN_PROJ, MLP_PROJ, family_of
 
 
 class LoraSwitch:
@@ -35,15 +34,14 @@ def _lora_hook(switch: LoraSwitch, scale: float, dropout: nn.Module):
 
 
 def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    family = family_of(model.config)
     found = {}
     for index, layer in enumerate(model.model.layers):
         for proj in targets:
-            parent = layer.self_attn if proj in ATTN_PROJ else layer.mlp
-            if not hasattr(parent, proj):
-                raise ValueError(f"mask_learn.lora.targets: {proj!r} is not a Llama projection; "
-                                 "use q_proj k_proj v_proj o_proj gate_proj up_proj down_proj")
-            part = "self_attn" if proj in ATTN_PROJ else "mlp"
-            found[f"model.layers.{index}.{part}.{proj}"] = getattr(parent, proj)
+            if proj not in ATTN_PROJ + MLP_PROJ:
+                raise ValueError(f"mask_learn.lora.targets: {proj!r} is not a projection of the model; "
+                                 f"use {' '.join(ATTN_PROJ + MLP_PROJ)}")
+            found[f"model.layers.{index}.{family.proj_name(proj)}"] = layer.get_submodule(family.proj_name(proj))
     return found
 
 

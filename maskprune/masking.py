@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from maskprune.arch import AttnMode, LlamaShape, attn_unit_count, head_mask_from_units
+from maskprune.families import FAMILIES
 
 
 TIE_BREAK = 1e-6
@@ -87,11 +88,12 @@ def _down_proj_hook(state: MaskState, layer: int):
 
 
 def attach_masks(model: nn.Module, state: MaskState) -> list[torch.utils.hooks.RemovableHandle]:
+    family = FAMILIES[state.shape.family]  # where o_proj / down_proj live in its decoder layers
     handles = []
     for index, layer in enumerate(model.model.layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+        handles.append(family.attn_module(layer).o_proj.register_forward_pre_hook(
             _o_proj_hook(state, index, state.shape.head_dim)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(_down_proj_hook(state, index)))
+        handles.append(family.mlp_module(layer).down_proj.register_forward_pre_hook(_down_proj_hook(state, index)))
     return handles
 
 

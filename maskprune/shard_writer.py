@@ -157,14 +157,16 @@ def build_index(cfg: DataConfig, records: list[dict], work: Path, shard_dir: Pat
         train += _take(streams["train"][i], need)
     splits = {"train": train, "valid": [seg for per_source in streams["valid"] for seg in per_source]}
     index_splits = {}
+    bos_first = tokenizer_info.get("bos_first")  # BOS opens every sequence: seq_len - 1 stream tokens each
+    stride = cfg.seq_len - (bos_first is not None)
     for split, segments in splits.items():
         tokens = sum(stop - start for _, start, stop in segments)
-        if tokens < cfg.seq_len:
+        if tokens < stride:
             fix = "data.valid_fraction" if split == "valid" else "data.max_train_tokens or the corpus"
             raise DatasetError(f"data: the {split} split has {tokens} tokens, less than one sequence "
                                f"(data.seq_len = {cfg.seq_len}); raise {fix}")
-        index_splits[split] = {"segments": segments, "tokens": tokens, "sequences": tokens // cfg.seq_len}
-    return {"format": INDEX_FORMAT, "seq_len": cfg.seq_len, "dtype": dtype,
+        index_splits[split] = {"segments": segments, "tokens": tokens, "sequences": tokens // stride}
+    return {"format": INDEX_FORMAT, "seq_len": cfg.seq_len, "dtype": dtype, "bos_first": bos_first,
             "eos_id": tokenizer_info["eos_id"], "vocab_size": tokenizer_info["vocab_size"],
             "tokenizer": tokenizer_info, "seed": cfg.seed, "valid_fraction": cfg.valid_fraction,
             "max_train_tokens": cfg.max_train_tokens, "decode_errors": cfg.decode_errors,

@@ -129,7 +129,7 @@ def _match(model: torch.nn.Module, weights: SafetensorsDir) -> dict[str, torch.n
     if problems:
         raise CheckpointMismatchError(
             f"{weights.folder}: checkpoint does not match its config.json ({'; '.join(problems)}); "
-            "the folder must be a Hugging Face Llama checkpoint saved with its own config")
+            "the folder must be a Hugging Face checkpoint saved with its own config")
     return plan
 
 

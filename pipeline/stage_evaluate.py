@@ -131,7 +131,8 @@ def markdown(report: dict[str, Any]) -> str:
     notes += [f"- eval_text: {report['eval_text']}",
               "- valid_shards: the tokenize stage's validation sequences concatenated in order, same cap",
               "- ppl = exp(sum NLL / predicted tokens); each chunk's first token is not predicted; "
-              "a trailing partial chunk is dropped",
+              "a trailing partial chunk is dropped; a family trained with BOS opening every sequence "
+              "(Gemma) gets it in front of each chunk as unscored context",
               f"- zero-shot: lm-evaluation-harness, 0-shot, limit {report['limit'] or 'none'} per task",
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
               f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"]

@@ -38,8 +38,8 @@ def main() -> int:
     log(f"mask_learn: target.attn_mode = {cfg.target.attn_mode}"
         + (f" (auto: {source.num_attention_heads} query heads over {source.num_key_value_heads} KV heads)"
            if run.cfg.target.attn_mode == "auto" else "")
-        + f"; head counts of the {shape.lattice} lattice (hard_prune.architecture = "
-          f"{cfg.hard_prune.architecture}); target.budget = {cfg.target.budget}"
+        + f"; {shape.family} source, head counts: {shape.lattice.replace('_', ' ')} "
+          f"(hard_prune.architecture = {cfg.hard_prune.architecture}); target.budget = {cfg.target.budget}"
         + (f" at {shape.flops_seq_len} tokens" if shape.flops_seq_len else ""))
     check_target(shape, cfg)
     model, hf_ds = build_zero3_model(model_dir, ds)

@@ -11,6 +11,7 @@ after a kill reuses every unit that finished.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import shutil
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from maskprune.config import DataConfig
 from maskprune.corpus import WorkUnit, iter_documents, iter_unit_documents, plan_units
+from maskprune.families import family_of
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
 from maskprune.shard_writer import build_index, choose_dtype, tokenize_unit
 from maskprune.stage import StageRun, publish_dir, run_stage, staging_dir
@@ -62,6 +64,14 @@ def local_workers(configured: int, ranks_on_node: int, units: int) -> int:
     return min(wanted, max(1, units))
 
 
+def bos_first(cfg: DataConfig, model_dir: Path) -> int | None:
+    """The BOS id to open every sequence with, for a model family trained that way (Gemma) and
+    tokenized with its own tokenizer; None otherwise."""
+    config = json.loads((model_dir / "config.json").read_text())
+    wanted = cfg.tokenizer == "model" and family_of(config).bos_first
+    return config.get("bos_token_id") if wanted else None
+
+
 def setup(cfg: DataConfig, model_dir: Path, work: Path) -> dict:
     """Rank 0: work units, tokenizer and dtype, as plain data every rank can receive."""
     chunk = int(cfg.chunk_mb * (1 << 20))
@@ -80,7 +90,8 @@ def setup(cfg: DataConfig, model_dir: Path, work: Path) -> dict:
         trained = cached.read_bytes()
     tok = load_tokenizer(cfg, model_dir, probe, trained)
     info = {"kind": tok.kind, "source": tok.source, "fingerprint": tok.fingerprint(),
-            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"}
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
+            "bos_first": bos_first(cfg, model_dir)}
     return {"units": units, "tokenizer_json": tok.core.to_str(), "info": info,
             "dtype": choose_dtype(tok.vocab_size, cfg.token_dtype)}
 

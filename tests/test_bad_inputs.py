@@ -195,9 +195,8 @@ def checkpoint(complete: bool, latest: bool, give_root: bool = False) -> Callabl
 
 GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2, "n_head": 2,
         "vocab_size": 1024}
-MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "intermediate_size": 128, "vocab_size": 1024, "sliding_window": 4096}
+GEMMA3_MULTIMODAL = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                     "text_config": {"hidden_size": 64, "num_hidden_layers": 2}}
 ML = "mask_learn"
 slow = pytest.mark.slow
 
@@ -239,8 +238,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str, str]] = [
     ("model_without_config", hf_model(lambda p: (p / "config.json").unlink()), "stage",
      "no config.json; point it at a Hugging Face model directory"),
     ("gpt2_model", hf_model(only_config(GPT2)), "stage",
-     "model_type 'gpt2' is not a Llama-family model; maskprune prunes LlamaForCausalLM checkpoints"),
-    ("mistral_model", hf_model(only_config(MISTRAL)), "stage", "model_type 'mistral' is not a Llama-family model"),
+     "model_type 'gpt2' is not a supported model family; maskprune prunes llama (LlamaForCausalLM), "
+     "mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), gemma3 "
+     "(Gemma3ForCausalLM)"),
+    ("gemma3_multimodal_model", hf_model(only_config(GEMMA3_MULTIMODAL)), "stage",
+     "model_type 'gemma3' is not a supported model family (a multimodal Gemma-3 checkpoint "
+     "(Gemma3ForConditionalGeneration); prune its text model (model_type gemma3_text, Gemma3ForCausalLM))"),
     ("remote_code_without_flag", hf_model(lambda p: edit_config(p, auto_map={"AutoModelForCausalLM": "m.X"})),
      "stage", "needs remote code (auto_map in config.json); set model.trust_remote_code = true only if you trust it"),
     ("pickled_weights_only", hf_model(pickled_only), "stage",

@@ -130,21 +130,22 @@ LLAMA3_70B = LlamaShape(vocab_size=128256, hidden_size=8192, num_hidden_layers=8
 def test_head_count_lattice_of_each_architecture() -> None:
     # SmolLM2: uniform GQA groups alone allow only 3, 6, 9 query heads (query_per_group keeps 3 KV
     # heads; kv_group cuts whole groups of 3), and all divide 576: Mistral adds nothing here.
-    for lattice in ("llama", "mistral"):
+    for lattice in ("divides_hidden", "any"):
         assert legal_attn_units(SMOL.replace(lattice=lattice), "query_per_group") == [3, 6, 9]
         assert legal_attn_units(SMOL.replace(lattice=lattice), "kv_group") == [1, 2, 3]
     # Llama-3-70B: Llama's loader keeps the divisors of 8192; Mistral's every multiple of the 8 KV heads.
     assert legal_attn_units(LLAMA3_70B, "query_per_group") == [8, 16, 32, 64]
-    assert legal_attn_units(LLAMA3_70B.replace(lattice="mistral"), "query_per_group") == list(range(8, 65, 8))
+    assert legal_attn_units(LLAMA3_70B.replace(lattice="any"), "query_per_group") == list(range(8, 65, 8))
     # A learned 40 heads is kept as 40 under Mistral, rounded to 32 or 64 under Llama.
     budget = budget_for_sparsity(LLAMA3_70B, 0.3)
-    assert admissible(LLAMA3_70B.replace(lattice="mistral"), 40, 20480, budget, "query_per_group", 64)[0] == 40
+    assert admissible(LLAMA3_70B.replace(lattice="any"), 40, 20480, budget, "query_per_group", 64)[0] == 40
     assert admissible(LLAMA3_70B, 40, 20480, budget, "query_per_group", 64)[0] in (32, 64)
-    assert lattice_for(LLAMA3_70B, "auto", biased=False) == "mistral"
-    assert lattice_for(LLAMA3_70B, "mistral", biased=False) == "mistral"
-    assert lattice_for(LLAMA3_70B, "llama", biased=False) == "llama"
-    assert lattice_for(LLAMA3_70B, "auto", biased=True) == "llama"  # FLAP's compensation biases
-    assert lattice_for(LLAMA3_70B.replace(attention_bias=True), "mistral", biased=False) == "llama"
+    assert lattice_for(LLAMA3_70B, "auto", biased=False) == "any"  # written as Mistral where needed
+    assert lattice_for(LLAMA3_70B, "mistral", biased=False) == "any"
+    assert lattice_for(LLAMA3_70B, "llama", biased=False) == "divides_hidden"
+    assert lattice_for(LLAMA3_70B, "auto", biased=True) == "divides_hidden"  # FLAP's compensation biases
+    biased = LLAMA3_70B.replace(biases=frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}))
+    assert lattice_for(biased, "mistral", biased=False) == "divides_hidden"
     check_loadable(SMOL.replace(num_attention_heads=7, num_key_value_heads=1), "mistral")
     with pytest.raises(ShapeError, match="does not divide hidden_size=576"):
         check_loadable(SMOL.replace(num_attention_heads=7, num_key_value_heads=1), "llama")
@@ -167,7 +168,7 @@ def test_attn_mode_auto_prunes_heads_of_mha_models() -> None:
     cfg = ExperimentConfig()
     assert cfg.target.attn_mode == "auto" and cfg.hard_prune.architecture == "auto"
     shape, resolved = resolve_target(mha, cfg)
-    assert resolved.target.attn_mode == "kv_group" and shape.lattice == "mistral"
+    assert resolved.target.attn_mode == "kv_group" and shape.lattice == "any"
     assert cfg.target.attn_mode == "auto"
     assert resolve_target(shape, resolved) == (shape, resolved)  # idempotent
 
