@@ -82,6 +82,8 @@ class ShadowTeacher:
 
     def _layer(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._wanted():
+            # Never the student's KV cache: the teacher's keys would join the student's.
+            kwargs = {**kwargs, "past_key_values": None} if "past_key_values" in kwargs else kwargs
             out = self._run(module, self.outputs.hidden, *args[1:], **kwargs)
             self.outputs.hidden = out[0] if isinstance(out, tuple) else out
 

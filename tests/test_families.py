@@ -246,3 +246,43 @@ def test_reference_is_built_in_float64_so_gemma_embedding_scale_matches(tmp_path
     model.save_pretrained(tmp_path / "src")
     keep = random_keep(LlamaShape.from_hf_config(model.config), "query_per_group", 2, 96)
     assert prune(tmp_path, keep)["max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_teacher_alongside_the_student_is_the_dense_model(tmp_path: Path, family: str) -> None:
+    """The self-teacher that mask_learn computes inside the student's forward (maskprune/teacher.py)
+    gives the dense model's logits to the bit, in every family's layer layout (Gemma-3's two layer
+    kinds, embedding scale and four norms included), and leaves the student's logits as they were."""
+    from contextlib import contextmanager
+
+    from maskprune.config import LoraConfig
+    from maskprune.lora import attach_lora
+    from maskprune.teacher import ShadowTeacher
+
+    dense = make_model(tmp_path / "src", family).double()
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want_teacher = dense(input_ids=tokens).logits
+    shape = LlamaShape.from_hf_config(dense.config)
+    gen = torch.Generator().manual_seed(4)
+    state = MaskState(shape, "query_per_group", torch.randn(LAYERS, 4, generator=gen, dtype=torch.float64),
+                      torch.randn(LAYERS, 192, generator=gen, dtype=torch.float64))
+    attach_masks(dense, state)
+    switch, adapters = attach_lora(dense, LoraConfig(rank=2), seed=0)
+    with torch.no_grad():
+        for param in adapters:
+            param.data = param.data.double()
+            param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=torch.float64))
+        want_student = dense(input_ids=tokens).logits
+
+    @contextmanager
+    def teacher_mode():
+        state.enabled, switch.enabled = False, False
+        yield
+        state.enabled, switch.enabled = True, True
+
+    shadow = ShadowTeacher(dense, teacher_mode).attach()
+    with torch.no_grad(), shadow.collect() as teacher:
+        student = dense(input_ids=tokens).logits
+    assert torch.equal(teacher.logits, want_teacher)
+    assert torch.equal(student, want_student) and not torch.equal(student, want_teacher)
