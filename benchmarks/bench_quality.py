@@ -141,10 +141,12 @@ def run_overrides(plan: RunPlan, mode: dict[str, Any], sparsity: float, shape: d
     (the held-out texts, when the config names none)."""
     cpt = plan.recovery_steps
     out = [*heldout, f"continued_pretrain.train.steps={cpt}", f"continued_pretrain.train.checkpoint_every={cpt}",
-           f"continued_pretrain.train.eval_every={cpt}", 'evaluate.tasks=["olmo7"]',
+           f"continued_pretrain.train.eval_every={cpt}",
+           'evaluate.tasks=["olmo7"]' if mode["limit"] else "evaluate.tasks=[]",
            f"evaluate.limit={mode['limit']}", f"evaluate.eval_text_max_tokens={mode['eval_tokens']}",
            f"evaluate.heldout_tokens={mode['heldout_tokens']}", "evaluate.batch_size=2",
-           "evaluate.throughput_steps=1", f"target.sparsity={sparsity}"]
+           "evaluate.throughput_steps=0",  # speed is bench_forward's; here a long warm-up pass per model
+           f"target.sparsity={sparsity}"]
     if plan.method == "maskprune":
         steps = plan.mask_steps
         return out + [f"mask_learn.train.steps={steps}", f"mask_learn.budget_warmup_steps={mode['warmup']}",
@@ -240,7 +242,8 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              "- *x equal-budget dense*: against the dense model trained on the same tokens of the same data, so "
              "adapting to the training data is not read as pruning quality.",
              f"- {mode['limit']} examples per task: one example moves a task's accuracy by "
-             f"{1 / max(mode['limit'], 1):.3f} and the 7-task mean by {1 / max(mode['limit'], 1) / 7:.3f}.", ""]
+             f"{1 / max(mode['limit'], 1):.3f} and the 7-task mean by {1 / max(mode['limit'], 1) / 7:.3f}."
+             if mode["limit"] else "- zero-shot suite not run (--limit 0).", ""]
     dense, trained = report["dense"], report["dense_trained"]
     for key, target in report["targets"].items():
         s = target["shape"]
@@ -377,7 +380,7 @@ def main() -> None:
                         "(the others get these plus the mask-learn steps)")
     parser.add_argument("--heldout-tokens", type=int, help="held-out tokens per text and chunk length")
     parser.add_argument("--eval-tokens", type=int, help="Penn Treebank test tokens")
-    parser.add_argument("--limit", type=int, help="zero-shot examples per task")
+    parser.add_argument("--limit", type=int, help="zero-shot examples per task (0: no zero-shot suite)")
     parser.add_argument("--name", help="results are quality_NAME.{md,json,png} (default: CONFIG-STEM_MODE, "
                         "plus _custom when a budget flag is given)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks", help="results folder")

