@@ -234,8 +234,9 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              f"steps ({mp['train_tokens']:,} tokens each). Held-out: {', '.join(texts) or 'none'} "
              f"(text no stage trains on), {mode['heldout_tokens']:,} tokens per text and chunk length as "
              "windows spread through each text; geometric mean over texts. Penn Treebank test (first "
-             f"{mode['eval_tokens']:,} tokens) and the zero-shot suite ({mode['limit']} examples per task) "
-             "are the papers' conventions, after recovery.", "",
+             f"{mode['eval_tokens']:,} tokens)" + (f" and the zero-shot suite ({mode['limit']} examples per "
+                                                   "task) are the papers' conventions." if mode["limit"] else
+                                                   " is the papers' convention."), "",
              "- *after mask-learn / one-shot*: MaskPrune's learned masks with the LoRA trained alongside them "
              "merged, as the method prescribes, vs the baselines' one-shot cut (no training yet); *after "
              "recovery*: every model after the same total training tokens.",
@@ -334,14 +335,15 @@ def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
 def chart(report: dict[str, Any], lengths: list[str], path: Path) -> None:
     """One panel per held-out perplexity convention (geometric mean; after recovery as bars, after
     mask-learn / one-shot as dashes, the dense model and the equal-budget dense model as lines) and
-    one for the mean zero-shot accuracy."""
+    one for the mean zero-shot accuracy where the suite ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     targets = list(report["targets"])
-    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(6 * (len(lengths) + 1), 4.5))
+    accuracy = report["dense"]["mean_acc"] is not None  # a panel only where the zero-shot suite ran
+    fig, axes = plt.subplots(1, len(lengths) + accuracy, figsize=(6 * (len(lengths) + accuracy), 4.5))
     methods = list(next(iter(report["targets"].values()))["methods"])
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
@@ -350,17 +352,19 @@ def chart(report: dict[str, Any], lengths: list[str], path: Path) -> None:
         for ax, length in zip(axes, lengths):
             ax.bar(xs, [r["recovered"]["heldout"][length] for r in res], width, label=method)
             ax.scatter(xs, [r["one_shot"]["heldout"][length] for r in res], marker="_", s=200, color="k")
-        axes[-1].bar(xs, [r["recovered"]["mean_acc"] or 0 for r in res], width, label=method)
+        if accuracy:
+            axes[-1].bar(xs, [r["recovered"]["mean_acc"] or 0 for r in res], width, label=method)
     for ax, length in zip(axes, lengths):
         ax.axhline(report["dense"]["heldout"][length], color="grey", linestyle="--", label="dense")
         ax.axhline(report["dense_trained"]["heldout"][length], color="black", linestyle=":",
                    label="dense, trained (equal budget)")
         ax.set_yscale("log")
         ax.set_title(f"held-out geomean ppl@{length}: after recovery (bars) / before (dashes)", fontsize=9)
-    axes[-1].axhline(report["dense"]["mean_acc"] or 0, color="grey", linestyle="--", label="dense")
-    axes[-1].axhline(report["dense_trained"]["mean_acc"] or 0, color="black", linestyle=":",
-                     label="dense, trained (equal budget)")
-    axes[-1].set_title("mean zero-shot accuracy (7 tasks) after recovery", fontsize=9)
+    if accuracy:
+        axes[-1].axhline(report["dense"]["mean_acc"], color="grey", linestyle="--", label="dense")
+        axes[-1].axhline(report["dense_trained"]["mean_acc"] or 0, color="black", linestyle=":",
+                         label="dense, trained (equal budget)")
+        axes[-1].set_title("mean zero-shot accuracy (7 tasks) after recovery", fontsize=9)
     for ax in axes:
         ax.set_xticks(range(len(targets)), [f"{k} removed" for k in targets])
     axes[-1].legend(fontsize=8)
