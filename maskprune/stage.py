@@ -110,11 +110,13 @@ def preflight(cfg: ExperimentConfig, stages: list[str]) -> None:
     """What `maskprune run` checks before it starts anything (no stage, no rank): the DeepSpeed
     config of each training stage that will run and, when evaluate will run, its task data on disk,
     so a missing or unusable one is one line up front rather than an error hours later."""
+    from maskprune.text_corpora import require_on_disk
     from maskprune.training import load_ds_config  # torch: only when a run is about to start
     from maskprune.zero_shot import require_task_data
 
     if "evaluate" in stages:  # hours of pruning should not end in "task data missing"
         require_task_data(cfg.evaluate.tasks)
+        require_on_disk(cfg.evaluate.heldout_texts)
 
     for stage in ("mask_learn", "continued_pretrain"):
         if stage in stages:

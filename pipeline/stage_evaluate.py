@@ -3,7 +3,8 @@
     python pipeline/stage_evaluate.py --run-dir runs/tiny
 
 Per model: parameters, perplexity on data.eval_text and on the validation token shards at each
-evaluate.ppl_chunk_lengths (maskprune.evaluation), zero-shot acc / acc_norm on evaluate.tasks
+evaluate.ppl_chunk_lengths (maskprune.evaluation), on each of evaluate.heldout_texts (general-domain
+text no stage trains on; per text and their geometric mean, maskprune.heldout), zero-shot acc / acc_norm on evaluate.tasks
 (maskprune.zero_shot), forward tokens/s. One model is loaded at a time (spread over the node's GPUs
 on GPU), measured in full, and freed before the next. Task data must already be on disk
 (`maskprune fetch-eval-data`); nothing is downloaded. Writes RUN/evaluate/results.json and results.md.
@@ -22,8 +23,10 @@ from maskprune.dist import log, stage_argv_parser
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
                                   load_model, param_count, perplexity, release_memory, shard_tokens,
                                   text_tokens)
+from maskprune.heldout import heldout_from_streams, text_label, text_stream
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
 from maskprune.stage import StageRun, run_stage
+from maskprune.text_corpora import CorpusFetchError, require_on_disk
 from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
 
 # (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
@@ -41,12 +44,15 @@ def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval
         streams["valid_shards"] = shard_stream
     ppl = {src: {str(n): perplexity(model, ids, n, cfg.batch_size) for n in lengths}
            for src, ids in streams.items()}
+    heldout = {text_label(t): text_stream(tokenizer, t) for t in cfg.heldout_texts}
     vocab, seq_len = throughput_shape
     return {"path": path, "params": param_count(model), "dtype": str(model.dtype).removeprefix("torch."),
             "tokens": {src: ids.numel() for src, ids in streams.items()}, "ppl": ppl,
+            "heldout": heldout_from_streams(model, heldout, list(lengths), cfg.heldout_tokens, cfg.batch_size)
+            if heldout else None,
             "zero_shot": zero_shot(model, tokenizer, tasks, cfg.batch_size, cfg.limit) if tasks else {},
             "forward_tokens_per_s": forward_tokens_per_s(model, vocab, seq_len, cfg.batch_size,
-                                                         cfg.throughput_steps)}
+                                                         cfg.throughput_steps) if cfg.throughput_steps else None}
 
 
 def evaluate_run(run: StageRun) -> dict[str, Any]:
@@ -54,6 +60,7 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
 
     cfg = run.cfg.evaluate
     tasks = task_configs(cfg.tasks)  # bad task files and missing task data fail before any model loads
+    require_on_disk(cfg.heldout_texts)
     report: dict[str, Any] = {"models": {}, "skipped": {}, "conventions": {}}
     try:
         shard_stream = shard_tokens(run.upstream("tokenize", "data"), cfg.eval_text_max_tokens)
@@ -85,7 +92,9 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
         log(f"evaluate: {name}: ppl " + ", ".join(f"{src}@{n} {v['ppl']:.3f}"
                                                  for src, by_len in row["ppl"].items()
                                                  for n, v in by_len.items())
-            + f"; {row['forward_tokens_per_s']:,.0f} forward tokens/s")
+            + (", held-out geomean " + ", ".join(f"@{n} {v:.3f}" for n, v in row["heldout"]["geomean"].items())
+               if row["heldout"] else "")
+            + (f"; {row['forward_tokens_per_s']:,.0f} forward tokens/s" if row["forward_tokens_per_s"] else ""))
         report["models"][name] = row
     gpus = torch.cuda.device_count()
     report["throughput"] = {"device": f"{gpus} x {torch.cuda.get_device_name()}" if gpus else
@@ -96,6 +105,7 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
                            "joined by a newline into one stream, tokenized without special tokens, "
                            f"first {cfg.eval_text_max_tokens or 'all'} tokens")
     report["limit"] = cfg.limit
+    report["heldout_tokens"] = cfg.heldout_tokens
     return report
 
 
@@ -113,6 +123,14 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [models[n]["ppl"].get(src, {}).get(length, {}).get("ppl") for n in names]
             if any(c is not None for c in cells):
                 rows.append((f"ppl {src} @{length}", [_fmt(c) for c in cells]))
+    heldout = {n: models[n].get("heldout") for n in names}
+    texts = next((list(h["texts"]) for h in heldout.values() if h), [])
+    for length in report["conventions"] if texts else []:
+        rows.append((f"**held-out geomean ppl @{length}**",
+                     [_fmt(h["geomean"].get(length)) if h else "-" for h in heldout.values()]))
+        rows += [(f"held-out {text} @{length}",
+                  [_fmt(h["texts"][text].get(length, {}).get("ppl")) if h else "-" for h in heldout.values()])
+                 for text in texts]
     tasks = list(next(iter(models.values()))["zero_shot"])
     for task in tasks:
         rows.append((f"{task} acc / acc_norm", [f"{_fmt(models[n]['zero_shot'][task]['acc'])} / "
@@ -122,7 +140,8 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append((f"mean acc ({len(tasks)} tasks)",
                      [_fmt(sum(models[n]["zero_shot"][t]["acc"] for t in tasks) / len(tasks))
                       for n in names]))
-    rows.append(("forward tokens/s", [f"{models[n]['forward_tokens_per_s']:,.0f}" for n in names]))
+    if report["throughput"]["steps"]:
+        rows.append(("forward tokens/s", [f"{models[n]['forward_tokens_per_s']:,.0f}" for n in names]))
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     tp = report["throughput"]
@@ -130,12 +149,16 @@ def markdown(report: dict[str, Any]) -> str:
              (f"L={length}: {conv}" for length, conv in report["conventions"].items())]
     notes += [f"- eval_text: {report['eval_text']}",
               "- valid_shards: the tokenize stage's validation sequences concatenated in order, same cap",
+              *([f"- held-out: general-domain texts no stage trains on ({', '.join(texts)}); per text "
+                 f"{report['heldout_tokens']} tokens per length as windows spread evenly through it; "
+                 "geomean = geometric mean over texts (maskprune.heldout)"] if texts else []),
               "- ppl = exp(sum NLL / predicted tokens); each chunk's first token is not predicted; "
               "a trailing partial chunk is dropped; a family trained with BOS opening every sequence "
               "(Gemma) gets it in front of each chunk as unscored context",
               f"- zero-shot: lm-evaluation-harness, 0-shot, limit {report['limit'] or 'none'} per task",
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
-              f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"]
+              f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"
+              if tp["steps"] else "- forward tokens/s: not timed (evaluate.throughput_steps = 0)"]
     notes += [f"- not evaluated: {what}: {why}" for what, why in report["skipped"].items()]
     return "\n".join(["# Evaluation", "", *lines, "", *notes, ""])
 
@@ -148,7 +171,7 @@ def main() -> None:
     run = StageRun("evaluate", args.run_dir)
     try:
         report = evaluate_run(run)
-    except (EvaluationError, TaskSpecError, CorpusError) as err:
+    except (EvaluationError, TaskSpecError, CorpusError, CorpusFetchError) as err:
         print(f"maskprune: error: {err}", file=sys.stderr)
         sys.exit(2)
     atomic_write_json(run.dir / "results.json", report)

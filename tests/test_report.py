@@ -63,7 +63,8 @@ def _full_run(root: Path) -> RunDir:
     run.mark_done("continued_pretrain", {"checkpoints": str(root / "continued_pretrain" / "checkpoints"),
                                          "final_tag": "step00000005"})
     run.mark_done("export", {"model": str(root / "export" / "model")})
-    results = {"models": {name: {"ppl": {"eval_text": {"128": {"ppl": a}, "2048": {"ppl": b}}}}
+    results = {"models": {name: {"ppl": {"eval_text": {"128": {"ppl": a}, "2048": {"ppl": b}}},
+                                 "heldout": {"geomean": {"128": a + 20, "2048": b + 20}}}
                           for name, (a, b) in PPL.items()}}
     (root / "evaluate").mkdir(exist_ok=True)
     (root / "evaluate" / "results.json").write_text(json.dumps(results))
@@ -96,6 +97,7 @@ def test_report_full_synthetic_run(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "query heads 4 -> 2, KV heads 2 -> 2, FFN channels 600 -> 200" in out
     assert "eval_text @128: 10.12 (dense) -> 20.46 (pruned) -> 12.79 (pruned+cpt)" in out
     assert "eval_text @2048: 11.23 (dense)" in out
+    assert "held-out geomean @128: 30.12 (dense) -> 40.46 (pruned) -> 32.79 (pruned+cpt)" in out
     assert str(tmp_path / "export" / "model") in out and str(tmp_path / "report.md") in out
 
 

