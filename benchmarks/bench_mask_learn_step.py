@@ -72,7 +72,7 @@ def main() -> None:
     cfg = config_from_dict({
         "target": {"sparsity": 0.5},
         # Many steps: the budget warm-up runs as in a real run and the hardening phase never starts.
-        "mask_learn": {"ds_config": str(ds_config), "budget_warmup_steps": 20,
+        "mask_learn": {"ds_config": str(ds_config), "budget_warmup_fraction": 0.0002,
                        "train": {"steps": 100_000, "micro_batch_size": args.micro_batch, "lr": 1e-4,
                                  "warmup_steps": 0}}})
     learner, _keep_ml = build_mask_learner(cfg, dist, model_dir, work / "data", work / "ml")

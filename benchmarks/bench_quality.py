@@ -36,11 +36,11 @@ TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"
 # Settings per mode; all use the demo's data (300k PTB train tokens, 128-token sequences).
 # "standard" is the demo's training budget at both sparsities, sized for a CPU.
 MODES: dict[str, dict[str, Any]] = {
-    "full": {"sparsity": [0.2, 0.5], "mask_steps": 100, "warmup": 25, "cpt_steps": 50,
+    "full": {"sparsity": [0.2, 0.5], "mask_steps": 100, "cpt_steps": 50,
              "eval_tokens": 20000, "limit": 100},
-    "standard": {"sparsity": [0.2, 0.5], "mask_steps": 40, "warmup": 12, "cpt_steps": 20,
+    "standard": {"sparsity": [0.2, 0.5], "mask_steps": 40, "cpt_steps": 20,
                  "eval_tokens": 4096, "limit": 20},
-    "quick": {"sparsity": [0.5], "mask_steps": 12, "warmup": 4, "cpt_steps": 4,
+    "quick": {"sparsity": [0.5], "mask_steps": 12, "cpt_steps": 4,
               "eval_tokens": 4096, "limit": 10},
 }
 
@@ -82,7 +82,6 @@ def row(results: dict[str, Any], model: str) -> dict[str, Any]:
 
 def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Path) -> dict[str, Any]:
     common = [f"mask_learn.train.steps={mode['mask_steps']}",
-              f"mask_learn.budget_warmup_steps={mode['warmup']}",
               f"mask_learn.train.checkpoint_every={mode['mask_steps']}",
               f"mask_learn.train.eval_every={mode['mask_steps']}",
               f"continued_pretrain.train.steps={mode['cpt_steps']}",

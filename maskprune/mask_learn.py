@@ -86,7 +86,7 @@ class MaskLearner(TrainingLoop):
             self.masks.enabled, self.lora.enabled = True, True
         out = self.engine(input_ids=batch, labels=batch, output_hidden_states=want_hidden)
         losses = {"ce": out.loss}
-        total = out.loss
+        total = distill.ce_weight * out.loss
         if teacher is not None and distill.kl_weight > 0:
             losses["distill"] = distill_kl(out.logits, teacher.logits, distill.temperature)
             total = total + distill.kl_weight * losses["distill"]
@@ -121,7 +121,8 @@ class MaskLearner(TrainingLoop):
         stats = {f"loss/{k}": v for k, v in sums.items()}
         if self.step < self.hardening_start:
             lr = StepSizes(self.ml.mask_lr_alpha, self.ml.dual_lr_layer, self.ml.dual_lr_budget,
-                           self.ml.target_lr, self.ml.rho, self.ml.rho_layer)
+                           self.ml.target_lr, self.ml.rho, self.ml.rho_layer, self.ml.grad_scale_beta,
+                           self.ml.max_change)
             stats.update(minimax_step({"attn": self.masks.attn_scores.data, "ffn": self.masks.ffn_scores.data},
                                       grads, self.minimax, self.budget, self.step, lr))
             stats["loss/lagrangian"] = self.lagrangian(sums["total"])
@@ -268,7 +269,7 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
     prepare_for_training(model, ml.activation_checkpointing)
     engine = init_engine(model, lora_params, ds, ml.train)
-    budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_steps)
+    budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_fraction, ml.train.steps)
     explicit = explicit_units(shape, cfg) if cfg.target.arch is not None else None
     if explicit is not None:
         budget.final_budget = float(shape_for(shape, *explicit, mode).prunable_cost())

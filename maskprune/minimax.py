@@ -4,11 +4,12 @@
                                                   + z (R(s) − B)/R_dense
 
 All quantities are normalised (violations as fractions of U_t, the budget as a fraction of the dense
-prunable count, mask step sizes by the step-0 mean |∂f/∂m| per type) because a hard mask gives the
+prunable count, mask step sizes by a running mean |∂f/∂m| per type) because a hard mask gives the
 loss no natural scale (METHOD_NOTES 2).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from maskprune.arch import (AttnMode, LlamaShape, attn_cost_for_units, attn_unit
                             legal_attn_units)
 
 TYPES = ("attn", "ffn")
+KEEP_FLOOR = 1e-3  # a unit kept only by the change limit: positive, below every score worth keeping
 
 
 def prox_l0(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,7 @@ class MinimaxState:
     y: dict[str, torch.Tensor]
     z: float = 0.0
     grad_scale: dict[str, float] = field(default_factory=dict)
+    grad_scale_steps: dict[str, int] = field(default_factory=dict)  # steps that fed grad_scale
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"dual.y.{t}": self.y[t] for t in TYPES}
@@ -49,6 +52,7 @@ class MinimaxState:
             out[f"target.s.{t}"] = torch.tensor([self.s[t]], dtype=torch.float64)
             if t in self.grad_scale:
                 out[f"grad_scale.{t}"] = torch.tensor([self.grad_scale[t]], dtype=torch.float64)
+                out[f"grad_scale_steps.{t}"] = torch.tensor([self.grad_scale_steps[t]], dtype=torch.float64)
         return out
 
     @classmethod
@@ -57,19 +61,21 @@ class MinimaxState:
                    y={t: tensors[f"dual.y.{t}"].clone() for t in TYPES},
                    z=tensors["dual.z"].item(),
                    grad_scale={t: tensors[f"grad_scale.{t}"].item() for t in TYPES
-                               if f"grad_scale.{t}" in tensors})
+                               if f"grad_scale.{t}" in tensors},
+                   grad_scale_steps={t: int(tensors[f"grad_scale_steps.{t}"].item()) for t in TYPES
+                                     if f"grad_scale_steps.{t}" in tensors})
 
 
 class BudgetModel:
     """R(s) of the uniform shape with s_attn attention units and s_ffn channels per layer, its
     gradient, and the warmed-up budget B_t."""
 
-    def __init__(self, shape: LlamaShape, mode: AttnMode, sparsity: float, warmup_steps: int):
+    def __init__(self, shape: LlamaShape, mode: AttnMode, sparsity: float, warmup_fraction: float, steps: int):
         self.shape, self.mode = shape, mode
         self.units = {"attn": attn_unit_count(shape, mode), "ffn": shape.intermediate_size}
         self.dense = float(shape.prunable_cost())
         self.final_budget = (1.0 - sparsity) * self.dense
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = round(warmup_fraction * steps)  # the same share of any run's length
         self.floor = {"attn": float(legal_attn_units(shape, mode)[0]), "ffn": 1.0}
 
     def cost(self, s: dict[str, float]) -> float:
@@ -96,16 +102,56 @@ class StepSizes:
     rho: float  # augmented-Lagrangian weight of the budget term in the s step
     rho_layer: float  # the same for the per-layer terms in the prox threshold (gentler: the
     # threshold cuts every unit below it at once, so a large weight overshoots the target)
+    grad_scale_beta: float  # ḡ: the mean of the first 1/(1−β) informative steps, then an EMA
+    max_change: float  # fraction of a layer's units that may switch on or off in one step
+
+
+def update_grad_scale(state: MinimaxState, grads: dict[str, torch.Tensor], beta: float) -> None:
+    """ḡ_t, the mean |∂f/∂m_t| that normalises the mask step. A running estimate (the mean of the
+    first 1/(1−β) informative steps, an exponential average with weight 1−β after): at step 0 the
+    student equals its dense self-teacher, so the distillation term's gradient is zero up to
+    rounding and a scale taken there alone is the CE gradient's, many times smaller than the
+    gradients once units are cut (and rounding noise under pure distillation). Steps whose gradient
+    is exactly zero carry no scale and are skipped."""
+    for t in TYPES:
+        value = grads[t].abs().mean().item()
+        if value == 0.0:
+            continue
+        n = state.grad_scale_steps.get(t, 0) + 1
+        weight = max(1.0 - beta, 1.0 / n)
+        old = state.grad_scale.get(t, value)
+        state.grad_scale[t] = old + weight * (value - old)
+        state.grad_scale_steps[t] = n
+
+
+def limit_change(before: torch.Tensor, stepped: torch.Tensor, scores: torch.Tensor, fraction: float) -> None:
+    """At most ceil(fraction · U) units per row change state in one step: of the units the step
+    would revive, the highest-scoring come back; of those it would cut, the lowest-scoring go
+    (the others keep their pre-threshold score, at least a hair above 0). Without it one batch's
+    gradient decides everything at once: a layer that falls below its target sees its threshold
+    vanish and revives every unit with a negative gradient, one above it cuts every unit under a
+    threshold that overshoots (METHOD_NOTES 3). `before`: kept before the step; `stepped`: the
+    scores after the gradient step, before the threshold; `scores`: after it, fixed in place."""
+    if fraction >= 1.0:
+        return
+    limit = min(math.ceil(fraction * scores.shape[1]), scores.shape[1])
+    revived = (scores > 0) & ~before
+    candidates = torch.where(revived, scores, torch.full_like(scores, -math.inf))
+    allowed = torch.zeros_like(revived).scatter_(1, candidates.topk(limit, dim=1).indices, True)
+    scores.masked_fill_(revived & ~allowed, 0.0)
+    cut = (scores == 0) & before
+    candidates = torch.where(cut, stepped, torch.full_like(stepped, math.inf))
+    allowed = torch.zeros_like(cut).scatter_(1, candidates.topk(limit, dim=1, largest=False).indices, True)
+    kept = cut & ~allowed
+    scores[kept] = stepped[kept].clamp_min(KEEP_FLOOR)
 
 
 def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                  state: MinimaxState, budget: BudgetModel, step: int, lr: StepSizes) -> dict[str, float]:
     """One update of m (gradient + prox), s (gradient with the augmented budget term), y and z
     (projected ascent). `scores` are updated in place; returns the quantities worth logging."""
-    for t in TYPES:
-        if t not in state.grad_scale:
-            state.grad_scale[t] = max(grads[t].abs().mean().item(), 1e-12)
-    stats: dict[str, float] = {}
+    update_grad_scale(state, grads, lr.grad_scale_beta)
+    stats: dict[str, float] = {f"grad/{t}_mean_abs": grads[t].abs().mean().item() for t in TYPES}
     b_t = budget.budget(step)
     r_s = budget.cost(state.s)
     budget_violation = (r_s - b_t) / budget.dense
@@ -118,9 +164,11 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
     for t in TYPES:
         units = budget.units[t]
         m = scores[t]
-        step_m = lr.mask_alpha / state.grad_scale[t]
+        step_m = lr.mask_alpha / state.grad_scale[t] if state.grad_scale.get(t) else 0.0
         with torch.no_grad():
+            before = m > 0
             m.sub_(step_m * grads[t])
+            stepped = m.clone()
             counts = (m > 0).sum(1).to(torch.float64).cpu()  # duals live on the CPU, m may not
             violation = (counts - state.s[t]) / units
             y_eff = (state.y[t] + lr.rho_layer * violation).clamp_min(0.0)
@@ -128,6 +176,7 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
             # cuts units below 1.
             threshold = torch.sqrt(2.0 * y_eff).to(m.device, m.dtype)
             m.copy_(prox_l0(m, threshold))
+            limit_change(before, stepped, m, lr.max_change)
             counts = (m > 0).sum(1).to(torch.float64).cpu()
             violation = (counts - state.s[t]) / units
         state.y[t] = dual_ascent(state.y[t], violation, lr.dual_layer)

@@ -65,9 +65,9 @@ class Pretrainer(TrainingLoop):
     def micro_losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = batch.to(self.dist.device)
         out = self.engine(input_ids=batch, labels=batch)
-        losses = {"ce": out.loss}
-        total = out.loss
         distill = self.cfg.distill
+        losses = {"ce": out.loss}
+        total = distill.ce_weight * out.loss
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=batch).logits
