@@ -251,16 +251,13 @@ class MaskLearnConfig(TrainingStageConfig):
     # ḡ, the mask step's unit: a running mean |dL/dm| per type (the mean of the first 1/(1-beta)
     # steps, then an exponential average), not step 0's, where distillation gives no gradient.
     grad_scale_beta: float = 0.9
-    # At most this fraction of a layer's units switch on or off per step (1 = no limit).
-    max_change: float = 0.05
 
     def validate(self) -> None:
         if not 0.0 <= self.hardening_fraction < 1.0:
             raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1), "
                               f"got {self.hardening_fraction}")
-        if not 0.0 <= self.grad_scale_beta < 1.0 or not 0.0 < self.max_change <= 1.0:
-            raise ConfigError(f"mask_learn.grad_scale_beta: must be in [0, 1), got {self.grad_scale_beta}; "
-                              f"mask_learn.max_change: in (0, 1], got {self.max_change}")
+        if not 0.0 <= self.grad_scale_beta < 1.0:
+            raise ConfigError(f"mask_learn.grad_scale_beta: must be in [0, 1), got {self.grad_scale_beta}")
         if not 0.0 <= self.budget_warmup_fraction <= 1.0:
             raise ConfigError(f"mask_learn.budget_warmup_fraction: must be in [0, 1] (a fraction of "
                               f"mask_learn.train.steps), got {self.budget_warmup_fraction}")

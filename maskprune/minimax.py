@@ -9,7 +9,6 @@ loss no natural scale (METHOD_NOTES 2).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +17,6 @@ from maskprune.arch import (AttnMode, LlamaShape, attn_cost_for_units, attn_unit
                             legal_attn_units)
 
 TYPES = ("attn", "ffn")
-KEEP_FLOOR = 1e-3  # a unit kept only by the change limit: positive, below every score worth keeping
 
 
 def prox_l0(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -103,7 +101,6 @@ class StepSizes:
     rho_layer: float  # the same for the per-layer terms in the prox threshold (gentler: the
     # threshold cuts every unit below it at once, so a large weight overshoots the target)
     grad_scale_beta: float  # ḡ: the mean of the first 1/(1−β) informative steps, then an EMA
-    max_change: float  # fraction of a layer's units that may switch on or off in one step
 
 
 def update_grad_scale(state: MinimaxState, grads: dict[str, torch.Tensor], beta: float) -> None:
@@ -122,28 +119,6 @@ def update_grad_scale(state: MinimaxState, grads: dict[str, torch.Tensor], beta:
         old = state.grad_scale.get(t, value)
         state.grad_scale[t] = old + weight * (value - old)
         state.grad_scale_steps[t] = n
-
-
-def limit_change(before: torch.Tensor, stepped: torch.Tensor, scores: torch.Tensor, fraction: float) -> None:
-    """At most ceil(fraction · U) units per row change state in one step: of the units the step
-    would revive, the highest-scoring come back; of those it would cut, the lowest-scoring go
-    (the others keep their pre-threshold score, at least a hair above 0). Without it one batch's
-    gradient decides everything at once: a layer that falls below its target sees its threshold
-    vanish and revives every unit with a negative gradient, one above it cuts every unit under a
-    threshold that overshoots (METHOD_NOTES 3). `before`: kept before the step; `stepped`: the
-    scores after the gradient step, before the threshold; `scores`: after it, fixed in place."""
-    if fraction >= 1.0:
-        return
-    limit = min(math.ceil(fraction * scores.shape[1]), scores.shape[1])
-    revived = (scores > 0) & ~before
-    candidates = torch.where(revived, scores, torch.full_like(scores, -math.inf))
-    allowed = torch.zeros_like(revived).scatter_(1, candidates.topk(limit, dim=1).indices, True)
-    scores.masked_fill_(revived & ~allowed, 0.0)
-    cut = (scores == 0) & before
-    candidates = torch.where(cut, stepped, torch.full_like(stepped, math.inf))
-    allowed = torch.zeros_like(cut).scatter_(1, candidates.topk(limit, dim=1, largest=False).indices, True)
-    kept = cut & ~allowed
-    scores[kept] = stepped[kept].clamp_min(KEEP_FLOOR)
 
 
 def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
@@ -166,9 +141,7 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
         m = scores[t]
         step_m = lr.mask_alpha / state.grad_scale[t] if state.grad_scale.get(t) else 0.0
         with torch.no_grad():
-            before = m > 0
             m.sub_(step_m * grads[t])
-            stepped = m.clone()
             counts = (m > 0).sum(1).to(torch.float64).cpu()  # duals live on the CPU, m may not
             violation = (counts - state.s[t]) / units
             y_eff = (state.y[t] + lr.rho_layer * violation).clamp_min(0.0)
@@ -176,7 +149,6 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
             # cuts units below 1.
             threshold = torch.sqrt(2.0 * y_eff).to(m.device, m.dtype)
             m.copy_(prox_l0(m, threshold))
-            limit_change(before, stepped, m, lr.max_change)
             counts = (m > 0).sum(1).to(torch.float64).cpu()
             violation = (counts - state.s[t]) / units
         state.y[t] = dual_ascent(state.y[t], violation, lr.dual_layer)
