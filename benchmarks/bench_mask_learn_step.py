@@ -79,7 +79,7 @@ def main() -> None:
     cfg_dict: dict[str, Any] = {
         "target": {"sparsity": 0.5},
         # Many steps: the budget warm-up runs as in a real run and the hardening phase never starts.
-        "mask_learn": {"ds_config": str(ds_config), "budget_warmup_steps": 20,
+        "mask_learn": {"ds_config": str(ds_config), "budget_warmup_fraction": 0.0002,
                        "activation_checkpointing": args.activation_checkpointing,
                        "train": {"steps": 100_000, "micro_batch_size": args.micro_batch, "lr": 1e-4,
                                  "warmup_steps": 0}}}

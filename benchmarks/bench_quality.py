@@ -52,11 +52,11 @@ GOAL = 0.9  # issue 13: MaskPrune's held-out geomean at most 0.9 x the best base
 # Settings per mode; all use the demo's data (300k training tokens, 128-token sequences).
 # "standard" is the demo's training budget at both sparsities, sized for a CPU.
 MODES: dict[str, dict[str, Any]] = {
-    "full": {"sparsity": [0.2, 0.5], "mask_steps": 100, "warmup": 25, "cpt_steps": 50,
+    "full": {"sparsity": [0.2, 0.5], "mask_steps": 100, "cpt_steps": 50,
              "eval_tokens": 20000, "heldout_tokens": 16384, "limit": 100},
-    "standard": {"sparsity": [0.2, 0.5], "mask_steps": 40, "warmup": 12, "cpt_steps": 20,
+    "standard": {"sparsity": [0.2, 0.5], "mask_steps": 40, "cpt_steps": 20,
                  "eval_tokens": 4096, "heldout_tokens": 8192, "limit": 20},
-    "quick": {"sparsity": [0.5], "mask_steps": 12, "warmup": 4, "cpt_steps": 4,
+    "quick": {"sparsity": [0.5], "mask_steps": 12, "cpt_steps": 4,
               "eval_tokens": 4096, "heldout_tokens": 2048, "limit": 10},
 }
 
@@ -152,7 +152,7 @@ def run_overrides(plan: RunPlan, mode: dict[str, Any], sparsity: float, shape: d
            f"target.sparsity={sparsity}"]
     if plan.method == "maskprune":
         steps = plan.mask_steps
-        return out + [f"mask_learn.train.steps={steps}", f"mask_learn.budget_warmup_steps={mode['warmup']}",
+        return out + [f"mask_learn.train.steps={steps}",
                       f"mask_learn.train.checkpoint_every={steps}", f"mask_learn.train.eval_every={steps}"]
     assert shape is not None, "a one-shot run is cut to a given shape"
     models = '["pruned+cpt"]' if plan.name == DENSE_TRAINED else '["pruned", "pruned+cpt"]'
@@ -382,7 +382,6 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--sparsity", nargs="+", type=float, help="targets instead of the mode's")
     parser.add_argument("--mask-steps", type=int, help="MaskPrune's mask-learn steps instead of the mode's")
-    parser.add_argument("--warmup", type=int, help="mask_learn.budget_warmup_steps instead of the mode's")
     parser.add_argument("--cpt-steps", type=int, help="MaskPrune's recovery steps instead of the mode's "
                         "(the others get these plus the mask-learn steps)")
     parser.add_argument("--heldout-tokens", type=int, help="held-out tokens per text and chunk length")
@@ -407,7 +406,7 @@ def main() -> None:
     from maskprune.text_corpora import fetch_all
     from maskprune.zero_shot import fetch_eval_data
 
-    flags = {"sparsity": args.sparsity, "mask_steps": args.mask_steps, "warmup": args.warmup,
+    flags = {"sparsity": args.sparsity, "mask_steps": args.mask_steps,
              "cpt_steps": args.cpt_steps, "heldout_tokens": args.heldout_tokens,
              "eval_tokens": args.eval_tokens, "limit": args.limit}
     mode = {**MODES[args.mode], **{k: v for k, v in flags.items() if v is not None}}

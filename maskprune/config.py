@@ -213,9 +213,15 @@ class LoraConfig:
 
 @dataclass
 class DistillConfig:
+    ce_weight: float = 1.0  # the loss is ce_weight · CE + kl_weight · T² · KL + hidden_weight · MSE
     kl_weight: float = 1.0
     temperature: float = 2.0
     hidden_weight: float = 0.0
+
+    def validate(self) -> None:
+        weights = {"ce_weight": self.ce_weight, "kl_weight": self.kl_weight, "hidden_weight": self.hidden_weight}
+        if min(weights.values()) < 0 or sum(weights.values()) == 0:
+            raise ConfigError(f"distill: weights must be >= 0 and not all 0 (nothing to train on), got {weights}")
 
 
 @dataclass
@@ -254,22 +260,32 @@ class MaskLearnConfig(TrainingStageConfig):
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4))
     lora: LoraConfig = field(default_factory=LoraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    # Step sizes are normalised per structure type by the mean |dL/dm| at step 0 (METHOD_NOTES 2).
+    # Step sizes are normalised per structure type by a running mean |dL/dm| (METHOD_NOTES 2).
     mask_lr_alpha: float = 0.02
     dual_lr_layer: float = 0.05
     dual_lr_budget: float = 0.1
     target_lr: float = 0.2
     rho: float = 4.0
     rho_layer: float = 1.0
-    budget_warmup_steps: int = 20
+    # The budget falls from dense to the target over this fraction of the steps (a fixed count
+    # would be all of a short run and a sliver of a long one).
+    budget_warmup_fraction: float = 0.3
     hardening_fraction: float = 0.25
     init: Literal["wanda_sp", "ones"] = "wanda_sp"
     calibration_batches: int = 8
+    # ḡ, the mask step's unit: a running mean |dL/dm| per type (the mean of the first 1/(1-beta)
+    # steps, then an exponential average), not step 0's, where distillation gives no gradient.
+    grad_scale_beta: float = 0.9
 
     def validate(self) -> None:
         if not 0.0 <= self.hardening_fraction < 1.0:
             raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1), "
                               f"got {self.hardening_fraction}")
+        if not 0.0 <= self.grad_scale_beta < 1.0:
+            raise ConfigError(f"mask_learn.grad_scale_beta: must be in [0, 1), got {self.grad_scale_beta}")
+        if not 0.0 <= self.budget_warmup_fraction <= 1.0:
+            raise ConfigError(f"mask_learn.budget_warmup_fraction: must be in [0, 1] (a fraction of "
+                              f"mask_learn.train.steps), got {self.budget_warmup_fraction}")
 
 
 @dataclass
@@ -301,8 +317,6 @@ class ContinuedPretrainConfig(TrainingStageConfig):
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(kl_weight=0.0))
 
     def validate(self) -> None:
-        if self.distill.kl_weight < 0:
-            raise ConfigError(f"continued_pretrain.distill.kl_weight: must be >= 0, got {self.distill.kl_weight}")
         if self.distill.hidden_weight != 0:
             raise ConfigError("continued_pretrain.distill.hidden_weight: only logit distillation "
                               "(kl_weight) is supported here; set hidden_weight = 0")

@@ -93,13 +93,13 @@ class MaskLearner(TrainingLoop):
         batch = batch.to(self.dist.device)
         if self.teacher is None:
             ce, _ = lm_losses(self.engine(input_ids=batch).logits, batch, None, distill.temperature)
-            return {"ce": ce, "total": ce}
+            return {"ce": ce, "total": distill.ce_weight * ce}
         with self.teacher.collect() as teacher:
             out = self.engine(input_ids=batch)
         ce, kl = lm_losses(out.logits, batch, teacher.logits if distill.kl_weight > 0 else None,
                            distill.temperature)
         losses = {"ce": ce}
-        total = ce
+        total = distill.ce_weight * ce
         if kl is not None:
             losses["distill"] = kl
             total = total + distill.kl_weight * kl
@@ -135,7 +135,7 @@ class MaskLearner(TrainingLoop):
         stats = {f"loss/{k}": v for k, v in sums.items()}
         if self.step < self.hardening_start:
             lr = StepSizes(self.ml.mask_lr_alpha, self.ml.dual_lr_layer, self.ml.dual_lr_budget,
-                           self.ml.target_lr, self.ml.rho, self.ml.rho_layer)
+                           self.ml.target_lr, self.ml.rho, self.ml.rho_layer, self.ml.grad_scale_beta)
             stats.update(minimax_step({"attn": self.masks.attn_scores.data, "ffn": self.masks.ffn_scores.data},
                                       grads, self.minimax, self.budget, self.step, lr))
             stats["loss/lagrangian"] = self.lagrangian(sums["total"])
@@ -282,7 +282,7 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
     prepare_for_training(model, ml.activation_checkpointing)
     engine = init_engine(model, lora_params, ds, ml.train)
-    budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_steps)
+    budget = BudgetModel(shape, mode, cfg.target.sparsity, ml.budget_warmup_fraction, ml.train.steps)
     explicit = explicit_units(shape, cfg) if cfg.target.arch is not None else None
     if explicit is not None:
         budget.final_budget = float(shape_for(shape, *explicit, mode).prunable_cost())

@@ -4,7 +4,7 @@
                                                   + z (R(s) − B)/R_dense
 
 All quantities are normalised (violations as fractions of U_t, the budget as a fraction of the dense
-prunable count, mask step sizes by the step-0 mean |∂f/∂m| per type) because a hard mask gives the
+prunable count, mask step sizes by a running mean |∂f/∂m| per type) because a hard mask gives the
 loss no natural scale (METHOD_NOTES 2).
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ class MinimaxState:
     y: dict[str, torch.Tensor]
     z: float = 0.0
     grad_scale: dict[str, float] = field(default_factory=dict)
+    grad_scale_steps: dict[str, int] = field(default_factory=dict)  # steps that fed grad_scale
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"dual.y.{t}": self.y[t] for t in TYPES}
@@ -49,6 +50,7 @@ class MinimaxState:
             out[f"target.s.{t}"] = torch.tensor([self.s[t]], dtype=torch.float64)
             if t in self.grad_scale:
                 out[f"grad_scale.{t}"] = torch.tensor([self.grad_scale[t]], dtype=torch.float64)
+                out[f"grad_scale_steps.{t}"] = torch.tensor([self.grad_scale_steps[t]], dtype=torch.float64)
         return out
 
     @classmethod
@@ -57,19 +59,21 @@ class MinimaxState:
                    y={t: tensors[f"dual.y.{t}"].clone() for t in TYPES},
                    z=tensors["dual.z"].item(),
                    grad_scale={t: tensors[f"grad_scale.{t}"].item() for t in TYPES
-                               if f"grad_scale.{t}" in tensors})
+                               if f"grad_scale.{t}" in tensors},
+                   grad_scale_steps={t: int(tensors[f"grad_scale_steps.{t}"].item()) for t in TYPES
+                                     if f"grad_scale_steps.{t}" in tensors})
 
 
 class BudgetModel:
     """R(s) of the uniform shape with s_attn attention units and s_ffn channels per layer, its
     gradient, and the warmed-up budget B_t."""
 
-    def __init__(self, shape: LlamaShape, mode: AttnMode, sparsity: float, warmup_steps: int):
+    def __init__(self, shape: LlamaShape, mode: AttnMode, sparsity: float, warmup_fraction: float, steps: int):
         self.shape, self.mode = shape, mode
         self.units = {"attn": attn_unit_count(shape, mode), "ffn": shape.intermediate_size}
         self.dense = float(shape.prunable_cost())
         self.final_budget = (1.0 - sparsity) * self.dense
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = round(warmup_fraction * steps)  # the same share of any run's length
         self.floor = {"attn": float(legal_attn_units(shape, mode)[0]), "ffn": 1.0}
 
     def cost(self, s: dict[str, float]) -> float:
@@ -96,16 +100,33 @@ class StepSizes:
     rho: float  # augmented-Lagrangian weight of the budget term in the s step
     rho_layer: float  # the same for the per-layer terms in the prox threshold (gentler: the
     # threshold cuts every unit below it at once, so a large weight overshoots the target)
+    grad_scale_beta: float  # ḡ: the mean of the first 1/(1−β) informative steps, then an EMA
+
+
+def update_grad_scale(state: MinimaxState, grads: dict[str, torch.Tensor], beta: float) -> None:
+    """ḡ_t, the mean |∂f/∂m_t| that normalises the mask step. A running estimate (the mean of the
+    first 1/(1−β) informative steps, an exponential average with weight 1−β after): at step 0 the
+    student equals its dense self-teacher, so the distillation term's gradient is zero up to
+    rounding and a scale taken there alone is the CE gradient's, many times smaller than the
+    gradients once units are cut (and rounding noise under pure distillation). Steps whose gradient
+    is exactly zero carry no scale and are skipped."""
+    for t in TYPES:
+        value = grads[t].abs().mean().item()
+        if value == 0.0:
+            continue
+        n = state.grad_scale_steps.get(t, 0) + 1
+        weight = max(1.0 - beta, 1.0 / n)
+        old = state.grad_scale.get(t, value)
+        state.grad_scale[t] = old + weight * (value - old)
+        state.grad_scale_steps[t] = n
 
 
 def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                  state: MinimaxState, budget: BudgetModel, step: int, lr: StepSizes) -> dict[str, float]:
     """One update of m (gradient + prox), s (gradient with the augmented budget term), y and z
     (projected ascent). `scores` are updated in place; returns the quantities worth logging."""
-    for t in TYPES:
-        if t not in state.grad_scale:
-            state.grad_scale[t] = max(grads[t].abs().mean().item(), 1e-12)
-    stats: dict[str, float] = {}
+    update_grad_scale(state, grads, lr.grad_scale_beta)
+    stats: dict[str, float] = {f"grad/{t}_mean_abs": grads[t].abs().mean().item() for t in TYPES}
     b_t = budget.budget(step)
     r_s = budget.cost(state.s)
     budget_violation = (r_s - b_t) / budget.dense
@@ -118,7 +139,7 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
     for t in TYPES:
         units = budget.units[t]
         m = scores[t]
-        step_m = lr.mask_alpha / state.grad_scale[t]
+        step_m = lr.mask_alpha / state.grad_scale[t] if state.grad_scale.get(t) else 0.0
         with torch.no_grad():
             m.sub_(step_m * grads[t])
             counts = (m > 0).sum(1).to(torch.float64).cpu()  # duals live on the CPU, m may not

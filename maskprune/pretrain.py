@@ -71,7 +71,7 @@ class Pretrainer(TrainingLoop):
                 teacher_logits = self.teacher(input_ids=batch).logits
         ce, kl = lm_losses(out.logits, batch, teacher_logits, self.cfg.distill.temperature)
         losses = {"ce": ce}
-        total = ce
+        total = self.cfg.distill.ce_weight * ce
         if kl is not None:
             losses["distill"] = kl
             total = total + self.cfg.distill.kl_weight * kl

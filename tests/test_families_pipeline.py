@@ -20,7 +20,7 @@ from maskprune.families import FAMILIES
 pytestmark = pytest.mark.slow
 
 FEWEST = ["model.tiny.pretrain_steps=30", "data.max_train_tokens=60000",
-          "mask_learn.train.steps=4", "mask_learn.budget_warmup_steps=2", "mask_learn.calibration_batches=2",
+          "mask_learn.train.steps=4", "mask_learn.budget_warmup_fraction=0.5", "mask_learn.calibration_batches=2",
           "mask_learn.train.checkpoint_every=4", "mask_learn.train.eval_every=4", "mask_learn.train.eval_batches=2",
           "continued_pretrain.train.steps=2", "continued_pretrain.train.checkpoint_every=2",
           "continued_pretrain.train.eval_every=2", "continued_pretrain.train.eval_batches=2",

@@ -33,7 +33,7 @@ from maskprune.safetensors_io import SafetensorsDir
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["mask_learn.train.steps=10", "mask_learn.train.checkpoint_every=3",
-            "mask_learn.budget_warmup_steps=3", "mask_learn.train.eval_every=5",
+            "mask_learn.budget_warmup_fraction=0.3", "mask_learn.train.eval_every=5",
             "mask_learn.train.eval_batches=2",
             "continued_pretrain.train.steps=8", "continued_pretrain.train.checkpoint_every=3",
             "continued_pretrain.train.eval_every=4", "continued_pretrain.train.eval_batches=2",

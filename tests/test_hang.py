@@ -22,7 +22,7 @@ LAUNCHER_GRACE_S = 30  # deepspeed.launcher.launch.terminate_process_tree: SIGTE
 
 def mask_learn_argv(run_dir: Path, steps: int, checkpoint_every: int) -> list[str]:
     settings = [f"mask_learn.train.steps={steps}", f"mask_learn.train.checkpoint_every={checkpoint_every}",
-                "mask_learn.budget_warmup_steps=2", f"mask_learn.train.eval_every={checkpoint_every}",
+                "mask_learn.budget_warmup_fraction=0.13", f"mask_learn.train.eval_every={checkpoint_every}",
                 "mask_learn.train.eval_batches=2", "launcher.hang_timeout_minutes=1"]
     return ["run", "configs/tiny.toml", "--run-dir", str(run_dir), "--until", "mask_learn",
             *[x for s in settings for x in ("--set", s)]]

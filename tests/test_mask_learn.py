@@ -19,7 +19,7 @@ from maskprune.masks_io import load_keep_indices
 pytestmark = pytest.mark.slow
 
 STEPS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
-         "--set", "mask_learn.budget_warmup_steps=4", "--set", "mask_learn.train.eval_every=6"]
+         "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.train.eval_every=6"]
 
 
 def run_mask_learn(run_dir: Path) -> subprocess.CompletedProcess:

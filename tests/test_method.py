@@ -7,11 +7,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from maskprune.arch import (LlamaShape, ShapeError, admissible, budget_for_sparsity, check_loadable,
                             head_mask_from_units, lattice_for, legal_attn_units, resolve_attn_mode)
-from maskprune.config import ExperimentConfig, LoraConfig, TargetArch, config_from_dict
+from maskprune.config import ConfigError, ExperimentConfig, LoraConfig, TargetArch, config_from_dict
 from maskprune.lora import attach_lora
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import keep_from_scores
-from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, dual_ascent, minimax_step, prox_l0
+from maskprune.minimax import (BudgetModel, MinimaxState, StepSizes, dual_ascent, minimax_step,
+                               prox_l0, update_grad_scale)
 
 
 def tiny_model(heads: int = 4, kv: int = 2, layers: int = 2, tie: bool = False) -> LlamaForCausalLM:
@@ -191,8 +192,8 @@ def test_flops_budget_counts_forward_flops_at_data_seq_len() -> None:
     # At 2048 tokens the attention scores make a head dearer relative to an FFN channel than its
     # weights alone: the minimax step's ∂R/∂s (BudgetModel.grad) and admissible() both see it.
     long, plain = LLAMA3_70B.replace(flops_seq_len=2048), LLAMA3_70B
-    flops_model = BudgetModel(long, "query_per_group", sparsity=0.5, warmup_steps=1)
-    params_model = BudgetModel(plain, "query_per_group", sparsity=0.5, warmup_steps=1)
+    flops_model = BudgetModel(long, "query_per_group", sparsity=0.5, warmup_fraction=1.0, steps=1)
+    params_model = BudgetModel(plain, "query_per_group", sparsity=0.5, warmup_fraction=1.0, steps=1)
     assert flops_model.dense == long.prunable_cost() and flops_model.final_budget == 0.5 * long.prunable_cost()
     head = 2 * (2 * 8192 * 128) * 2048 + 2 * 2 * 128 * 2048 * 2049 / 2  # q and o rows of one head
     channel = 2 * 3 * 8192 * 2048
@@ -224,13 +225,14 @@ def test_explicit_target_arch_fields_are_used_or_refused() -> None:
 def test_minimax_moves_targets_down_to_the_budget_and_masks_follow() -> None:
     shape = LlamaShape(vocab_size=10, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, intermediate_size=192)
-    budget = BudgetModel(shape, "query_per_group", sparsity=0.5, warmup_steps=20)
+    budget = BudgetModel(shape, "query_per_group", sparsity=0.5, warmup_fraction=0.1, steps=200)
     generator = torch.Generator().manual_seed(0)
     scores = {"attn": torch.rand(4, 4, generator=generator) + 0.5,
               "ffn": torch.rand(4, 192, generator=generator) + 0.5}
     state = MinimaxState(s={"attn": 4.0, "ffn": 192.0},
                          y={"attn": torch.zeros(4, dtype=torch.float64), "ffn": torch.zeros(4, dtype=torch.float64)})
-    lr = StepSizes(mask_alpha=0.02, dual_layer=0.5, dual_budget=2.0, target=0.2, rho=2.0, rho_layer=2.0)
+    lr = StepSizes(mask_alpha=0.02, dual_layer=0.5, dual_budget=2.0, target=0.2, rho=2.0, rho_layer=2.0,
+                   grad_scale_beta=0.9)
     for step in range(150):
         grads = {k: torch.randn(v.shape, generator=generator) * 0.01 for k, v in scores.items()}
         stats = minimax_step(scores, grads, state, budget, step, lr)
@@ -250,3 +252,62 @@ def test_final_top_k_takes_back_zeroed_units_by_their_starting_importance() -> N
     attn, ffn = state.ranking_scores()
     keep = keep_from_scores(attn, ffn, shape, 4, 4, "query_per_group", "maskprune")
     assert keep.ffn[0].tolist() == [1, 2, 4, 6]  # learned 2 and 6, then the priors 3.0 (1) and 2.0 (4)
+
+
+def test_grad_scale_skips_steps_without_mask_gradient_and_follows_later_ones() -> None:
+    # Step 0 of a run whose loss is pure distillation: student = teacher, so ∂f/∂m is exactly 0.
+    # That step must neither set the scale (1e-12 would blow the mask step up a trillion-fold once
+    # the gradient appears) nor move the masks.
+    state = MinimaxState(s={"attn": 2.0, "ffn": 4.0}, y={t: torch.zeros(1, dtype=torch.float64) for t in ("attn", "ffn")})
+    zero = {"attn": torch.zeros(1, 2, dtype=torch.float64), "ffn": torch.zeros(1, 4, dtype=torch.float64)}
+    update_grad_scale(state, zero, beta=0.5)
+    assert state.grad_scale == {} and state.grad_scale_steps == {}
+    for value, expected in ((1.0, 1.0), (3.0, 2.0), (6.0, 4.0)):  # mean of the first 1/(1-β) = 2, then EMA
+        update_grad_scale(state, {k: torch.full_like(v, -value) for k, v in zero.items()}, beta=0.5)
+        assert state.grad_scale == {"attn": expected, "ffn": expected}
+    restored = MinimaxState.from_tensors(state.tensors())
+    assert restored.grad_scale == state.grad_scale and restored.grad_scale_steps == {"attn": 3, "ffn": 3}
+
+
+def test_budget_warmup_is_a_fraction_of_the_run() -> None:
+    shape = LlamaShape(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=96)
+    for steps in (40, 400):
+        budget = BudgetModel(shape, "query_per_group", sparsity=0.5, warmup_fraction=0.3, steps=steps)
+        reached = [step for step in range(steps) if budget.budget(step) == budget.final_budget]
+        assert reached[0] == round(0.3 * steps) - 1  # the target from 30 % of the steps on
+        assert budget.budget(0) < budget.dense
+    with pytest.raises(ConfigError, match="budget_warmup_fraction: must be in \\[0, 1\\]"):
+        config_from_dict({"mask_learn": {"budget_warmup_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="budget_warmup_fraction"):  # the old count names the new key
+        config_from_dict({"mask_learn": {"budget_warmup_steps": 12}})
+
+
+def test_distillation_gradient_on_the_masks_vanishes_at_the_start() -> None:
+    # Why ḡ is not measured at step 0 alone: all-ones masks and fresh LoRA are the dense teacher,
+    # so the KL term gives the masks no gradient there (rounding only), far below CE's.
+    from maskprune.losses import distill_kl
+
+    model = tiny_model()
+    state = MaskState(shape_of(model), "query_per_group")
+    attach_masks(model, state)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    state.enabled = False
+    with torch.no_grad():
+        teacher = model(input_ids=ids).logits
+    state.enabled = True
+    model(input_ids=ids, labels=ids).loss.backward()
+    ce = {k: g.grad.abs().mean().item() for k, g in (("attn", state.attn_scores), ("ffn", state.ffn_scores))}
+    state.attn_scores.grad, state.ffn_scores.grad = None, None
+    distill_kl(model(input_ids=ids).logits, teacher, temperature=2.0).backward()
+    assert state.attn_scores.grad.abs().max().item() < 1e-5 * ce["attn"]
+    assert state.ffn_scores.grad.abs().max().item() < 1e-5 * ce["ffn"]
+
+
+def test_distillation_weights_are_checked() -> None:
+    cfg = config_from_dict({"mask_learn": {"distill": {"ce_weight": 0.0, "kl_weight": 1.0}}})
+    assert cfg.mask_learn.distill.ce_weight == 0.0
+    with pytest.raises(ConfigError, match="not all 0 \\(nothing to train on\\)"):
+        config_from_dict({"mask_learn": {"distill": {"ce_weight": 0.0, "kl_weight": 0.0}}})
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        config_from_dict({"continued_pretrain": {"distill": {"kl_weight": -1.0}}})

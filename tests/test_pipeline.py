@@ -15,7 +15,7 @@ from maskprune.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["--set", "mask_learn.train.steps=8", "--set", "mask_learn.budget_warmup_steps=3",
+SHORT = ["--set", "mask_learn.train.steps=8", "--set", "mask_learn.budget_warmup_fraction=0.375",
          "--set", "mask_learn.train.checkpoint_every=4", "--set", "mask_learn.train.eval_every=4",
          "--set", "continued_pretrain.train.steps=6", "--set", "continued_pretrain.train.checkpoint_every=3",
          "--set", "continued_pretrain.train.eval_every=3"]

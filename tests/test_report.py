@@ -122,7 +122,7 @@ def test_report_on_a_real_short_run(tmp_path: Path) -> None:
     run_cli("run", "configs/tiny.toml", "--run-dir", str(tmp_path), "--set", "mask_learn.train.steps=6",
             "--set", "continued_pretrain.train.steps=4", "--set", "mask_learn.train.checkpoint_every=3",
             "--set", "continued_pretrain.train.checkpoint_every=2", "--set", "mask_learn.train.eval_every=3",
-            "--set", "continued_pretrain.train.eval_every=2", "--set", "mask_learn.budget_warmup_steps=2",
+            "--set", "continued_pretrain.train.eval_every=2", "--set", "mask_learn.budget_warmup_fraction=0.33",
             "--set", "mask_learn.train.warmup_steps=2", "--set", "continued_pretrain.train.warmup_steps=2")
     out = run_cli("report", str(tmp_path)).stdout
     md = (tmp_path / "report.md").read_text()

@@ -23,7 +23,7 @@ from maskprune.runlock import read_holder
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["mask_learn.train.steps=10", "mask_learn.train.checkpoint_every=5",
-            "mask_learn.budget_warmup_steps=3", "mask_learn.train.eval_every=10",
+            "mask_learn.budget_warmup_fraction=0.3", "mask_learn.train.eval_every=10",
             "mask_learn.train.eval_batches=2"]
 
 

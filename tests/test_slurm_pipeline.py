@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(slurm_missing() is not None, reason=f"Slurm tier: {slurm_missing()}")]
 
 SETS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
-        "--set", "mask_learn.budget_warmup_steps=4", "--set", "mask_learn.train.eval_every=6",
+        "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.train.eval_every=6",
         "--set", "continued_pretrain.train.steps=8", "--set", "continued_pretrain.train.checkpoint_every=4",
         "--set", "continued_pretrain.train.eval_every=4"]
 PREEMPT_AFTER_STEP = 5

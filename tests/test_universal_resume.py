@@ -27,7 +27,7 @@ STAGES = {"mask_learn": 8, "continued_pretrain": 6}  # steps; checkpoints every 
 SETTINGS = [f"{stage}.train.{key}={value}" for stage, steps in STAGES.items() for key, value in
             (("steps", steps), ("checkpoint_every", steps // 2), ("keep_last", 4), ("micro_batch_size", 1),
              ("grad_accum", 2), ("warmup_steps", 2), ("eval_every", steps), ("eval_batches", 2))]
-SETTINGS.append("mask_learn.budget_warmup_steps=3")
+SETTINGS.append("mask_learn.budget_warmup_fraction=0.375")
 DOWNSTREAM = {"mask_learn": ("hard_prune", "continued_pretrain", "export", "evaluate"),
               "continued_pretrain": ("export", "evaluate")}
 
