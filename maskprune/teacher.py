@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 
 @dataclass
@@ -44,15 +43,15 @@ class ShadowTeacher:
     active: bool = False
     running: bool = False  # inside a teacher call: the hooks of the modules it calls stand aside
     outputs: TeacherOutputs = field(default_factory=TeacherOutputs)
-    handles: list[RemovableHandle] = field(default_factory=list)
 
     def attach(self) -> "ShadowTeacher":
+        """Hooks for the life of the model, as the mask and LoRA hooks are."""
         layers = self.model.model.layers
-        self.handles.append(layers[0].register_forward_pre_hook(self._start))
+        layers[0].register_forward_pre_hook(self._start)
         for layer in layers:
-            self.handles.append(layer.register_forward_hook(self._layer, with_kwargs=True))
-        self.handles.append(self.model.model.norm.register_forward_hook(self._norm))
-        self.handles.append(self.model.lm_head.register_forward_hook(self._head))
+            layer.register_forward_hook(self._layer, with_kwargs=True)
+        self.model.model.norm.register_forward_hook(self._norm)
+        self.model.lm_head.register_forward_hook(self._head)
         return self
 
     @contextmanager
