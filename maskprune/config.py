@@ -276,11 +276,18 @@ class MaskLearnConfig(TrainingStageConfig):
     # ḡ, the mask step's unit: a running mean |dL/dm| per type (the mean of the first 1/(1-beta)
     # steps, then an exponential average), not step 0's, where distillation gives no gradient.
     grad_scale_beta: float = 0.9
+    # A unit's mask gradient counts at most this many ḡ in a step (0: uncapped), so a score moves at
+    # most mask_lr_alpha · mask_grad_clip per step and a unit crosses the threshold on evidence that
+    # recurs across batches (docs/method.md, "Measured on held-out text").
+    mask_grad_clip: float = 1.0
 
     def validate(self) -> None:
         if not 0.0 <= self.hardening_fraction < 1.0:
             raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1), "
                               f"got {self.hardening_fraction}")
+        if self.mask_grad_clip < 0:
+            raise ConfigError(f"mask_learn.mask_grad_clip: must be >= 0 (0 leaves the gradient uncapped), "
+                              f"got {self.mask_grad_clip}")
         if not 0.0 <= self.grad_scale_beta < 1.0:
             raise ConfigError(f"mask_learn.grad_scale_beta: must be in [0, 1), got {self.grad_scale_beta}")
         if not 0.0 <= self.budget_warmup_fraction <= 1.0:

@@ -135,7 +135,8 @@ class MaskLearner(TrainingLoop):
         stats = {f"loss/{k}": v for k, v in sums.items()}
         if self.step < self.hardening_start:
             lr = StepSizes(self.ml.mask_lr_alpha, self.ml.dual_lr_layer, self.ml.dual_lr_budget,
-                           self.ml.target_lr, self.ml.rho, self.ml.rho_layer, self.ml.grad_scale_beta)
+                           self.ml.target_lr, self.ml.rho, self.ml.rho_layer, self.ml.grad_scale_beta,
+                           self.ml.mask_grad_clip)
             stats.update(minimax_step({"attn": self.masks.attn_scores.data, "ffn": self.masks.ffn_scores.data},
                                       grads, self.minimax, self.budget, self.step, lr))
             stats["loss/lagrangian"] = self.lagrangian(sums["total"])

@@ -101,6 +101,7 @@ class StepSizes:
     rho_layer: float  # the same for the per-layer terms in the prox threshold (gentler: the
     # threshold cuts every unit below it at once, so a large weight overshoots the target)
     grad_scale_beta: float  # ḡ: the mean of the first 1/(1−β) informative steps, then an EMA
+    grad_clip: float  # a unit's |∂f/∂m| counts at most grad_clip · ḡ in the mask step (0: uncapped)
 
 
 def update_grad_scale(state: MinimaxState, grads: dict[str, torch.Tensor], beta: float) -> None:
@@ -141,7 +142,14 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
         m = scores[t]
         step_m = lr.mask_alpha / state.grad_scale[t] if state.grad_scale.get(t) else 0.0
         with torch.no_grad():
-            m.sub_(step_m * grads[t])
+            grad = grads[t]
+            if lr.grad_clip > 0 and state.grad_scale.get(t):
+                # One batch's STE gradient is heavy-tailed per unit (single units at 30-40x the mean):
+                # uncapped, one batch moves a unit across the prox threshold on its own and the final
+                # selection follows the last few batches' noise, not the run's evidence.
+                bound = lr.grad_clip * state.grad_scale[t]
+                grad = grad.clamp(-bound, bound)
+            m.sub_(step_m * grad)
             counts = (m > 0).sum(1).to(torch.float64).cpu()  # duals live on the CPU, m may not
             violation = (counts - state.s[t]) / units
             y_eff = (state.y[t] + lr.rho_layer * violation).clamp_min(0.0)

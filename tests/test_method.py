@@ -232,7 +232,7 @@ def test_minimax_moves_targets_down_to_the_budget_and_masks_follow() -> None:
     state = MinimaxState(s={"attn": 4.0, "ffn": 192.0},
                          y={"attn": torch.zeros(4, dtype=torch.float64), "ffn": torch.zeros(4, dtype=torch.float64)})
     lr = StepSizes(mask_alpha=0.02, dual_layer=0.5, dual_budget=2.0, target=0.2, rho=2.0, rho_layer=2.0,
-                   grad_scale_beta=0.9)
+                   grad_scale_beta=0.9, grad_clip=2.0)
     for step in range(150):
         grads = {k: torch.randn(v.shape, generator=generator) * 0.01 for k, v in scores.items()}
         stats = minimax_step(scores, grads, state, budget, step, lr)
@@ -267,6 +267,29 @@ def test_grad_scale_skips_steps_without_mask_gradient_and_follows_later_ones() -
         assert state.grad_scale == {"attn": expected, "ffn": expected}
     restored = MinimaxState.from_tensors(state.tensors())
     assert restored.grad_scale == state.grad_scale and restored.grad_scale_steps == {"attn": 3, "ffn": 3}
+
+
+def test_one_batch_moves_a_mask_score_at_most_alpha_times_the_clip() -> None:
+    # A unit whose gradient is 40x the type's mean (seen on SmolLM2) moves 2 alpha, not 40 alpha;
+    # ordinary units move exactly as without the cap, and 0 leaves the step uncapped.
+    shape = LlamaShape(vocab_size=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, intermediate_size=8)
+    budget = BudgetModel(shape, "query_per_group", sparsity=0.0, warmup_fraction=0.0, steps=1)
+    grads = {"attn": torch.full((1, 4), 0.1), "ffn": torch.full((1, 8), 0.1)}
+    grads["ffn"][0, 3] = -4.0
+    moved = {}
+    for clip in (2.0, 0.0):
+        scores = {k: torch.full_like(v, 3.0) for k, v in grads.items()}
+        state = MinimaxState(s={"attn": 4.0, "ffn": 8.0}, y={t: torch.zeros(1, dtype=torch.float64) for t in ("attn", "ffn")},
+                             grad_scale={"attn": 0.1, "ffn": 0.1}, grad_scale_steps={"attn": 10**9, "ffn": 10**9})
+        lr = StepSizes(mask_alpha=0.02, dual_layer=0.0, dual_budget=0.0, target=0.0, rho=0.0, rho_layer=0.0,
+                       grad_scale_beta=1.0 - 1e-9, grad_clip=clip)
+        minimax_step(scores, {k: v.clone() for k, v in grads.items()}, state, budget, 0, lr)
+        moved[clip] = scores["ffn"][0] - 3.0
+    assert moved[2.0][3].item() == pytest.approx(2 * 0.02) and moved[0.0][3].item() == pytest.approx(40 * 0.02)
+    assert torch.equal(moved[2.0][:3], moved[0.0][:3]) and moved[2.0][0].item() == pytest.approx(-0.02)
+    with pytest.raises(ConfigError, match="mask_learn.mask_grad_clip: must be >= 0"):
+        config_from_dict({"mask_learn": {"mask_grad_clip": -1.0}})
 
 
 def test_budget_warmup_is_a_fraction_of_the_run() -> None:
