@@ -248,6 +248,10 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              f"- {mode['limit']} examples per task: one example moves a task's accuracy by "
              f"{1 / max(mode['limit'], 1):.3f} and the 7-task mean by {1 / max(mode['limit'], 1) / 7:.3f}."
              if mode["limit"] else "- zero-shot suite not run (--limit 0).", ""]
+    baselines = [m for m in next(iter(report["targets"].values()))["methods"] if m != "maskprune"]
+    left_out = [m for m in METHODS if m != "maskprune" and m not in baselines]
+    lines[-1:-1] = [f"- baselines: {', '.join(baselines)}" + (
+        f"; not run here: {', '.join(left_out)} (`--methods`)" if left_out else "")]
     dense, trained = report["dense"], report["dense_trained"]
     for key, target in report["targets"].items():
         s = target["shape"]

@@ -90,3 +90,5 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "| dense, trained (equal budget) | 30,720 | - | - | - | 25.00 | 0.83x | 1.00x |" in table
     # PTB before / after, then boolq and the six tasks this report lacks, then the mean
     assert "| random | 900.00 | 300.00 | 0.300 | - | - | - | - | - | - | 0.300 |" in table
+    # which baselines ran is part of the result: a table without FLAP must not read as "FLAP lost"
+    assert "- baselines: wanda_sp, random; not run here: flap, taylor, magnitude (`--methods`)" in table
