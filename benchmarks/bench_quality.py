@@ -419,7 +419,9 @@ def main() -> None:
     cache = args.cache or asset_cache() / ("bench_quality" + ("" if args.config == "configs/demo.toml"
                                                               else f"-{Path(args.config).stem}"))
     base = cache / "base"
-    maskprune_cli(args.config, base, [], "--until", "tokenize")  # the model + training text, once
+    # The model + training text, once. The base is the bench's own cache: after an upgrade that
+    # changes what prepare or tokenize read, it is rebuilt (--force) rather than refused.
+    maskprune_cli(args.config, base, [], "--until", "tokenize", "--force")
     from maskprune.families import family_of
     from maskprune.rundir import RunDir
 
