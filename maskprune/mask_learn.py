@@ -296,5 +296,6 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
                           meta=meta, tb_dir=tb_dir, progress_path=work_dir / "progress.json",
                           explicit_units=explicit)
     if ml.distill.kl_weight > 0 or ml.distill.hidden_weight > 0:
-        learner.teacher = ShadowTeacher(model, learner.teacher_mode).attach()
+        learner.teacher = ShadowTeacher(model, learner.teacher_mode,
+                                        logits_wanted=ml.distill.kl_weight > 0).attach()
     return learner

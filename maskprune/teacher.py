@@ -40,6 +40,9 @@ class ShadowTeacher:
 
     model: nn.Module
     switch_off: Callable[[], Any]  # a context manager: masks and LoRA off
+    # False without logit distillation (hidden-state only): the teacher's LM head, a full-vocabulary
+    # matmul per token, is not run for logits nobody reads.
+    logits_wanted: bool = True
     active: bool = False
     running: bool = False  # inside a teacher call: the hooks of the modules it calls stand aside
     outputs: TeacherOutputs = field(default_factory=TeacherOutputs)
@@ -51,7 +54,8 @@ class ShadowTeacher:
         for layer in layers:
             layer.register_forward_hook(self._layer, with_kwargs=True)
         self.model.model.norm.register_forward_hook(self._norm)
-        self.model.lm_head.register_forward_hook(self._head)
+        if self.logits_wanted:
+            self.model.lm_head.register_forward_hook(self._head)
         return self
 
     @contextmanager

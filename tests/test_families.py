@@ -286,3 +286,20 @@ def test_teacher_alongside_the_student_is_the_dense_model(tmp_path: Path, family
         student = dense(input_ids=tokens).logits
     assert torch.equal(teacher.logits, want_teacher)
     assert torch.equal(student, want_student) and not torch.equal(student, want_teacher)
+
+
+def test_teacher_without_logit_distillation_skips_its_lm_head(tmp_path: Path) -> None:
+    """Hidden-state distillation alone reads the teacher's final hidden states, never its logits:
+    the LM head runs once (the student's), not twice."""
+    from contextlib import nullcontext
+
+    from maskprune.teacher import ShadowTeacher
+
+    model = make_model(tmp_path / "src", "llama")
+    head_calls: list[int] = []
+    model.lm_head.register_forward_pre_hook(lambda *_: head_calls.append(1))
+    shadow = ShadowTeacher(model, nullcontext, logits_wanted=False).attach()
+    with torch.no_grad(), shadow.collect() as teacher:
+        model(input_ids=torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0)))
+    assert head_calls == [1] and teacher.logits is None
+    assert teacher.normed is not None and teacher.normed.shape == teacher.student_normed.shape
