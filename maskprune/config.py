@@ -278,7 +278,7 @@ class MaskLearnConfig(TrainingStageConfig):
     grad_scale_beta: float = 0.9
     # A unit's mask gradient counts at most this many ḡ in a step (0: uncapped), so a score moves at
     # most mask_lr_alpha · mask_grad_clip per step and a unit crosses the threshold on evidence that
-    # recurs across batches (docs/method.md, "Measured on held-out text").
+    # recurs across batches (docs/method.md, "Held-out general text").
     mask_grad_clip: float = 1.0
 
     def validate(self) -> None:

@@ -140,15 +140,15 @@ def minimax_step(scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
     for t in TYPES:
         units = budget.units[t]
         m = scores[t]
-        step_m = lr.mask_alpha / state.grad_scale[t] if state.grad_scale.get(t) else 0.0
+        scale = state.grad_scale.get(t, 0.0)  # 0 until a step has carried a mask gradient
+        step_m = lr.mask_alpha / scale if scale else 0.0
         with torch.no_grad():
             grad = grads[t]
-            if lr.grad_clip > 0 and state.grad_scale.get(t):
+            if lr.grad_clip > 0 and scale:
                 # One batch's STE gradient is heavy-tailed per unit (single units at 30-40x the mean):
                 # uncapped, one batch moves a unit across the prox threshold on its own and the final
                 # selection follows the last few batches' noise, not the run's evidence.
-                bound = lr.grad_clip * state.grad_scale[t]
-                grad = grad.clamp(-bound, bound)
+                grad = grad.clamp(-lr.grad_clip * scale, lr.grad_clip * scale)
             m.sub_(step_m * grad)
             counts = (m > 0).sum(1).to(torch.float64).cpu()  # duals live on the CPU, m may not
             violation = (counts - state.s[t]) / units
