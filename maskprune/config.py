@@ -280,11 +280,19 @@ class MaskLearnConfig(TrainingStageConfig):
     # most mask_lr_alpha · mask_grad_clip per step and a unit crosses the threshold on evidence that
     # recurs across batches (docs/method.md, "Held-out general text").
     mask_grad_clip: float = 1.0
+    # In the hardening phase, removed channels' inputs to o_proj / down_proj are replaced by their
+    # running means (FLAP's compensation, learned with LoRA); the output gets those biases
+    # (maskprune/compensation.py).
+    bias_compensation: bool = False
 
     def validate(self) -> None:
         if not 0.0 <= self.hardening_fraction < 1.0:
             raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1), "
                               f"got {self.hardening_fraction}")
+        if self.bias_compensation and int(round(self.hardening_fraction * self.train.steps)) == 0:
+            raise ConfigError(f"mask_learn.bias_compensation: measures its means in the hardening phase, "
+                              f"which hardening_fraction {self.hardening_fraction} of {self.train.steps} steps "
+                              f"leaves empty; raise mask_learn.hardening_fraction or set bias_compensation = false")
         if self.mask_grad_clip < 0:
             raise ConfigError(f"mask_learn.mask_grad_clip: must be >= 0 (0 leaves the gradient uncapped), "
                               f"got {self.mask_grad_clip}")

@@ -7,11 +7,13 @@ and GPU (nccl) alike.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -183,3 +185,15 @@ def _inherit_run_lock(token: str) -> str:
 
     os.environ[TOKEN_ENV] = token
     return token
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Full `params` for the duration (every rank must enter); a no-op for parameters ZeRO-3 does not own."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from maskprune.arch import LlamaShape, attn_unit_count
+from maskprune.dist import gathered
 from maskprune.families import family_of
 from maskprune.masks_io import KeepIndices
 
@@ -50,17 +51,9 @@ def _all_reduce_(*tensors: Tensor, op: str = "sum") -> None:
         torch.distributed.all_reduce(tensor, op=reduce_op)
 
 
-@contextlib.contextmanager
-def _gathered(*modules: nn.Module) -> Iterator[None]:
-    """Full weights of `modules` for the duration; a no-op for parameters ZeRO-3 does not own."""
-    params = [m.weight for m in modules]
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params):
-        yield
+def _gathered(*modules: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Full weights of `modules` for the duration."""
+    return gathered([m.weight for m in modules])
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -4,7 +4,8 @@ Per optimizer step: the student pass with hard masks (STE), which also computes 
 self-teacher (masks and LoRA off, no grad) layer by layer on the same gathered parameters
 (maskprune/teacher.py), CE + distillation backward, the engine's LoRA step, an all-reduce of the
 (replicated) mask gradients, then `minimax_step`. The last `hardening_fraction`
-of steps train LoRA under the final uniform masks (METHOD_NOTES 4).
+of steps train LoRA under the final uniform masks (METHOD_NOTES 4), with `bias_compensation`
+replacing removed channels by their running means (maskprune/compensation.py).
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from typing import Any
 import torch
 
 from maskprune.arch import LlamaShape, admissible, attn_unit_count, shape_for
+from maskprune.compensation import RemovedChannelMeans, compensation_bias
 from maskprune.config import ExperimentConfig, TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dist import DistInfo, log
 from maskprune.lora import LoraSwitch, attach_lora
+from maskprune.lora_merge import lora_scale
 from maskprune.losses import hidden_mse, lm_losses
-from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
+from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep, masked_linears
 from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
@@ -74,9 +77,23 @@ class MaskLearner(TrainingLoop):
         keep = self.current_keep()
         attn, ffn = fixed_masks_from_keep(keep.q_heads, keep.ffn, self.masks.shape, self.masks.mode)
         self.masks.fixed_attn, self.masks.fixed_ffn = attn.to(self.dist.device), ffn.to(self.dist.device)
+        self.start_compensation()
         log(f"mask_learn: hardening from step {self.step}: every layer keeps "
             f"{keep.q_heads.shape[1]} query heads / {keep.kv_heads.shape[1]} KV heads, "
             f"{keep.ffn.shape[1]} FFN channels; only LoRA trains from here")
+
+    def start_compensation(self) -> None:
+        if self.ml.bias_compensation:
+            shape = self.masks.shape
+            self.masks.compensation = RemovedChannelMeans(
+                shape.num_hidden_layers, {"attn": shape.num_attention_heads * shape.head_dim,
+                                          "ffn": shape.intermediate_size}, self.dist.device)
+
+    def compensation_bias(self) -> dict[str, torch.Tensor]:
+        """The hardening masks' o_proj / down_proj biases; every rank must call it (it gathers)."""
+        return compensation_bias(masked_linears(self.engine.module, self.masks.shape),
+                                 self.masks.removed_channels(), self.masks.compensation,
+                                 lora_scale(self.ml.lora.rank, self.ml.lora.alpha))
 
     # ------------------------------------------------------------------ one step
     @contextmanager
@@ -127,10 +144,14 @@ class MaskLearner(TrainingLoop):
             losses = self.forward_losses(next(self.train_iter))
             self.engine.backward(losses["total"])
             self.engine.step()
+            if self.masks.compensation is not None:
+                self.masks.compensation.end_micro_batch()
             # Detached device tensors, read once per step below: no host sync per micro-batch.
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().double() / self.ml.train.grad_accum
         sums = mean_over_ranks(sums, self.dist.device)  # the global batch's, not rank 0's alone
+        if self.masks.compensation is not None:
+            self.masks.compensation.end_step()
         grads = self.mask_grads()
         stats = {f"loss/{k}": v for k, v in sums.items()}
         if self.step < self.hardening_start:
@@ -177,6 +198,8 @@ class MaskLearner(TrainingLoop):
                    **self.minimax.tensors()}
         if self.masks.fixed_attn is not None:
             tensors["fixed.attn"], tensors["fixed.ffn"] = self.masks.fixed_attn, self.masks.fixed_ffn
+        if self.masks.compensation is not None:
+            tensors.update(self.masks.compensation.tensors())
         return tensors
 
     def save(self) -> None:
@@ -203,6 +226,9 @@ class MaskLearner(TrainingLoop):
         if "fixed.attn" in tensors:
             self.masks.fixed_attn = tensors["fixed.attn"].to(self.dist.device)
             self.masks.fixed_ffn = tensors["fixed.ffn"].to(self.dist.device)
+            self.start_compensation()
+            if self.masks.compensation is not None:
+                self.masks.compensation.load(tensors)
 
     def final_keep(self) -> KeepIndices:
         """The hardening masks as keep indices (scores kept for inspection)."""
@@ -216,6 +242,8 @@ class MaskLearner(TrainingLoop):
         width = int(ffn[0].sum().item())
         keep = keep_from_scores(attn.cpu(), ffn.cpu(), shape, units, width, self.masks.mode, "maskprune")
         keep.scores = {"attn": self.masks.attn_scores.detach().cpu(), "ffn": self.masks.ffn_scores.detach().cpu()}
+        if self.masks.compensation is not None:
+            keep.bias = self.compensation_bias()
         return keep
 
     # ------------------------------------------------------------------ loop hooks

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from maskprune.arch import AttnMode, LlamaShape, attn_unit_count, head_mask_from_units
+from maskprune.compensation import RemovedChannelMeans
 from maskprune.families import FAMILIES
 
 
@@ -40,6 +41,8 @@ class MaskState(nn.Module):
         self.enabled = True
         self.fixed_attn: torch.Tensor | None = None
         self.fixed_ffn: torch.Tensor | None = None
+        # With bias compensation, from hardening on: removed channels get their mean, not zero.
+        self.compensation: RemovedChannelMeans | None = None
 
     @staticmethod
     def ste(scores: torch.Tensor) -> torch.Tensor:
@@ -63,6 +66,18 @@ class MaskState(nn.Module):
     def head_mask(self, layer: int) -> torch.Tensor:
         return head_mask_from_units(self.unit_mask("attn", layer), self.shape, self.mode)
 
+    def apply(self, kind: str, layer: int, x: torch.Tensor, channel_mask: torch.Tensor) -> torch.Tensor:
+        """The input of o_proj ("attn") or down_proj ("ffn") as the pruned model will see it."""
+        if self.compensation is not None and self.fixed_attn is not None:
+            return self.compensation.replace(kind, layer, x, channel_mask)
+        return x * channel_mask.to(x.dtype)
+
+    def removed_channels(self) -> dict[str, torch.Tensor]:
+        """1.0 where the hardening masks remove an input channel of o_proj ("attn", [L, heads·head_dim])
+        or of down_proj ("ffn", [L, ffn])."""
+        heads = head_mask_from_units(self.fixed_attn, self.shape, self.mode)
+        return {"attn": 1 - heads.repeat_interleave(self.shape.head_dim, dim=1), "ffn": 1 - self.fixed_ffn}
+
     def kept_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """||m_l||_0 per layer for each type: the quantity the per-layer constraints bound."""
         return (self.attn_scores > 0).sum(1).cpu(), (self.ffn_scores > 0).sum(1).cpu()
@@ -72,10 +87,8 @@ def _o_proj_hook(state: MaskState, layer: int, head_dim: int):
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if not state.enabled:
             return inputs
-        x = inputs[0]
-        mask = state.head_mask(layer).to(x.dtype)
-        heads = x.view(*x.shape[:-1], -1, head_dim) * mask.unsqueeze(-1)
-        return (heads.view_as(x), *inputs[1:])
+        channel_mask = state.head_mask(layer).repeat_interleave(head_dim)
+        return (state.apply("attn", layer, inputs[0], channel_mask), *inputs[1:])
     return hook
 
 
@@ -83,17 +96,23 @@ def _down_proj_hook(state: MaskState, layer: int):
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if not state.enabled:
             return inputs
-        return (inputs[0] * state.unit_mask("ffn", layer).to(inputs[0].dtype), *inputs[1:])
+        return (state.apply("ffn", layer, inputs[0], state.unit_mask("ffn", layer)), *inputs[1:])
     return hook
 
 
+def masked_linears(model: nn.Module, shape: LlamaShape) -> dict[str, list[nn.Linear]]:
+    """Per layer, the projection whose input each mask type gates: o_proj ("attn"), down_proj ("ffn")."""
+    family = FAMILIES[shape.family]  # where o_proj / down_proj live in its decoder layers
+    return {"attn": [family.attn_module(layer).o_proj for layer in model.model.layers],
+            "ffn": [family.mlp_module(layer).down_proj for layer in model.model.layers]}
+
+
 def attach_masks(model: nn.Module, state: MaskState) -> list[torch.utils.hooks.RemovableHandle]:
-    family = FAMILIES[state.shape.family]  # where o_proj / down_proj live in its decoder layers
+    linears = masked_linears(model, state.shape)
     handles = []
-    for index, layer in enumerate(model.model.layers):
-        handles.append(family.attn_module(layer).o_proj.register_forward_pre_hook(
-            _o_proj_hook(state, index, state.shape.head_dim)))
-        handles.append(family.mlp_module(layer).down_proj.register_forward_pre_hook(_down_proj_hook(state, index)))
+    for index, (o_proj, down_proj) in enumerate(zip(linears["attn"], linears["ffn"])):
+        handles.append(o_proj.register_forward_pre_hook(_o_proj_hook(state, index, state.shape.head_dim)))
+        handles.append(down_proj.register_forward_pre_hook(_down_proj_hook(state, index)))
     return handles
 
 

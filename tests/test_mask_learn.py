@@ -1,4 +1,6 @@
-"""Mask-learn under 2-rank ZeRO-3 on CPU: exact uniform target shape, per-layer choices, exact resume."""
+"""Mask-learn under 2-rank ZeRO-3 on CPU: exact uniform target shape, per-layer choices, exact resume.
+Bias compensation is on and hardening takes the last 6 of 12 steps, so a resume from step 8 restores
+the running channel means and the biases must come out bit-identical."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,8 @@ from maskprune.masks_io import load_keep_indices
 pytestmark = pytest.mark.slow
 
 STEPS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
-         "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.train.eval_every=6"]
+         "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.train.eval_every=6",
+         "--set", "mask_learn.hardening_fraction=0.5", "--set", "mask_learn.bias_compensation=true"]
 
 
 def run_mask_learn(run_dir: Path) -> subprocess.CompletedProcess:
@@ -38,6 +41,8 @@ def test_reaches_exact_uniform_target_with_zero_violation(learned: Path) -> None
     assert summary["final_violation"] == 0.0
     assert summary["params"]["prunable_final"] <= summary["budget"] == 0.5 * summary["params"]["prunable_source"]
     keep = load_keep_indices(learned / "mask_learn" / "masks.safetensors")
+    assert set(keep.bias) == {"o_proj", "down_proj"} and keep.bias["down_proj"].shape == (4, 64)
+    assert keep.bias["down_proj"].abs().max() > 0
     final = summary["final_shape"]
     assert keep.q_heads.shape == (4, final["num_attention_heads"])
     assert keep.kv_heads.shape == (4, final["num_key_value_heads"]) == (4, 2)
@@ -78,13 +83,13 @@ def test_kill_and_resume_gives_the_same_final_masks(learned: Path, tiny_tokenize
     progress = run_dir / "mask_learn" / "progress.json"
     deadline = time.time() + 600
     while time.time() < deadline:
-        if progress.is_file() and json.loads(progress.read_text())["step"] >= 6:
+        if progress.is_file() and json.loads(progress.read_text())["step"] >= 9:
             break
         assert proc.poll() is None, "the stage ended before it could be killed"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-run (after step 6)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-hardening (after step 9)
     proc.wait()
-    assert (run_dir / "mask_learn" / "checkpoints" / "step00000004" / "COMPLETE").is_file()
+    assert (run_dir / "mask_learn" / "checkpoints" / "step00000008" / "COMPLETE").is_file()
     # Another rank count resumes (test_universal_resume.py) if it can keep the global batch of
     # 4 x 2 = 8 sequences; 3 ranks of 4 cannot: refused before anything is written, saying what to do.
     before = sorted(p.name for p in (run_dir / "mask_learn" / "checkpoints").iterdir())
