@@ -174,6 +174,7 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
     source = json.loads((Path(RunDir(base).state("prepare").outputs["model"]) / "config.json").read_text())
     report: dict[str, Any] = {"mode": args.mode, "config": args.config, "settings": mode, "dense": None,
                               "dense_trained": None, "targets": {},
+                              "bias_compensation": cfg.mask_learn.bias_compensation,
                               "budget": {name: {"mask_steps": p.mask_steps, "recovery_steps": p.recovery_steps,
                                                 "train_tokens": p.train_tokens} for name, p in plans.items()}}
     # The dense reference first: it needs no learned shape, and it is the same for every sparsity.
@@ -250,8 +251,12 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              if mode["limit"] else "- zero-shot suite not run (--limit 0).", ""]
     baselines = [m for m in next(iter(report["targets"].values()))["methods"] if m != "maskprune"]
     left_out = [m for m in METHODS if m != "maskprune" and m not in baselines]
+    compensated = ["flap"] * ("flap" in baselines) + ["MaskPrune"] * bool(report.get("bias_compensation"))
     lines[-1:-1] = [f"- baselines: {', '.join(baselines)}" + (
-        f"; not run here: {', '.join(left_out)} (`--methods`)" if left_out else "")]
+        f"; not run here: {', '.join(left_out)} (`--methods`)" if left_out else ""),
+        "- bias compensation (removed channels' means folded into o_proj / down_proj biases): "
+        + (" and ".join(compensated) or "none")
+        + ("" if report.get("bias_compensation") else "; MaskPrune's `mask_learn.bias_compensation` is off")]
     dense, trained = report["dense"], report["dense_trained"]
     for key, target in report["targets"].items():
         s = target["shape"]

@@ -92,3 +92,7 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "| random | 900.00 | 300.00 | 0.300 | - | - | - | - | - | - | 0.300 |" in table
     # which baselines ran is part of the result: a table without FLAP must not read as "FLAP lost"
     assert "- baselines: wanda_sp, random; not run here: flap, taylor, magnitude (`--methods`)" in table
+    assert "- bias compensation (removed channels' means folded into o_proj / down_proj biases): none; " \
+        "MaskPrune's `mask_learn.bias_compensation` is off" in table
+    rep["bias_compensation"] = True
+    assert "biases): MaskPrune\n" in bench.markdown(rep, ["128"])
