@@ -20,7 +20,7 @@ import torch
 
 from maskprune.arch import LlamaShape, admissible, attn_unit_count, shape_for
 from maskprune.compensation import RemovedChannelMeans, compensation_bias
-from maskprune.config import ExperimentConfig, TrainLoopConfig
+from maskprune.config import ConfigError, ExperimentConfig, TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dist import DistInfo, log
 from maskprune.lora import LoraSwitch, attach_lora
@@ -227,6 +227,11 @@ class MaskLearner(TrainingLoop):
             self.masks.fixed_attn = tensors["fixed.attn"].to(self.dist.device)
             self.masks.fixed_ffn = tensors["fixed.ffn"].to(self.dist.device)
             self.start_compensation()
+            if (self.masks.compensation is not None) != ("comp.attn" in tensors):
+                raise ConfigError(f"mask_learn: the checkpoint of step {self.step} is in the hardening phase "
+                                  f"{'with' if 'comp.attn' in tensors else 'without'} bias compensation, "
+                                  f"and mask_learn.bias_compensation = {str(self.ml.bias_compensation).lower()}; set it "
+                                  f"back to resume, or start over with mask_learn.train.resume = \"never\"")
             if self.masks.compensation is not None:
                 self.masks.compensation.load(tensors)
 

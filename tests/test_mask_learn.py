@@ -99,6 +99,13 @@ def test_kill_and_resume_gives_the_same_final_masks(learned: Path, tiny_tokenize
     assert "written by 2 ranks with a global batch of 8 sequences; 3 ranks x micro_batch_size 4 cannot " \
         "make it up" in other.stderr, other.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "mask_learn" / "checkpoints").iterdir()) == before
+    # Its running means are part of the hardening state: resuming without them is refused.
+    flipped = run_cli("run", "configs/tiny.toml", "--run-dir", str(run_dir), "--until", "mask_learn",
+                      *STEPS, "--set", "mask_learn.bias_compensation=false", check=False)
+    assert flipped.returncode == 2
+    assert "the checkpoint of step 8 is in the hardening phase with bias compensation, and " \
+        "mask_learn.bias_compensation = false; set it back to resume" in flipped.stderr, flipped.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "mask_learn" / "checkpoints").iterdir()) == before
     result = run_mask_learn(run_dir)
     assert "resume" in result.stdout
     fresh = load_file(str(learned / "mask_learn" / "masks.safetensors"))
