@@ -282,7 +282,8 @@ class MaskLearnConfig(TrainingStageConfig):
     mask_grad_clip: float = 1.0
     # In the hardening phase, removed channels' inputs to o_proj / down_proj are replaced by their
     # running means (FLAP's compensation, learned with LoRA); the output gets those biases
-    # (maskprune/compensation.py).
+    # (maskprune/compensation.py). Off: it helped only with recovery twice the mask-learn budget
+    # (docs/method.md, "Bias compensation"), and transformers' GGUF loader drops Llama biases.
     bias_compensation: bool = False
 
     def validate(self) -> None:
