@@ -13,7 +13,7 @@ folds W[:, removed] @ mean into a bias. Here the hardening forward does the same
 The output then has o_proj / down_proj biases, i.e. `attention_bias` and `mlp_bias` (HF Llama adds
 zero q/k/v and gate/up biases with them): a plain HF Llama checkpoint that continued training can
 also train. State: per-layer float64 channel sums and a token count (L × (heads·head_dim + ffn)
-values, 18 MiB at 70B), all-reduced once per optimizer step and saved with the checkpoint.
+values: 2.9M, 24 MB at 70B), all-reduced once per optimizer step and saved with the checkpoint.
 """
 from __future__ import annotations
 
