@@ -122,8 +122,11 @@ def run_method(args: argparse.Namespace, base: Path, run_dir: Path, overrides: l
     copy_run(base, run_dir)
     # Training stages with the pipeline's own environment (1 thread per rank); the single-process
     # evaluation with every core.
-    maskprune_cli(args.config, run_dir, overrides, "--until", "export")
-    maskprune_cli(args.config, run_dir, overrides, "--only", "evaluate", threads=args.eval_threads)
+    # Like the base, the runs are the bench's own cache: a stage whose config an upgrade changed
+    # (a new config field changes every stage hash) re-runs instead of being refused; finished
+    # stages with an unchanged config are still skipped.
+    maskprune_cli(args.config, run_dir, overrides, "--until", "export", "--force")
+    maskprune_cli(args.config, run_dir, overrides, "--only", "evaluate", "--force", threads=args.eval_threads)
     return json.loads((run_dir / "evaluate" / "results.json").read_text())
 
 
