@@ -41,14 +41,16 @@ class RemovedChannelMeans:
 
     def replace(self, kind: str, layer: int, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """`x` with its removed channels (keep == 0) set to their mean; kept ones masked as usual."""
-        flat = x.detach().reshape(-1, x.shape[-1])
-        # Reduced in float64 without a float64 copy of the activations (1 GiB per 70B FFN layer).
-        batch_sum = flat.sum(0, dtype=torch.float64)
-        if torch.is_grad_enabled():  # a training forward; validation does not feed the means
-            self._batch[kind][layer] = batch_sum
-            self._batch_tokens = flat.shape[0]
+        training = torch.is_grad_enabled()  # a training forward; validation does not feed the means
+        if training or not self.tokens:
+            flat = x.detach().reshape(-1, x.shape[-1])
+            # Reduced in float64 without a float64 copy of the activations (1 GiB per 70B FFN layer).
+            batch_sum = flat.sum(0, dtype=torch.float64)
+            if training:
+                self._batch[kind][layer] = batch_sum
+                self._batch_tokens = flat.shape[0]
         # Before the first step is committed (the first hardening batch), the batch's own mean.
-        mean = self.sums[kind][layer] / self.tokens if self.tokens else batch_sum / flat.shape[0]
+        mean = self.mean(kind, layer) if self.tokens else batch_sum / flat.shape[0]
         keep = keep.to(x.dtype)
         return torch.addcmul(((1 - keep) * mean.to(x.dtype)), x, keep)  # one activation-sized output
 

@@ -68,7 +68,7 @@ class MaskState(nn.Module):
 
     def apply(self, kind: str, layer: int, x: torch.Tensor, channel_mask: torch.Tensor) -> torch.Tensor:
         """The input of o_proj ("attn") or down_proj ("ffn") as the pruned model will see it."""
-        if self.compensation is not None and self.fixed_attn is not None:
+        if self.compensation is not None:  # set by hardening, with the fixed masks
             return self.compensation.replace(kind, layer, x, channel_mask)
         return x * channel_mask.to(x.dtype)
 
