@@ -152,7 +152,9 @@ def run_overrides(plan: RunPlan, mode: dict[str, Any], sparsity: float, shape: d
            f"evaluate.limit={mode['limit']}", f"evaluate.eval_text_max_tokens={mode['eval_tokens']}",
            f"evaluate.heldout_tokens={mode['heldout_tokens']}", "evaluate.batch_size=2",
            "evaluate.throughput_steps=0",  # speed is bench_forward's; here a long warm-up pass per model
-           f"target.sparsity={sparsity}"]
+           f"target.sparsity={sparsity}",
+           # One seed for every run: training data order, LoRA init and the calibration batches.
+           f"mask_learn.train.seed={mode.get('seed', 0)}", f"continued_pretrain.train.seed={mode.get('seed', 0)}"]
     if plan.method == "maskprune":
         steps = plan.mask_steps
         return out + [f"mask_learn.train.steps={steps}",
@@ -238,7 +240,7 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              f"Training data: the config's general-domain mixture. Every model trains on the same number of "
              f"tokens: MaskPrune {mp['mask_steps']} mask-learn + {mp['recovery_steps']} recovery steps; the "
              f"one-shot baselines and the dense reference {budget[DENSE_TRAINED]['recovery_steps']} recovery "
-             f"steps ({mp['train_tokens']:,} tokens each). Held-out: {', '.join(texts) or 'none'} "
+             f"steps ({mp['train_tokens']:,} tokens each), training seed {mode.get('seed', 0)}. Held-out: {', '.join(texts) or 'none'} "
              f"(text no stage trains on), {mode['heldout_tokens']:,} tokens per text and chunk length as "
              "windows spread through each text; geometric mean over texts. Penn Treebank test (first "
              f"{mode['eval_tokens']:,} tokens)" + (f" and the zero-shot suite ({mode['limit']} examples per "
@@ -409,6 +411,8 @@ def main() -> None:
     parser.add_argument("--config", help="experiment file instead of --model's (configs/tiny.toml: a fast "
                         "check that the script works, not a quality result)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every run (data order, LoRA "
+                        "init, calibration batches); a nonzero seed adds _seedN to the default --name")
     args = parser.parse_args()
     if "maskprune" not in args.methods:
         parser.error("--methods: maskprune learns the shape every baseline is cut to; keep it")
@@ -421,9 +425,10 @@ def main() -> None:
     flags = {"sparsity": args.sparsity, "mask_steps": args.mask_steps,
              "cpt_steps": args.cpt_steps, "heldout_tokens": args.heldout_tokens,
              "eval_tokens": args.eval_tokens, "limit": args.limit}
-    mode = {**MODES[args.mode], **{k: v for k, v in flags.items() if v is not None}}
+    mode = {**MODES[args.mode], **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed}
     custom = any(v is not None for k, v in flags.items() if k != "sparsity")
-    name = args.name or f"{Path(args.config).stem}_{args.mode}" + ("_custom" if custom else "")
+    name = args.name or f"{Path(args.config).stem}_{args.mode}" + ("_custom" if custom else "") + (
+        f"_seed{args.seed}" if args.seed else "")
     cache = args.cache or asset_cache() / ("bench_quality" + ("" if args.config == "configs/demo.toml"
                                                               else f"-{Path(args.config).stem}"))
     base = cache / "base"

@@ -41,6 +41,12 @@ def test_every_method_and_the_dense_reference_train_on_the_same_tokens() -> None
                                 {"num_attention_heads": 9, "intermediate_size": 1536})
     assert 'evaluate.models=["pruned+cpt"]' in dense and "target.arch.num_attention_heads=9" in dense
     assert "mask_learn.train.steps=40" in bench.run_overrides(by_name["maskprune"], mode, 0.5, None)
+    # --seed reaches both training stages of every run (the default 0 is each stage's own default).
+    seeded = {**mode, "seed": 1}
+    for plan, run_shape in ((by_name["maskprune"], None), (by_name["flap"], shape), (by_name[bench.DENSE_TRAINED], shape)):
+        assert {"mask_learn.train.seed=1", "continued_pretrain.train.seed=1"} <= set(
+            bench.run_overrides(plan, seeded, 0.5, run_shape))
+    assert "continued_pretrain.train.seed=0" in flap
     # Stages that train different tokens per step cannot be made equal by whole steps: refused.
     cfg.continued_pretrain.train.micro_batch_size = 3
     with pytest.raises(ValueError, match="not a whole number of recovery steps"):
