@@ -93,11 +93,13 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: RunDir, lock: RunLock) -
             raise CliError(f"--only {args.only}: the stage(s) before it must be done first, but "
                            f"{', '.join(missing)} would run; run with --until {missing[-1]} first")
         selected = decisions[index:index + 1]
-    refused = [d.stage for d in decisions if d.action == "refuse"]
+    refused = [d for d in decisions if d.action == "refuse"]
     if refused:
-        raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(refused)} differs "
-                       "from the one this run was started with; pass --force to re-run them, or "
-                       "use a new --run-dir")
+        # Stages that read the same section report the same change once.
+        changes = dict.fromkeys(c for d in refused for c in d.reason.removeprefix("config changed: ").split("; "))
+        raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(d.stage for d in refused)} "
+                       f"differs from the one this run was started with ({'; '.join(changes)}); pass --force "
+                       "to re-run them, or use a new --run-dir")
     preflight(cfg, [d.stage for d in selected if d.action == "run"])
     run_dir.write_config(cfg)
     stop_file = stop_file_path(run_dir.root)
@@ -118,7 +120,7 @@ def _run_stages(run_dir: RunDir, cfg, selected: list, stop_file: Path, lock: Run
     ran = 0
     for decision in selected:
         if decision.action == "skip":
-            print(f"[maskprune] {decision.stage}: done, skipped")
+            print(f"[maskprune] {decision.stage}: {decision.reason}, skipped")
             continue
         if stop_file.exists():
             print(f"[maskprune] stop requested ({stop_file}): {decision.stage} not started; run the "

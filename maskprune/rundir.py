@@ -7,7 +7,8 @@
 
 A stage's fingerprint has two parts: the hash of the config sections it reads, and the completion
 ids of the stages it reads from. A changed config is refused unless --force (the user must mean
-it); a re-run upstream stage simply makes the stages after it run again.
+it), naming each changed field from the sections the record keeps; a field an upgrade added, at its
+default, is not a change. A re-run upstream stage simply makes the stages after it run again.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskprune.config import ExperimentConfig, config_to_dict, dump_config, load_config
+from maskprune.config import (ConfigError, ExperimentConfig, config_from_dict, config_to_dict, dump_config,
+                              load_config)
 
 STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain", "export", "evaluate")
 
@@ -55,7 +57,8 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def config_hash(cfg: ExperimentConfig, stage: str) -> str:
+def stage_config(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
+    """The config sections `stage` reads (STAGE_INPUTS), as its state record keeps them."""
     sections, _ = STAGE_INPUTS[stage]
     raw = config_to_dict(cfg)
     chosen = {}
@@ -64,7 +67,71 @@ def config_hash(cfg: ExperimentConfig, stage: str) -> str:
         for part in name.split("."):
             value = value[part]
         chosen[name] = value
+    return json.loads(json.dumps(chosen))  # as the record reads back (tuples are lists there)
+
+
+def _digest(chosen: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: ExperimentConfig, stage: str) -> str:
+    return _digest(stage_config(cfg, stage))
+
+
+_UNSET = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, child in value.items()
+                for k, v in _flatten(child, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(value, list) and any(isinstance(child, dict) for child in value):
+        return {k: v for i, child in enumerate(value) for k, v in _flatten(child, f"{prefix}[{i}]").items()}
+    return {prefix: value}
+
+
+def _as_read_now(recorded: dict[str, Any], cfg: ExperimentConfig, stage: str) -> dict[str, Any] | None:
+    """A recorded stage config as this version reads it: fields added since get their defaults. None
+    when this version cannot read it (a field since removed or renamed)."""
+    raw = config_to_dict(cfg)
+    for name, value in recorded.items():
+        *parents, last = name.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    try:
+        return stage_config(config_from_dict(raw), stage)
+    except ConfigError:
+        return None
+
+
+def config_changes(state: StageState, cfg: ExperimentConfig, stage: str) -> tuple[list[str], list[str]]:
+    """How `cfg` differs from the config a finished stage ran with: (changes, added). `changes`
+    name each differing field as `key: old -> new`; `added` are fields this version added since,
+    which the record lacks and `cfg` leaves at their defaults. A new field's default keeps the old
+    behaviour, so an upgrade alone does not invalidate hours of finished work."""
+    if state.config_hash == config_hash(cfg, stage):
+        return [], []
+    if state.config is None:
+        return ["not listed (the stage was recorded by a maskprune that did not keep its config)"], []
+    recorded = _flatten(state.config)
+    as_now = _as_read_now(state.config, cfg, stage)
+    before = recorded if as_now is None else _flatten(as_now)
+    after = _flatten(stage_config(cfg, stage))
+
+    # A key only one side has: a list entry added or removed, or (when this version cannot read
+    # the record) a field it no longer has.
+    gone = "(absent)" if as_now is not None else "(no such setting now)"
+
+    def show(flat: dict[str, Any], key: str, missing: str) -> str:
+        return json.dumps(flat[key]) if key in flat else missing
+
+    keys = sorted(set(before) | set(after))
+    changes = [f"{key}: {show(before, key, '(absent)')} -> {show(after, key, gone)}"
+               for key in keys if before.get(key, _UNSET) != after.get(key, _UNSET)]
+    added = [key for key in keys if key not in recorded and key in before and before[key] == after.get(key, _UNSET)]
+    return changes, added
 
 
 @dataclass
@@ -72,6 +139,7 @@ class StageState:
     stage: str
     status: str = "pending"
     config_hash: str = ""
+    config: dict[str, Any] | None = None  # the sections hashed (stage_config), to name what changed
     inputs: dict[str, str] | None = None
     completion_id: str = ""
     started_at: float = 0.0
@@ -128,7 +196,8 @@ class RunDir:
     def mark_running(self, stage: str, cfg: ExperimentConfig) -> StageState:
         state = self.state(stage)
         state.status = "running"
-        state.config_hash = config_hash(cfg, stage)
+        state.config = stage_config(cfg, stage)
+        state.config_hash = _digest(state.config)
         state.inputs = self.input_ids(stage)
         state.started_at = time.time()
         state.attempts += 1
@@ -200,18 +269,21 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
     for stage in STAGES:
         state = run_dir.state(stage)
         _, upstream = STAGE_INPUTS[stage]
-        new_hash = config_hash(cfg, stage)
+        added: list[str] = []
         if state.status != "done":
             action, reason = "run", ("resume" if state.status in ("running", "failed") else "new")
-        elif state.config_hash != new_hash:
-            if force:
-                action, reason = "run", "config changed (--force)"
-            else:
-                action, reason = "refuse", "config changed"
-        elif any(name in rerun for name in upstream) or state.inputs != run_dir.input_ids(stage):
-            action, reason = "run", "an input stage was re-run"
         else:
-            action, reason = "skip", "done"
+            changes, added = config_changes(state, cfg, stage)
+            if changes and force:
+                action, reason = "run", "config changed (--force)"
+            elif changes:
+                action, reason = "refuse", "config changed: " + "; ".join(changes)
+            elif any(name in rerun for name in upstream) or state.inputs != run_dir.input_ids(stage):
+                action, reason = "run", "an input stage was re-run"
+            else:
+                action, reason = "skip", "done"
+        if added and action != "refuse":
+            reason += f" (ran before {', '.join(added)} existed; taken at this version's default)"
         if action == "run":
             rerun.add(stage)
         decisions.append(StageDecision(stage, action, reason))

@@ -222,8 +222,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str, str]] = [
     ("set_without_value", lambda ctx: ["configs/tiny.toml", "--run-dir", str(ctx.run), "--set", "target.sparsity"],
      "run", "--set target.sparsity: expected KEY=VALUE"),
     ("finished_stage_config_changed", tiny("data.seq_len=64", until="tokenize", run=existing_run), "run",
-     "the config of finished stage(s) prepare, tokenize differs from the one this run was started with; "
-     "pass --force"),
+     "the config of finished stage(s) prepare, tokenize differs from the one this run was started with "
+     "(data.seq_len: 128 -> 64); pass --force"),
     # ds_configs (checked by `maskprune run` before any rank starts)
     ("ds_config_missing", tiny("mask_learn.ds_config='ds_configs/nope.json'", until=ML, run=existing_run), "run",
      "mask_learn.ds_config: ds_config ds_configs/nope.json: not found; use one of ds_configs/*.json"),
