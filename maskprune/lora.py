@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from maskprune.config import LoraConfig
+from maskprune.dist import gathered
 from maskprune.families import ATTN_PROJ, MLP_PROJ, family_of
 
 
@@ -66,14 +67,13 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> tuple[LoraSwitc
 
 
 def lora_state_dict(model: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
-    """Full LoRA tensors in PEFT key layout; under ZeRO-3 every rank must call this (it gathers)."""
-    import deepspeed
-
+    """Full LoRA tensors in PEFT key layout; under ZeRO-3 every rank must call this (it gathers
+    each linear's pair at once: one collective per projection, 560 on a 70B)."""
     state = {}
     for name, linear in target_linears(model, cfg.targets).items():
-        for part in ("lora_A", "lora_B"):
-            weight = getattr(linear, part).weight
-            with deepspeed.zero.GatheredParameters([weight]):
+        weights = {part: getattr(linear, part).weight for part in ("lora_A", "lora_B")}
+        with gathered(list(weights.values())):
+            for part, weight in weights.items():
                 state[f"base_model.model.{name}.{part}.weight"] = weight.detach().float().cpu().clone()
     return state
 
