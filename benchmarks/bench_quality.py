@@ -180,6 +180,9 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
     report: dict[str, Any] = {"mode": args.mode, "config": args.config, "settings": mode, "dense": None,
                               "dense_trained": None, "targets": {},
                               "bias_compensation": cfg.mask_learn.bias_compensation,
+                              "learning_rates": {"mask_learn": cfg.mask_learn.train.lr,
+                                                 "lora_rank": cfg.mask_learn.lora.rank,
+                                                 "recovery": cfg.continued_pretrain.train.lr},
                               "budget": {name: {"mask_steps": p.mask_steps, "recovery_steps": p.recovery_steps,
                                                 "train_tokens": p.train_tokens} for name, p in plans.items()}}
     # The dense reference first: it needs no learned shape, and it is the same for every sparsity.
@@ -262,6 +265,10 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
         "- bias compensation (removed channels' means folded into o_proj / down_proj biases): "
         + (" and ".join(compensated) or "none")
         + ("" if report.get("bias_compensation") else "; MaskPrune's `mask_learn.bias_compensation` is off")]
+    if "learning_rates" in report:  # the recovery rate is every model's, so it is part of the comparison
+        rates = report["learning_rates"]
+        lines[-1:-1] = [f"- learning rates: MaskPrune's mask-learn LoRA (rank {rates['lora_rank']}) "
+                        f"{rates['mask_learn']:g}; recovery, every model {rates['recovery']:g}"]
     dense, trained = report["dense"], report["dense_trained"]
     for key, target in report["targets"].items():
         s = target["shape"]

@@ -100,5 +100,9 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "- baselines: wanda_sp, random; not run here: flap, taylor, magnitude (`--methods`)" in table
     assert "- bias compensation (removed channels' means folded into o_proj / down_proj biases): none; " \
         "MaskPrune's `mask_learn.bias_compensation` is off" in table
+    assert "learning rates" not in table  # reports written before the rates were recorded
+    rep["learning_rates"] = {"mask_learn": 2e-3, "lora_rank": 64, "recovery": 2e-4}
+    assert "- learning rates: MaskPrune's mask-learn LoRA (rank 64) 0.002; recovery, every model 0.0002\n" in \
+        bench.markdown(rep, ["128"])
     rep["bias_compensation"] = True
     assert "biases): MaskPrune\n" in bench.markdown(rep, ["128"])
