@@ -96,7 +96,7 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: RunDir, lock: RunLock) -
     refused = [d for d in decisions if d.action == "refuse"]
     if refused:
         # Stages that read the same section report the same change once.
-        changes = dict.fromkeys(c for d in refused for c in d.reason.removeprefix("config changed: ").split("; "))
+        changes = dict.fromkeys(c for d in refused for c in d.changes)
         raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(d.stage for d in refused)} "
                        f"differs from the one this run was started with ({'; '.join(changes)}); pass --force "
                        "to re-run them, or use a new --run-dir")

@@ -260,6 +260,7 @@ class StageDecision:
     stage: str
     action: str  # "skip" | "run" | "refuse"
     reason: str
+    changes: tuple[str, ...] = ()  # each changed config field, `key: old -> new`
 
 
 def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecision]:
@@ -270,6 +271,7 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
         state = run_dir.state(stage)
         _, upstream = STAGE_INPUTS[stage]
         added: list[str] = []
+        changes: list[str] = []
         if state.status != "done":
             action, reason = "run", ("resume" if state.status in ("running", "failed") else "new")
         else:
@@ -286,7 +288,7 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
             reason += f" (ran before {', '.join(added)} existed; taken at this version's default)"
         if action == "run":
             rerun.add(stage)
-        decisions.append(StageDecision(stage, action, reason))
+        decisions.append(StageDecision(stage, action, reason, tuple(changes)))
     return decisions
 
 
