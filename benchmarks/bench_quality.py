@@ -18,7 +18,13 @@ Per target sparsity (fraction of head+FFN parameters removed):
    M + R recovery steps: the same training tokens as MaskPrune in all (`budget_plan` checks it);
 3. a dense reference: the unpruned model trained M + R recovery steps on the same data, so what
    training on this data alone does to the model is not read as pruning quality;
-4. the same evaluation for all: perplexity on three held-out general-domain texts (speeches,
+4. equal tuning effort for recovery: every model (MaskPrune, each baseline, the dense reference) runs
+   its recovery at each rate of the mode's grid (`--recovery-lrs`) and keeps the rate with the lowest
+   geometric-mean perplexity on the dev texts (maskprune.heldout.GENERAL_DEV: encyclopedic, poetry,
+   technical docs; trained on by no stage, sharing no text with the held-out texts), at the
+   training sequence length. One shared rate would favour whichever model it was tuned on: a model
+   mask-learn already trained wants a lower one than a freshly cut one;
+5. the same evaluation for all: perplexity on three held-out general-domain texts (speeches,
    fiction, technical documentation; maskprune.heldout) per text and as a geometric mean, in both
    conventions (128-token chunks; min(context, 2048)), Penn Treebank test perplexity (the papers'
    convention) and the 7-task zero-shot suite (olmo7, `evaluate.limit` examples per task).
@@ -50,15 +56,17 @@ DENSE_TRAINED = "dense+train"  # the dense reference trained on the same tokens
 GOAL = 0.9  # issue 13: MaskPrune's held-out geomean at most 0.9 x the best baseline's
 
 # Settings per mode; all use the demo's data (300k training tokens, 128-token sequences).
-# "standard" is the demo's training budget at both sparsities, sized for a CPU.
+# "standard" is the demo's training budget at both sparsities, sized for a CPU. recovery_lrs: the
+# grid each model's recovery rate is chosen from on the dev texts (empty: the config's rate for all).
 MODES: dict[str, dict[str, Any]] = {
     "full": {"sparsity": [0.2, 0.5], "mask_steps": 100, "cpt_steps": 50,
-             "eval_tokens": 20000, "heldout_tokens": 16384, "limit": 100},
+             "eval_tokens": 20000, "heldout_tokens": 16384, "limit": 100, "recovery_lrs": [5e-5, 2e-4]},
     "standard": {"sparsity": [0.2, 0.5], "mask_steps": 40, "cpt_steps": 20,
-                 "eval_tokens": 4096, "heldout_tokens": 8192, "limit": 20},
+                 "eval_tokens": 4096, "heldout_tokens": 8192, "limit": 20, "recovery_lrs": [5e-5, 2e-4]},
     "quick": {"sparsity": [0.5], "mask_steps": 12, "cpt_steps": 4,
-              "eval_tokens": 4096, "heldout_tokens": 2048, "limit": 10},
+              "eval_tokens": 4096, "heldout_tokens": 2048, "limit": 10, "recovery_lrs": []},
 }
+DEV_TOKENS = 6144  # per dev text: 48 windows of 128 tokens
 
 
 @dataclass(frozen=True)
@@ -111,23 +119,75 @@ def maskprune_cli(config: str, run_dir: Path, overrides: list[str], *extra: str,
 
 
 def copy_run(source: Path, dest: Path) -> Path:
-    """tests/conftest.py:copy_run: a run dir whose finished stages (prepare, tokenize) are the
-    source's, their outputs read where they are; the models themselves are not copied."""
+    """tests/conftest.py:copy_run: a run dir whose finished stages are the source's, their outputs
+    read where they are; the models and checkpoints themselves are not copied (a stage that re-runs
+    in the copy starts afresh: rundir.clear_stage)."""
     if not dest.exists():
-        shutil.copytree(source, dest, ignore=shutil.ignore_patterns("model", "*.bin", "tb"))
+        shutil.copytree(source, dest, ignore=shutil.ignore_patterns("model", "*.bin", "tb", "checkpoints"))
     return dest
 
 
-def run_method(args: argparse.Namespace, base: Path, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    copy_run(base, run_dir)
-    # Training stages with the pipeline's own environment (1 thread per rank); the single-process
-    # evaluation with every core.
-    # Like the base, the runs are the bench's own cache: a stage whose config an upgrade changed
-    # (a new config field changes every stage hash) re-runs instead of being refused; finished
-    # stages with an unchanged config are still skipped.
-    maskprune_cli(args.config, run_dir, overrides, "--until", "export", "--force")
+def rate_runs(name: str, rates: list[float], config_rate: float) -> dict[float, str]:
+    """Run dir per candidate recovery rate, the config's own rate first: it keeps the plain name (the
+    run a single-rate bench makes, so its cache stays valid); the others copy its finished stages
+    (MaskPrune's mask-learn, a baseline's cut) and re-run only recovery, under `NAME_cptlrRATE`."""
+    ordered = sorted(dict.fromkeys(rates or [config_rate]), key=lambda lr: lr != config_rate)
+    return {lr: name if lr == config_rate else f"{name}_cptlr{lr:g}" for lr in ordered}
+
+
+def dev_overrides(overrides: list[str], seq_len: int) -> list[str]:
+    """The evaluate settings that score one recovered model on the dev texts: perplexity at the
+    training length only, no zero-shot suite, a token of Penn Treebank (it cannot be switched off)."""
+    from maskprune.heldout import GENERAL_DEV
+
+    texts = ", ".join(f'{{kind = "corpus", path = "{t.path}", split = "{t.split}"}}' for t in GENERAL_DEV)
+    return [*overrides, f"evaluate.heldout_texts=[{texts}]", "evaluate.tasks=[]", 'evaluate.models=["pruned+cpt"]',
+            f"evaluate.heldout_tokens={DEV_TOKENS}", f"evaluate.ppl_chunk_lengths=[{seq_len}]",
+            f"evaluate.eval_text_max_tokens={seq_len * 2}"]
+
+
+def dev_score(args: argparse.Namespace, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """The run's recovered model on the dev texts, kept in bench_dev.json beside the model it scored
+    (the evaluate stage's own results are the held-out ones once the run is chosen)."""
+    from maskprune.rundir import RunDir
+
+    record, model = run_dir / "bench_dev.json", RunDir(run_dir).state("export").completion_id
+    if record.is_file():
+        old = json.loads(record.read_text())
+        if old["model"] == model and old["overrides"] == overrides:
+            return old["heldout"]
     maskprune_cli(args.config, run_dir, overrides, "--only", "evaluate", "--force", threads=args.eval_threads)
-    return json.loads((run_dir / "evaluate" / "results.json").read_text())
+    heldout = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"]["pruned+cpt"]["heldout"]
+    record.write_text(json.dumps({"model": model, "overrides": overrides, "heldout": heldout}, indent=2))
+    return heldout
+
+
+def run_method(args: argparse.Namespace, cfg: Any, source: Path, runs: Path, name: str,
+               overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One model through the pipeline at every candidate recovery rate, each recovered model scored
+    on the dev texts; the rate with the lowest dev geomean is evaluated in full. Returns its results
+    and {"chosen": rate, "dev": {rate: dev geomean}}."""
+    rates = rate_runs(name, args.recovery_lrs, cfg.continued_pretrain.train.lr)  # the mode's grid
+    first = runs / next(iter(rates.values()))
+    dev: dict[float, float] = {}
+    for lr, folder in rates.items():
+        run_dir = copy_run(source if folder == first.name else first, runs / folder)
+        with_lr = [*overrides, f"continued_pretrain.train.lr={lr}"]
+        # Training stages with the pipeline's own environment (1 thread per rank); the single-process
+        # evaluation with every core.
+        # Like the base, the runs are the bench's own cache: a stage whose config an upgrade changed
+        # (a new config field changes every stage hash) re-runs instead of being refused; finished
+        # stages with an unchanged config are still skipped.
+        maskprune_cli(args.config, run_dir, with_lr, "--until", "export", "--force")
+        if len(rates) > 1:
+            scored = dev_score(args, run_dir, dev_overrides(with_lr, cfg.data.seq_len))
+            dev[lr] = scored["geomean"][str(cfg.data.seq_len)]
+    chosen = min(dev, key=dev.get) if dev else next(iter(rates))
+    run_dir = runs / rates[chosen]
+    maskprune_cli(args.config, run_dir, [*overrides, f"continued_pretrain.train.lr={chosen}"], "--only",
+                  "evaluate", "--force", threads=args.eval_threads)
+    return (json.loads((run_dir / "evaluate" / "results.json").read_text()),
+            {"chosen": chosen, "dev": {f"{lr:g}": v for lr, v in dev.items()}})
 
 
 def row(results: dict[str, Any], model: str) -> dict[str, Any]:
@@ -177,34 +237,38 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
     heldout = [] if cfg.evaluate.heldout_texts else ["evaluate.heldout_texts=[" + ", ".join(
         f'{{kind = "corpus", path = "{t.path}", split = "{t.split}"}}' for t in GENERAL_HELDOUT) + "]"]
     source = json.loads((Path(RunDir(base).state("prepare").outputs["model"]) / "config.json").read_text())
+    from maskprune.heldout import GENERAL_DEV, text_label
+
+    rates = {"mask_learn": cfg.mask_learn.train.lr, "lora_rank": cfg.mask_learn.lora.rank}
+    rates |= ({"recovery_grid": sorted(args.recovery_lrs), "dev_texts": [text_label(t) for t in GENERAL_DEV],
+               "dev_length": cfg.data.seq_len, "dev_tokens": DEV_TOKENS}
+              if len(set(args.recovery_lrs)) > 1 else {"recovery": cfg.continued_pretrain.train.lr})
     report: dict[str, Any] = {"mode": args.mode, "config": args.config, "settings": mode, "dense": None,
                               "dense_trained": None, "targets": {},
                               "bias_compensation": cfg.mask_learn.bias_compensation,
-                              "learning_rates": {"mask_learn": cfg.mask_learn.train.lr,
-                                                 "lora_rank": cfg.mask_learn.lora.rank,
-                                                 "recovery": cfg.continued_pretrain.train.lr},
+                              "learning_rates": rates,
                               "budget": {name: {"mask_steps": p.mask_steps, "recovery_steps": p.recovery_steps,
                                                 "train_tokens": p.train_tokens} for name, p in plans.items()}}
     # The dense reference first: it needs no learned shape, and it is the same for every sparsity.
     dense_plan = plans[DENSE_TRAINED]
-    results = run_method(args, base, runs / "dense_train", run_overrides(
+    results, report["dense_trained_recovery_lr"] = run_method(args, cfg, base, runs, "dense_train", run_overrides(
         dense_plan, mode, mode["sparsity"][0], {k: source[k] for k in ("num_attention_heads", "intermediate_size")},
         heldout))
     report["dense_trained"] = row(results, "pruned+cpt")
     for sparsity in mode["sparsity"]:
         key, tag = f"{sparsity:.0%}", f"s{int(sparsity * 100)}"
-        learned = run_method(args, base, runs / f"{tag}_maskprune",
-                             run_overrides(plans["maskprune"], mode, sparsity, None, heldout))
+        learned, learned_lr = run_method(args, cfg, base, runs, f"{tag}_maskprune",
+                                         run_overrides(plans["maskprune"], mode, sparsity, None, heldout))
         summary = json.loads((runs / f"{tag}_maskprune" / "mask_learn" / "summary.json").read_text())
         shape = summary["final_shape"]
         report["dense"] = report["dense"] or row(learned, "dense")
         target = {"shape": shape, "params": summary["params"], "methods": {}}
         for method in args.methods:
             # The dense model is the same in every run: evaluated once, in MaskPrune's.
-            results = learned if method == "maskprune" else run_method(
-                args, base, runs / f"{tag}_{method}", run_overrides(plans[method], mode, sparsity, shape, heldout))
+            results, recovery_lr = (learned, learned_lr) if method == "maskprune" else run_method(
+                args, cfg, base, runs, f"{tag}_{method}", run_overrides(plans[method], mode, sparsity, shape, heldout))
             target["methods"][method] = {"one_shot": row(results, "pruned"),
-                                         "recovered": row(results, "pruned+cpt")}
+                                         "recovered": row(results, "pruned+cpt"), "recovery_lr": recovery_lr}
         report["targets"][key] = target
     return report
 
@@ -232,6 +296,20 @@ def heldout_table(report: dict[str, Any], target: dict[str, Any], length: str) -
         before, after = res["one_shot"]["heldout"].get(length), res["recovered"]["heldout"].get(length)
         lines.append(f"| {method} | {budget[method]['train_tokens']:,} | {fmt(before, 2)} | {ratio(before, d)} | "
                      f"{ratio(before, t)} | {fmt(after, 2)} | {ratio(after, d)} | {ratio(after, t)} |")
+    return lines
+
+
+def recovery_rate_table(report: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """Each model's dev geomean after recovery at every rate of the grid, and the rate it keeps."""
+    rates = report["learning_rates"]
+    grid = [f"{lr:g}" for lr in rates["recovery_grid"]]
+    head = ["model", *[f"dev ppl@{rates['dev_length']}, lr {lr}" for lr in grid], "recovery lr kept"]
+    lines = ["### Recovery learning rate, chosen per model on the dev texts", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, choice in [("dense, trained (equal budget)", report["dense_trained_recovery_lr"]),
+                         *[(m, r["recovery_lr"]) for m, r in target["methods"].items()]]:
+        lines.append(f"| {name} | " + " | ".join(fmt(choice["dev"].get(lr), 2) for lr in grid)
+                     + f" | {choice['chosen']:g} |")
     return lines
 
 
@@ -265,10 +343,14 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
         "- bias compensation (removed channels' means folded into o_proj / down_proj biases): "
         + (" and ".join(compensated) or "none")
         + ("" if report.get("bias_compensation") else "; MaskPrune's `mask_learn.bias_compensation` is off")]
-    if "learning_rates" in report:  # the recovery rate is every model's, so it is part of the comparison
-        rates = report["learning_rates"]
+    rates = report.get("learning_rates")
+    if rates:  # how recovery rates were set is part of the comparison
+        recovery = (f"recovery, every model {rates['recovery']:g}" if "recovery" in rates else
+                    "recovery, per model the rate of {" + ", ".join(f"{lr:g}" for lr in rates["recovery_grid"])
+                    + f"}} with the lowest dev geomean ppl@{rates['dev_length']} ({', '.join(rates['dev_texts'])}; "
+                    f"{rates['dev_tokens']:,} tokens each; no stage trains on them, no table here reports them)")
         lines[-1:-1] = [f"- learning rates: MaskPrune's mask-learn LoRA (rank {rates['lora_rank']}) "
-                        f"{rates['mask_learn']:g}; recovery, every model {rates['recovery']:g}"]
+                        f"{rates['mask_learn']:g}; {recovery}"]
     dense, trained = report["dense"], report["dense_trained"]
     for key, target in report["targets"].items():
         s = target["shape"]
@@ -278,6 +360,8 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
         for length in lengths:
             lines += [f"### Held-out general text, geometric-mean ppl @{length}", "",
                       *heldout_table(report, target, length), ""]
+        if rates and "recovery_grid" in rates:
+            lines += [*recovery_rate_table(report, target), ""]
         head = ["model", *[f"{t} @{n}" for n in lengths for t in texts]]
         lines += ["### Per held-out text, after recovery", "", "| " + " | ".join(head) + " |",
                   "|---" * len(head) + "|"]
@@ -408,6 +492,8 @@ def main() -> None:
     parser.add_argument("--heldout-tokens", type=int, help="held-out tokens per text and chunk length")
     parser.add_argument("--eval-tokens", type=int, help="Penn Treebank test tokens")
     parser.add_argument("--limit", type=int, help="zero-shot examples per task (0: no zero-shot suite)")
+    parser.add_argument("--recovery-lrs", type=float, nargs="+", help="the grid each model's recovery rate is "
+                        "chosen from on the dev texts, instead of the mode's (one rate: every model at it)")
     parser.add_argument("--name", help="results are quality_NAME.{md,json,png} (default: CONFIG-STEM_MODE, "
                         "plus _custom when a budget flag is given)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks", help="results folder")
@@ -431,9 +517,10 @@ def main() -> None:
 
     flags = {"sparsity": args.sparsity, "mask_steps": args.mask_steps,
              "cpt_steps": args.cpt_steps, "heldout_tokens": args.heldout_tokens,
-             "eval_tokens": args.eval_tokens, "limit": args.limit}
+             "eval_tokens": args.eval_tokens, "limit": args.limit, "recovery_lrs": args.recovery_lrs}
     mode = {**MODES[args.mode], **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed}
     custom = any(v is not None for k, v in flags.items() if k != "sparsity")
+    args.recovery_lrs = mode["recovery_lrs"]
     name = args.name or f"{Path(args.config).stem}_{args.mode}" + ("_custom" if custom else "") + (
         f"_seed{args.seed}" if args.seed else "")
     cache = args.cache or asset_cache() / ("bench_quality" + ("" if args.config == "configs/demo.toml"

@@ -47,6 +47,23 @@ def test_every_method_and_the_dense_reference_train_on_the_same_tokens() -> None
         assert {"mask_learn.train.seed=1", "continued_pretrain.train.seed=1"} <= set(
             bench.run_overrides(plan, seeded, 0.5, run_shape))
     assert "continued_pretrain.train.seed=0" in flap
+    # Candidate recovery rates: the config's own rate keeps the plain run dir (a single-rate bench's
+    # cache), comes first (the others copy its finished stages), and is not run twice.
+    assert bench.rate_runs("s50_flap", [5e-5, 2e-4, 5e-5], 2e-4) == {2e-4: "s50_flap", 5e-5: "s50_flap_cptlr5e-05"}
+    assert bench.rate_runs("s50_flap", [], 2e-4) == {2e-4: "s50_flap"}
+    assert bench.rate_runs("s50_flap", [1e-4], 2e-4) == {1e-4: "s50_flap_cptlr0.0001"}
+    # A candidate is scored on the dev texts only: at the training length, without the held-out
+    # texts or the zero-shot suite, so choosing a rate never looks at what the tables report.
+    dev = bench.dev_overrides([*flap, "continued_pretrain.train.lr=5e-05"], 128)
+    assert dev[:len(flap) + 1] == [*flap, "continued_pretrain.train.lr=5e-05"]
+    assert dev[len(flap) + 1:] == [
+        'evaluate.heldout_texts=[{kind = "corpus", path = "britannica", split = "dev"}, {kind = "corpus", '
+        'path = "milton", split = "dev"}, {kind = "corpus", path = "pytest_docs", split = "dev"}]',
+        "evaluate.tasks=[]", 'evaluate.models=["pruned+cpt"]', "evaluate.heldout_tokens=6144",
+        "evaluate.ppl_chunk_lengths=[128]", "evaluate.eval_text_max_tokens=256"]
+    scored = load_config(REPO / "configs" / "demo.toml", dev)  # the demo's own held-out texts replaced
+    assert [t.path for t in scored.evaluate.heldout_texts] == ["britannica", "milton", "pytest_docs"]
+    assert (scored.continued_pretrain.train.lr, scored.evaluate.tasks) == (5e-5, [])
     # Stages that train different tokens per step cannot be made equal by whole steps: refused.
     cfg.continued_pretrain.train.micro_batch_size = 3
     with pytest.raises(ValueError, match="not a whole number of recovery steps"):
@@ -102,7 +119,24 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
         "MaskPrune's `mask_learn.bias_compensation` is off" in table
     assert "learning rates" not in table  # reports written before the rates were recorded
     rep["learning_rates"] = {"mask_learn": 2e-3, "lora_rank": 64, "recovery": 2e-4}
-    assert "- learning rates: MaskPrune's mask-learn LoRA (rank 64) 0.002; recovery, every model 0.0002\n" in \
-        bench.markdown(rep, ["128"])
+    one_rate = bench.markdown(rep, ["128"])
+    assert "- learning rates: MaskPrune's mask-learn LoRA (rank 64) 0.002; recovery, every model 0.0002\n" in one_rate
+    assert "chosen per model" not in one_rate
+    # Recovery rates chosen per model on the dev texts: the rule and every model's dev scores are shown.
+    rep["learning_rates"] = {"mask_learn": 2e-3, "lora_rank": 64, "recovery_grid": [5e-5, 2e-4],
+                             "dev_texts": ["britannica:dev", "milton:dev", "pytest_docs:dev"],
+                             "dev_length": 128, "dev_tokens": 6144}
+    rep["dense_trained_recovery_lr"] = {"chosen": 5e-5, "dev": {"5e-05": 40.0, "0.0002": 41.5}}
+    for method, chosen, dev in (("maskprune", 5e-5, (70.0, 72.0)), ("wanda_sp", 2e-4, (66.0, 64.0)),
+                                ("random", 2e-4, (500.0, 400.0))):
+        rep["targets"]["50%"]["methods"][method]["recovery_lr"] = {"chosen": chosen,
+                                                                    "dev": {"5e-05": dev[0], "0.0002": dev[1]}}
+    per_model = bench.markdown(rep, ["128"])
+    assert "; recovery, per model the rate of {5e-05, 0.0002} with the lowest dev geomean ppl@128 " \
+        "(britannica:dev, milton:dev, pytest_docs:dev; 6,144 tokens each; no stage trains on them, " \
+        "no table here reports them)\n" in per_model
+    assert "| model | dev ppl@128, lr 5e-05 | dev ppl@128, lr 0.0002 | recovery lr kept |" in per_model
+    assert "| dense, trained (equal budget) | 40.00 | 41.50 | 5e-05 |" in per_model
+    assert "| wanda_sp | 66.00 | 64.00 | 0.0002 |" in per_model
     rep["bias_compensation"] = True
     assert "biases): MaskPrune\n" in bench.markdown(rep, ["128"])
