@@ -182,6 +182,26 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from maskprune.cleanup import clean
+
+    run_dir = RunDir(args.run_dir)
+    run_dir.load_config()  # a clear error for a folder that is not a run directory, before locking it
+    lock = acquire_run_lock(run_dir.root, "maskprune clean")
+    try:
+        removals = clean(run_dir, final=args.final, dry_run=args.dry_run)
+    finally:
+        lock.release()
+    verb = "would remove" if args.dry_run else "removed"
+    for removal in removals:
+        print(f"[maskprune] {removal.stage}: {verb} {removal.path} ({removal.size / 2**30:.2f} GiB)")
+    total = sum(r.size for r in removals) / 2**30
+    print(f"[maskprune] {verb} {len(removals)} checkpoint folder(s), {total:.2f} GiB" if removals else
+          "[maskprune] no checkpoint to remove (an unfinished stage keeps its checkpoints to resume from"
+          + ("" if args.final else "; continued_pretrain's final one goes only with --final") + ")")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     # Imported here: planning pulls in transformers, which the other commands do not need.
     from dataclasses import asdict, replace
@@ -274,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("run_dir")
     reset.add_argument("stage", choices=STAGES)
     reset.set_defaults(func=cmd_reset)
+    cleanp = sub.add_parser("clean", help="remove training checkpoints that no stage reads again (finished "
+                            "mask_learn's; continued_pretrain's older ones, its final one with --final)")
+    cleanp.add_argument("run_dir")
+    cleanp.add_argument("--final", action="store_true", help="also continued_pretrain's final checkpoint, once "
+                        "export is done (a later export re-run then needs continued_pretrain again)")
+    cleanp.add_argument("--dry-run", action="store_true", help="list what would be removed and its size")
+    cleanp.set_defaults(func=cmd_clean)
     planp = sub.add_parser("plan", help="per-GPU / per-node memory of each stage, or --dry-run the shape logic")
     planp.add_argument("--config", help="experiment TOML whose settings to plan, e.g. configs/llama3-70b.toml")
     planp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -40,6 +40,11 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# Set in continued_pretrain's outputs by `maskprune clean --final` (maskprune.cleanup): export reads
+# that checkpoint, so it cannot run again from this record.
+FINAL_CHECKPOINT_REMOVED = "final_checkpoint_removed"
+
+
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
 
@@ -284,6 +289,11 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
                 action, reason = "run", "an input stage was re-run"
             else:
                 action, reason = "skip", "done"
+        if action == "run" and stage == "export" and "continued_pretrain" not in rerun and \
+                (run_dir.state("continued_pretrain").outputs or {}).get(FINAL_CHECKPOINT_REMOVED):
+            action, reason = "refuse", ("continued_pretrain's final checkpoint, which export reads, was removed by "
+                                        f"`maskprune clean --final`; re-run it first: maskprune reset {run_dir.root} "
+                                        "continued_pretrain")
         if added and action != "refuse":
             reason += f" (ran before {', '.join(added)} existed; taken at this version's default)"
         if action == "run":
