@@ -226,6 +226,15 @@ def run_overrides(plan: RunPlan, mode: dict[str, Any], sparsity: float, shape: d
                   f"target.arch.intermediate_size={shape['intermediate_size']}"]
 
 
+def dense_overrides(cfg: Any, plan: RunPlan, mode: dict[str, Any], source: dict[str, Any],
+                    heldout: list[str]) -> list[str]:
+    """The dense reference's run: cut to the source shape (every unit kept) at the config's own
+    target.sparsity, not a benchmarked one, so one cached reference serves any --sparsity list
+    (a sparsity it does not use would change its stage config and train it again)."""
+    shape = {k: source[k] for k in ("num_attention_heads", "intermediate_size")}
+    return run_overrides(plan, mode, cfg.target.sparsity, shape, heldout)
+
+
 def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Path) -> dict[str, Any]:
     from maskprune.config import load_config
     from maskprune.heldout import GENERAL_HELDOUT
@@ -251,9 +260,8 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
                                                 "train_tokens": p.train_tokens} for name, p in plans.items()}}
     # The dense reference first: it needs no learned shape, and it is the same for every sparsity.
     dense_plan = plans[DENSE_TRAINED]
-    results, report["dense_trained_recovery_lr"] = run_method(args, cfg, base, runs, "dense_train", run_overrides(
-        dense_plan, mode, mode["sparsity"][0], {k: source[k] for k in ("num_attention_heads", "intermediate_size")},
-        heldout))
+    results, report["dense_trained_recovery_lr"] = run_method(args, cfg, base, runs, "dense_train", dense_overrides(
+        cfg, dense_plan, mode, source, heldout))
     report["dense_trained"] = row(results, "pruned+cpt")
     for sparsity in mode["sparsity"]:
         key, tag = f"{sparsity:.0%}", f"s{int(sparsity * 100)}"

@@ -41,6 +41,13 @@ def test_every_method_and_the_dense_reference_train_on_the_same_tokens() -> None
                                 {"num_attention_heads": 9, "intermediate_size": 1536})
     assert 'evaluate.models=["pruned+cpt"]' in dense and "target.arch.num_attention_heads=9" in dense
     assert "mask_learn.train.steps=40" in bench.run_overrides(by_name["maskprune"], mode, 0.5, None)
+    # The dense reference's run is the same whatever sparsities are benchmarked, so its cache serves
+    # a `--sparsity 0.5` rerun too.
+    source = {"num_attention_heads": 9, "intermediate_size": 1536, "hidden_size": 576}
+    reference = bench.dense_overrides(cfg, by_name[bench.DENSE_TRAINED], mode, source, [])
+    assert reference == bench.dense_overrides(cfg, by_name[bench.DENSE_TRAINED], {**mode, "sparsity": [0.5]},
+                                              source, [])
+    assert "target.sparsity=0.3" in reference and "target.arch.intermediate_size=1536" in reference
     # --seed reaches both training stages of every run (the default 0 is each stage's own default).
     seeded = {**mode, "seed": 1}
     for plan, run_shape in ((by_name["maskprune"], None), (by_name["flap"], shape), (by_name[bench.DENSE_TRAINED], shape)):
