@@ -135,13 +135,18 @@ def rate_runs(name: str, rates: list[float], config_rate: float) -> dict[float, 
     return {lr: name if lr == config_rate else f"{name}_cptlr{lr:g}" for lr in ordered}
 
 
+def texts_override(texts: Any) -> str:
+    """`evaluate.heldout_texts` set to these named-corpus partitions, as one `--set`."""
+    return "evaluate.heldout_texts=[" + ", ".join(
+        f'{{kind = "corpus", path = "{t.path}", split = "{t.split}"}}' for t in texts) + "]"
+
+
 def dev_overrides(overrides: list[str], seq_len: int) -> list[str]:
     """The evaluate settings that score one recovered model on the dev texts: perplexity at the
     training length only, no zero-shot suite, a token of Penn Treebank (it cannot be switched off)."""
     from maskprune.heldout import GENERAL_DEV
 
-    texts = ", ".join(f'{{kind = "corpus", path = "{t.path}", split = "{t.split}"}}' for t in GENERAL_DEV)
-    return [*overrides, f"evaluate.heldout_texts=[{texts}]", "evaluate.tasks=[]", 'evaluate.models=["pruned+cpt"]',
+    return [*overrides, texts_override(GENERAL_DEV), "evaluate.tasks=[]", 'evaluate.models=["pruned+cpt"]',
             f"evaluate.heldout_tokens={DEV_TOKENS}", f"evaluate.ppl_chunk_lengths=[{seq_len}]",
             f"evaluate.eval_text_max_tokens={seq_len * 2}"]
 
@@ -243,8 +248,7 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
     cfg = load_config(REPO / args.config)
     plans = {p.name: p for p in budget_plan(cfg, args.methods, mode["mask_steps"], mode["cpt_steps"])}
     # A config without held-out texts (configs/tiny.toml) is measured on the general ones all the same.
-    heldout = [] if cfg.evaluate.heldout_texts else ["evaluate.heldout_texts=[" + ", ".join(
-        f'{{kind = "corpus", path = "{t.path}", split = "{t.split}"}}' for t in GENERAL_HELDOUT) + "]"]
+    heldout = [] if cfg.evaluate.heldout_texts else [texts_override(GENERAL_HELDOUT)]
     source = json.loads((Path(RunDir(base).state("prepare").outputs["model"]) / "config.json").read_text())
     from maskprune.heldout import GENERAL_DEV, text_label
 
