@@ -305,6 +305,13 @@ class MaskLearnConfig(TrainingStageConfig):
                               f"mask_learn.train.steps), got {self.budget_warmup_fraction}")
 
 
+# What only the MaskPrune learner reads. A one-shot method's mask_learn fingerprint leaves these out
+# (maskprune.rundir.stage_config), so tuning the learner does not re-run a baseline cut beside it.
+LEARNER_ONLY_FIELDS = ("lora", "distill", "mask_lr_alpha", "dual_lr_layer", "dual_lr_budget", "target_lr", "rho",
+                       "rho_layer", "budget_warmup_fraction", "hardening_fraction", "init", "grad_scale_beta",
+                       "mask_grad_clip", "bias_compensation")
+
+
 @dataclass
 class HardPruneConfig:
     shard_size_mb: int = 2000

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskprune.config import (ConfigError, ExperimentConfig, config_from_dict, config_to_dict, dump_config,
-                              load_config)
+from maskprune.config import (LEARNER_ONLY_FIELDS, ConfigError, ExperimentConfig, config_from_dict, config_to_dict,
+                              dump_config, load_config)
 
 STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain", "export", "evaluate")
 
@@ -63,7 +63,8 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def stage_config(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
-    """The config sections `stage` reads (STAGE_INPUTS), as its state record keeps them."""
+    """The config sections `stage` reads (STAGE_INPUTS), as its state record keeps them. A one-shot
+    method's mask_learn leaves out the learner's own settings (LEARNER_ONLY_FIELDS): it reads none."""
     sections, _ = STAGE_INPUTS[stage]
     raw = config_to_dict(cfg)
     chosen = {}
@@ -72,6 +73,8 @@ def stage_config(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
         for part in name.split("."):
             value = value[part]
         chosen[name] = value
+    if stage == "mask_learn" and chosen["mask_learn"]["method"] != "maskprune":
+        chosen["mask_learn"] = {k: v for k, v in chosen["mask_learn"].items() if k not in LEARNER_ONLY_FIELDS}
     return json.loads(json.dumps(chosen))  # as the record reads back (tuples are lists there)
 
 
@@ -132,7 +135,11 @@ def config_changes(state: StageState, cfg: ExperimentConfig, stage: str) -> tupl
     def show(flat: dict[str, Any], key: str, missing: str) -> str:
         return json.dumps(flat[key]) if key in flat else missing
 
-    keys = sorted(set(before) | set(after))
+    # Between a one-shot method and MaskPrune the learner's settings come and go with the method,
+    # which is named: they are not listed one by one.
+    learner = tuple(f"mask_learn.{name}" for name in LEARNER_ONLY_FIELDS)
+    keys = sorted(key for key in set(before) | set(after)
+                  if (key in before) == (key in after) or not key.startswith(learner))
     changes = [f"{key}: {show(before, key, '(absent)')} -> {show(after, key, gone)}"
                for key in keys if before.get(key, _UNSET) != after.get(key, _UNSET)]
     added = [key for key in keys if key not in recorded and key in before and before[key] == after.get(key, _UNSET)]

@@ -73,6 +73,29 @@ def test_a_field_added_by_an_upgrade_keeps_the_finished_stage(tmp_path: Path) ->
                   "mask_learn.hardening_fraction: 0.25 -> 0.5")
 
 
+def test_a_one_shot_cut_ignores_the_learners_settings(tmp_path: Path) -> None:
+    # A baseline beside a MaskPrune sweep: retuning the learner must not re-run (or refuse) its cut.
+    run, _ = finished(tmp_path, "mask_learn.method=wanda_sp")
+    assert "hardening_fraction" not in run.state("mask_learn").config["mask_learn"]
+    learner = ("mask_learn.hardening_fraction=0.5", "mask_learn.lora.rank=4", "mask_learn.distill.temperature=3.0")
+    assert decisions(run, "mask_learn.method=wanda_sp", *learner) == {stage: ("skip", "done") for stage in STAGES}
+    # What the cut does read is still a change.
+    assert decisions(run, "mask_learn.method=wanda_sp", "mask_learn.calibration_batches=4")["mask_learn"] == (
+        "refuse", "config changed: mask_learn.calibration_batches: 8 -> 4")
+    assert decisions(run, "mask_learn.method=flap")["mask_learn"] == (
+        "refuse", 'config changed: mask_learn.method: "wanda_sp" -> "flap"')
+    # Switching to MaskPrune names the method, not each learner setting that comes with it.
+    assert decisions(run)["mask_learn"] == ("refuse", 'config changed: mask_learn.method: "wanda_sp" -> "maskprune"')
+    # A cut recorded with the learner's settings in its fingerprint (before they were left out)
+    # is kept too.
+    rewrite_record(run, "mask_learn", lambda config: config["mask_learn"].update(hardening_fraction=0.25))
+    assert decisions(run, "mask_learn.method=wanda_sp", *learner)["mask_learn"] == ("skip", "done")
+    # MaskPrune's own run reads them.
+    run, _ = finished(tmp_path / "maskprune")
+    assert decisions(run, "mask_learn.hardening_fraction=0.5")["mask_learn"] == (
+        "refuse", "config changed: mask_learn.hardening_fraction: 0.25 -> 0.5")
+
+
 def test_a_field_this_version_no_longer_has_is_a_change(tmp_path: Path) -> None:
     run, _ = finished(tmp_path)
     rewrite_record(run, "continued_pretrain", lambda config: config["continued_pretrain"].update(old_knob=3))
