@@ -16,6 +16,9 @@ Per target sparsity (fraction of head+FFN parameters removed):
 2. every baseline (wanda_sp, flap, taylor, magnitude, random) is cut to exactly that shape
    (`target.arch` = MaskPrune's heads and FFN width) with the same calibration batches, then gets
    M + R recovery steps: the same training tokens as MaskPrune in all (`budget_plan` checks it);
+   The learner's ablation (maskprune_frozen): MaskPrune's own mask-learn, M steps, with the masks
+   frozen at their Wanda-sp start (hardening_fraction = 1) on MaskPrune's shape, then R recovery
+   steps: what MaskPrune gains over it is what learning the masks earns;
 3. a dense reference: the unpruned model trained M + R recovery steps on the same data, so what
    training on this data alone does to the model is not read as pruning quality;
 4. equal tuning effort for recovery: every model (MaskPrune, each baseline, the dense reference) runs
@@ -48,7 +51,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-METHODS = ["maskprune", "wanda_sp", "flap", "taylor", "magnitude", "random"]
+# The learner's ablation: MaskPrune's own mask-learn stage with its masks frozen at their Wanda-sp
+# start (hardening_fraction = 1), cut to MaskPrune's shape: the same LoRA distilled from the dense model
+# for the same steps, only no mask learning. What MaskPrune gains over it is what the learned masks earn.
+FROZEN = "maskprune_frozen"
+METHODS = ["maskprune", FROZEN, "wanda_sp", "flap", "taylor", "magnitude", "random"]
 # The real models measured, by their experiment files (--model).
 MODELS = {"smollm2": "configs/demo.toml", "gemma3": "configs/demo_gemma3.toml"}
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -101,8 +108,10 @@ def budget_plan(cfg: Any, methods: list[str], mask_steps: int, cpt_steps: int) -
         raise ValueError(f"mask-learn trains {per_mask} tokens a step and recovery {per_cpt}: {mask_steps} "
                          "mask-learn steps are not a whole number of recovery steps; make the two stages' "
                          "micro_batch_size x grad_accum equal")
-    plans = [RunPlan("maskprune", "maskprune", mask_steps, cpt_steps, per_mask, per_cpt)]
-    plans += [RunPlan(m, m, 0, cpt_steps + extra, per_mask, per_cpt) for m in methods if m != "maskprune"]
+    plans = [RunPlan(m, "maskprune", mask_steps, cpt_steps, per_mask, per_cpt)
+             for m in ("maskprune", FROZEN) if m in methods or m == "maskprune"]
+    plans += [RunPlan(m, m, 0, cpt_steps + extra, per_mask, per_cpt) for m in methods
+              if m not in ("maskprune", FROZEN)]
     # The dense reference goes through the same pipeline with a "cut" that keeps every unit.
     plans.append(RunPlan(DENSE_TRAINED, "magnitude", 0, cpt_steps + extra, per_mask, per_cpt))
     return plans
@@ -222,11 +231,16 @@ def run_overrides(plan: RunPlan, mode: dict[str, Any], sparsity: float, shape: d
            f"mask_learn.train.seed={mode.get('seed', 0)}", f"continued_pretrain.train.seed={mode.get('seed', 0)}"]
     if plan.method == "maskprune":
         steps = plan.mask_steps
-        return out + [f"mask_learn.train.steps={steps}",
-                      f"mask_learn.train.checkpoint_every={steps}", f"mask_learn.train.eval_every={steps}"]
-    assert shape is not None, "a one-shot run is cut to a given shape"
+        out += [f"mask_learn.train.steps={steps}",
+                f"mask_learn.train.checkpoint_every={steps}", f"mask_learn.train.eval_every={steps}"]
+        if plan.name != FROZEN:
+            return out
+        out.append("mask_learn.hardening_fraction=1.0")
+    assert shape is not None, "a run other than MaskPrune's is cut to a given shape"
     models = '["pruned+cpt"]' if plan.name == DENSE_TRAINED else '["pruned", "pruned+cpt"]'
-    return out + [f"mask_learn.method={plan.method}", f"evaluate.models={models}",
+    if plan.method != "maskprune":
+        out.append(f"mask_learn.method={plan.method}")
+    return out + [f"evaluate.models={models}",
                   f"target.arch.num_attention_heads={shape['num_attention_heads']}",
                   f"target.arch.intermediate_size={shape['intermediate_size']}"]
 
@@ -349,6 +363,10 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              if mode["limit"] else "- zero-shot suite not run (--limit 0).", ""]
     baselines = [m for m in next(iter(report["targets"].values()))["methods"] if m != "maskprune"]
     left_out = [m for m in METHODS if m != "maskprune" and m not in baselines]
+    if FROZEN in baselines:
+        lines[-1:-1] = [f"- {FROZEN}: the learner's ablation, MaskPrune's mask-learn with its masks frozen at "
+                        "their Wanda-sp start (`mask_learn.hardening_fraction = 1`) on MaskPrune's shape: the "
+                        "same LoRA distilled from the dense model for the same steps, no mask learning"]
     compensated = ["flap"] * ("flap" in baselines) + ["MaskPrune"] * bool(report.get("bias_compensation"))
     lines[-1:-1] = [f"- baselines: {', '.join(baselines)}" + (
         f"; not run here: {', '.join(left_out)} (`--methods`)" if left_out else ""),
@@ -425,13 +443,14 @@ def not_best(report: dict[str, Any], lengths: list[str]) -> list[str]:
 
 
 def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
-    """Issue 13's goal per target and convention: MaskPrune's held-out geomean / the best baseline's
-    (<= 0.90 meets it), right after mask-learn vs one-shot and after recovery, and MaskPrune's
-    multiple of the equal-budget dense reference."""
+    """Issue 13's goal per target and convention: MaskPrune's held-out geomean / the best one-shot
+    baseline's (<= 0.90 meets it), right after mask-learn vs one-shot and after recovery; MaskPrune's
+    multiple of the equal-budget dense reference; and, where the ablation ran, of its own masks frozen
+    at the Wanda-sp start (what learning the masks earns)."""
     lines = []
     for key, target in report["targets"].items():
         methods = target["methods"]
-        baselines = {m: r for m, r in methods.items() if m != "maskprune"}
+        baselines = {m: r for m, r in methods.items() if m not in ("maskprune", FROZEN)}
         for n in lengths:
             for stage, label in (("one_shot", "after mask-learn vs one-shot"), ("recovered", "after recovery")):
                 ours = methods["maskprune"][stage]["heldout"].get(n)
@@ -444,6 +463,12 @@ def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
                 lines.append(f"at {key}, held-out geomean @{n}, {label}: MaskPrune {ours:,.2f} vs best baseline "
                              f"{best} {scored[best]:,.2f} = {r:.3f}x ({'meets' if r <= GOAL else 'MISSES'} the "
                              f"<= {GOAL:.2f}x goal)")
+            for stage, label in (("one_shot", "after mask-learn"), ("recovered", "after recovery")):
+                ours, frozen = (methods[m][stage]["heldout"].get(n) if m in methods else None
+                                for m in ("maskprune", FROZEN))
+                if ours is not None and frozen is not None:
+                    lines.append(f"at {key}, held-out geomean @{n}, {label}: MaskPrune {ours:,.2f} vs its masks "
+                                 f"frozen at the Wanda-sp start {frozen:,.2f} = {ours / frozen:.3f}x")
             ours = methods["maskprune"]["recovered"]["heldout"].get(n)
             trained = report["dense_trained"]["heldout"].get(n)
             if ours is not None and trained:

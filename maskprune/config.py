@@ -271,6 +271,8 @@ class MaskLearnConfig(TrainingStageConfig):
     # The budget falls from dense to the target over this fraction of the steps (a fixed count
     # would be all of a short run and a sliver of a long one).
     budget_warmup_fraction: float = 0.3
+    # 1.0: the masks never move; every step trains LoRA, distilled, on the init's cut (Wanda-sp's):
+    # the learner's ablation (benchmarks/bench_quality.py, maskprune_frozen).
     hardening_fraction: float = 0.25
     init: Literal["wanda_sp", "ones"] = "wanda_sp"
     calibration_batches: int = 8
@@ -288,9 +290,13 @@ class MaskLearnConfig(TrainingStageConfig):
     bias_compensation: bool = False
 
     def validate(self) -> None:
-        if not 0.0 <= self.hardening_fraction < 1.0:
-            raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1), "
-                              f"got {self.hardening_fraction}")
+        if not 0.0 <= self.hardening_fraction <= 1.0:
+            raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1] (a fraction of "
+                              f"mask_learn.train.steps), got {self.hardening_fraction}")
+        if self.hardening_fraction == 1.0 and self.init == "ones":
+            raise ConfigError("mask_learn.hardening_fraction = 1 freezes the masks at their initial scores, "
+                              "and init = \"ones\" scores every unit alike, so the cut would be arbitrary; "
+                              "set mask_learn.init = \"wanda_sp\" or a hardening_fraction below 1")
         if self.bias_compensation and int(round(self.hardening_fraction * self.train.steps)) == 0:
             raise ConfigError(f"mask_learn.bias_compensation: measures its means in the hardening phase, "
                               f"which hardening_fraction {self.hardening_fraction} of {self.train.steps} steps "

@@ -41,6 +41,14 @@ def test_every_method_and_the_dense_reference_train_on_the_same_tokens() -> None
                                 {"num_attention_heads": 9, "intermediate_size": 1536})
     assert 'evaluate.models=["pruned+cpt"]' in dense and "target.arch.num_attention_heads=9" in dense
     assert "mask_learn.train.steps=40" in bench.run_overrides(by_name["maskprune"], mode, 0.5, None)
+    # The ablation: MaskPrune's own stage and budget, masks frozen from step 0, cut to MaskPrune's shape.
+    assert (by_name[bench.FROZEN].method, by_name[bench.FROZEN].mask_steps, by_name[bench.FROZEN].recovery_steps) \
+        == ("maskprune", 40, 20)
+    frozen = bench.run_overrides(by_name[bench.FROZEN], mode, 0.5, shape)
+    assert {"mask_learn.train.steps=40", "continued_pretrain.train.steps=20", "mask_learn.hardening_fraction=1.0",
+            "target.arch.num_attention_heads=6", "target.arch.intermediate_size=512"} <= set(frozen)
+    assert not any(o.startswith("mask_learn.method=") for o in frozen)
+    assert load_config(REPO / "configs" / "demo.toml", frozen).mask_learn.hardening_fraction == 1.0
     # The dense reference's run is the same whatever sparsities are benchmarked, so its cache serves
     # a `--sparsity 0.5` rerun too.
     source = {"num_attention_heads": 9, "intermediate_size": 1536, "hidden_size": 576}
@@ -121,7 +129,7 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     # PTB before / after, then boolq and the six tasks this report lacks, then the mean
     assert "| random | 900.00 | 300.00 | 0.300 | - | - | - | - | - | - | 0.300 |" in table
     # which baselines ran is part of the result: a table without FLAP must not read as "FLAP lost"
-    assert "- baselines: wanda_sp, random; not run here: flap, taylor, magnitude (`--methods`)" in table
+    assert "- baselines: wanda_sp, random; not run here: maskprune_frozen, flap, taylor, magnitude (`--methods`)" in table
     assert "- bias compensation (removed channels' means folded into o_proj / down_proj biases): none; " \
         "MaskPrune's `mask_learn.bias_compensation` is off" in table
     assert "learning rates" not in table  # reports written before the rates were recorded
@@ -147,3 +155,19 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "| wanda_sp | 66.00 | 64.00 | 0.0002 |" in per_model
     rep["bias_compensation"] = True
     assert "biases): MaskPrune\n" in bench.markdown(rep, ["128"])
+    # The learner's ablation is not a one-shot baseline: the goal's "best baseline" leaves it out, and it
+    # gets lines of its own; a metric it wins is listed like any baseline's.
+    rep["budget"][bench.FROZEN] = rep["budget"]["maskprune"]
+    rep["targets"]["50%"]["methods"][bench.FROZEN] = {**result(110.0, 55.0, 150.0, 120.0, 0.40),
+                                                      "recovery_lr": {"chosen": 5e-5, "dev": {"5e-05": 69.0}}}
+    lines = bench.goal(rep, ["128"])
+    assert lines[:2] == bench.goal(report(bench), ["128"])[:2]
+    assert lines[2:4] == [
+        "at 50%, held-out geomean @128, after mask-learn: MaskPrune 120.00 vs its masks frozen at the Wanda-sp "
+        "start 110.00 = 1.091x",
+        "at 50%, held-out geomean @128, after recovery: MaskPrune 60.00 vs its masks frozen at the Wanda-sp "
+        "start 55.00 = 1.091x"]
+    assert "at 50%: maskprune_frozen beats MaskPrune on held-out geomean ppl@128 recovered (55.000 vs 60.000)" \
+        in bench.not_best(rep, ["128"])
+    assert "- maskprune_frozen: the learner's ablation, MaskPrune's mask-learn with its masks frozen at their " \
+        "Wanda-sp start (`mask_learn.hardening_fraction = 1`)" in bench.markdown(rep, ["128"])

@@ -10,6 +10,8 @@ from maskprune.arch import (LlamaShape, ShapeError, admissible, budget_for_spars
 from maskprune.config import ConfigError, ExperimentConfig, LoraConfig, TargetArch, config_from_dict
 from maskprune.lora import attach_lora
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
+from maskprune.importance import unit_scores
+from maskprune.mask_learn import init_scores
 from maskprune.masks_io import keep_from_scores
 from maskprune.minimax import (BudgetModel, MinimaxState, StepSizes, dual_ascent, minimax_step,
                                prox_l0, update_grad_scale)
@@ -334,3 +336,27 @@ def test_distillation_weights_are_checked() -> None:
         config_from_dict({"mask_learn": {"distill": {"ce_weight": 0.0, "kl_weight": 0.0}}})
     with pytest.raises(ConfigError, match="must be >= 0"):
         config_from_dict({"continued_pretrain": {"distill": {"kl_weight": -1.0}}})
+
+
+def test_masks_frozen_from_the_start_cut_where_wanda_sp_does() -> None:
+    # hardening_fraction = 1 is the learner's ablation (bench_quality's maskprune_frozen): the masks
+    # harden at step 0, so the cut must be exactly the one-shot Wanda-sp cut of the same shape.
+    model = tiny_model(heads=4, kv=2, layers=3)
+    shape = shape_of(model)
+    batches = [torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for mode, units in (("query_per_group", 2), ("kv_group", 1)):
+        scores = unit_scores(model, batches, "wanda_sp", shape, mode)
+        state = MaskState(shape, mode, *init_scores(shape, mode, "wanda_sp", scores))
+        frozen = keep_from_scores(*state.ranking_scores(), shape, units, 16, mode, "maskprune")
+        one_shot = keep_from_scores(scores["attn"], scores["ffn"], shape, units, 16, mode, "wanda_sp")
+        for field in ("q_heads", "kv_heads", "ffn"):
+            assert torch.equal(getattr(frozen, field), getattr(one_shot, field)), (mode, field)
+
+
+def test_hardening_fraction_one_needs_scores_to_freeze() -> None:
+    assert config_from_dict({"mask_learn": {"hardening_fraction": 1.0}}).mask_learn.hardening_fraction == 1.0
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\] \(a fraction of mask_learn.train.steps\), got 1.5"):
+        config_from_dict({"mask_learn": {"hardening_fraction": 1.5}})
+    with pytest.raises(ConfigError, match='init = "ones" scores every unit alike, so the cut would be arbitrary; '
+                                          'set mask_learn.init = "wanda_sp" or a hardening_fraction below 1'):
+        config_from_dict({"mask_learn": {"hardening_fraction": 1.0, "init": "ones"}})
