@@ -16,7 +16,7 @@ Per target sparsity (fraction of head+FFN parameters removed):
 2. every baseline (wanda_sp, flap, taylor, magnitude, random) is cut to exactly that shape
    (`target.arch` = MaskPrune's heads and FFN width) with the same calibration batches, then gets
    M + R recovery steps: the same training tokens as MaskPrune in all (`budget_plan` checks it);
-   The learner's ablation (maskprune_frozen): MaskPrune's own mask-learn, M steps, with the masks
+   the learner's ablation (maskprune_frozen): MaskPrune's own mask-learn, M steps, with the masks
    frozen at their Wanda-sp start (hardening_fraction = 1) on MaskPrune's shape, then R recovery
    steps: what MaskPrune gains over it is what learning the masks earns;
 3. a dense reference: the unpruned model trained M + R recovery steps on the same data, so what
@@ -56,6 +56,7 @@ BIN = Path(sys.executable).parent
 # for the same steps, only no mask learning. What MaskPrune gains over it is what the learned masks earn.
 FROZEN = "maskprune_frozen"
 METHODS = ["maskprune", FROZEN, "wanda_sp", "flap", "taylor", "magnitude", "random"]
+LEARNED = ("maskprune", FROZEN)  # the runs of MaskPrune's own mask-learn stage
 # The real models measured, by their experiment files (--model).
 MODELS = {"smollm2": "configs/demo.toml", "gemma3": "configs/demo_gemma3.toml"}
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -109,9 +110,8 @@ def budget_plan(cfg: Any, methods: list[str], mask_steps: int, cpt_steps: int) -
                          "mask-learn steps are not a whole number of recovery steps; make the two stages' "
                          "micro_batch_size x grad_accum equal")
     plans = [RunPlan(m, "maskprune", mask_steps, cpt_steps, per_mask, per_cpt)
-             for m in ("maskprune", FROZEN) if m in methods or m == "maskprune"]
-    plans += [RunPlan(m, m, 0, cpt_steps + extra, per_mask, per_cpt) for m in methods
-              if m not in ("maskprune", FROZEN)]
+             for m in ["maskprune"] + [FROZEN] * (FROZEN in methods)]
+    plans += [RunPlan(m, m, 0, cpt_steps + extra, per_mask, per_cpt) for m in methods if m not in LEARNED]
     # The dense reference goes through the same pipeline with a "cut" that keeps every unit.
     plans.append(RunPlan(DENSE_TRAINED, "magnitude", 0, cpt_steps + extra, per_mask, per_cpt))
     return plans
@@ -236,10 +236,10 @@ def run_overrides(plan: RunPlan, mode: dict[str, Any], sparsity: float, shape: d
         if plan.name != FROZEN:
             return out
         out.append("mask_learn.hardening_fraction=1.0")
+    else:
+        out.append(f"mask_learn.method={plan.method}")
     assert shape is not None, "a run other than MaskPrune's is cut to a given shape"
     models = '["pruned+cpt"]' if plan.name == DENSE_TRAINED else '["pruned", "pruned+cpt"]'
-    if plan.method != "maskprune":
-        out.append(f"mask_learn.method={plan.method}")
     return out + [f"evaluate.models={models}",
                   f"target.arch.num_attention_heads={shape['num_attention_heads']}",
                   f"target.arch.intermediate_size={shape['intermediate_size']}"]
@@ -450,7 +450,7 @@ def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
     lines = []
     for key, target in report["targets"].items():
         methods = target["methods"]
-        baselines = {m: r for m, r in methods.items() if m not in ("maskprune", FROZEN)}
+        baselines = {m: r for m, r in methods.items() if m not in LEARNED}
         for n in lengths:
             for stage, label in (("one_shot", "after mask-learn vs one-shot"), ("recovered", "after recovery")):
                 ours = methods["maskprune"][stage]["heldout"].get(n)
@@ -465,7 +465,7 @@ def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
                              f"<= {GOAL:.2f}x goal)")
             for stage, label in (("one_shot", "after mask-learn"), ("recovered", "after recovery")):
                 ours, frozen = (methods[m][stage]["heldout"].get(n) if m in methods else None
-                                for m in ("maskprune", FROZEN))
+                                for m in LEARNED)
                 if ours is not None and frozen is not None:
                     lines.append(f"at {key}, held-out geomean @{n}, {label}: MaskPrune {ours:,.2f} vs its masks "
                                  f"frozen at the Wanda-sp start {frozen:,.2f} = {ours / frozen:.3f}x")
