@@ -10,8 +10,7 @@ replacing removed channels by their running means (maskprune/compensation.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
 from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units, resolve_target
-from maskprune.teacher import ShadowTeacher
+from maskprune.teacher import ShadowTeacher, switched_off
 from maskprune.training import (Checkpointer, TrainingLoop, init_engine, mean_over_ranks,
                                 prepare_for_training)
 
@@ -96,14 +95,9 @@ class MaskLearner(TrainingLoop):
                                  lora_scale(self.ml.lora.rank, self.ml.lora.alpha))
 
     # ------------------------------------------------------------------ one step
-    @contextmanager
-    def teacher_mode(self) -> Iterator[None]:
+    def teacher_mode(self) -> AbstractContextManager[None]:
         """Masks and LoRA off: the model computes the dense teacher."""
-        self.masks.enabled, self.lora.enabled = False, False
-        try:
-            yield
-        finally:
-            self.masks.enabled, self.lora.enabled = True, True
+        return switched_off(self.masks, self.lora)
 
     def forward_losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         distill = self.ml.distill

@@ -24,6 +24,19 @@ import torch
 from torch import nn
 
 
+@contextmanager
+def switched_off(*switches: Any) -> Iterator[None]:
+    """Every switch (an object with `enabled`: the masks, the LoRA adapters) off inside the block, so
+    the model computes its dense self, the teacher; back on after, also when the block raises."""
+    for switch in switches:
+        switch.enabled = False
+    try:
+        yield
+    finally:
+        for switch in switches:
+            switch.enabled = True
+
+
 @dataclass
 class TeacherOutputs:
     """What one student forward produced for the teacher (filled as the forward runs)."""

@@ -4,8 +4,7 @@ gradient (mask scores, LoRA) equal those without checkpointing, in float64. The 
 alongside the student (maskprune/teacher.py) gives exactly what a separate teacher pass gives."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from maskprune.config import LoraConfig
 from maskprune.losses import distill_kl
 from maskprune.lora import attach_lora
 from maskprune.masking import MaskState, attach_masks
-from maskprune.teacher import ShadowTeacher
+from maskprune.teacher import ShadowTeacher, switched_off
 from maskprune.training import prepare_for_training
 
 CONFIG = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -51,11 +50,8 @@ def mask_learn_micro_step(checkpointing: bool, teacher_alongside: bool = True
     batch = torch.randint(0, 128, (2, 16), generator=generator)
     torch.manual_seed(2)  # LoRA dropout: recomputation must replay the same dropout masks
 
-    @contextmanager
-    def teacher_mode() -> Iterator[None]:
-        masks.enabled, switch.enabled = False, False
-        yield
-        masks.enabled, switch.enabled = True, True
+    def teacher_mode() -> AbstractContextManager[None]:
+        return switched_off(masks, switch)
 
     if teacher_alongside:
         with ShadowTeacher(model, teacher_mode).attach().collect() as teacher:
@@ -103,3 +99,16 @@ def test_teacher_alongside_equals_a_separate_teacher_pass(checkpointing: bool) -
     assert losses == separate_losses and calls == separate_calls
     for name, grad in grads.items():
         assert torch.equal(grad, separate_grads[name]), name
+
+
+def test_teacher_switches_come_back_on_when_the_teacher_pass_raises() -> None:
+    """A teacher pass that raises (out of memory, a stop request) must not leave the student running
+    without its masks or adapters for the rest of the job."""
+    class Switch:
+        enabled = True
+
+    masks, lora = Switch(), Switch()
+    with pytest.raises(RuntimeError, match="teacher failed"), switched_off(masks, lora):
+        assert not masks.enabled and not lora.enabled
+        raise RuntimeError("teacher failed")
+    assert masks.enabled and lora.enabled

@@ -253,11 +253,9 @@ def test_teacher_alongside_the_student_is_the_dense_model(tmp_path: Path, family
     """The self-teacher that mask_learn computes inside the student's forward (maskprune/teacher.py)
     gives the dense model's logits to the bit, in every family's layer layout (Gemma-3's two layer
     kinds, embedding scale and four norms included), and leaves the student's logits as they were."""
-    from contextlib import contextmanager
-
     from maskprune.config import LoraConfig
     from maskprune.lora import attach_lora
-    from maskprune.teacher import ShadowTeacher
+    from maskprune.teacher import ShadowTeacher, switched_off
 
     dense = make_model(tmp_path / "src", family).double()
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -275,13 +273,7 @@ def test_teacher_alongside_the_student_is_the_dense_model(tmp_path: Path, family
             param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=torch.float64))
         want_student = dense(input_ids=tokens).logits
 
-    @contextmanager
-    def teacher_mode():
-        state.enabled, switch.enabled = False, False
-        yield
-        state.enabled, switch.enabled = True, True
-
-    shadow = ShadowTeacher(dense, teacher_mode).attach()
+    shadow = ShadowTeacher(dense, lambda: switched_off(state, switch)).attach()
     with torch.no_grad(), shadow.collect() as teacher:
         student = dense(input_ids=tokens).logits
     assert torch.equal(teacher.logits, want_teacher)
