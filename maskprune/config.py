@@ -155,12 +155,13 @@ class TargetArch:
 
 @dataclass
 class TargetConfig:
-    # Fraction of prunable parameters (attention + FFN, plus hidden/layers when enabled) removed.
+    # Fraction of prunable parameters (attention + FFN) removed.
     sparsity: float = 0.5
     arch: TargetArch | None = None
     # "auto": kv_group on an MHA source (one query head per KV head: query_per_group could prune
     # none), query_per_group otherwise; resolved once the source shape is known (targets.resolve_target).
     attn_mode: Literal["auto", "query_per_group", "kv_group"] = "auto"
+    # Refused when true (validate): a config asking for them gets the reason, not "unknown key".
     prune_hidden: bool = False
     prune_layers: bool = False
     ffn_alignment: int = 64
@@ -174,6 +175,13 @@ class TargetConfig:
                               "or give target.arch instead")
         if self.ffn_alignment < 1:
             raise ConfigError(f"target.ffn_alignment: must be >= 1, got {self.ffn_alignment}")
+        # Refused when the config loads, not when mask_learn starts after prepare and tokenize.
+        for name in ("prune_hidden", "prune_layers"):
+            if getattr(self, name):
+                raise ConfigError(f"target.{name}: no stage chooses hidden channels or layers to cut yet "
+                                  "(mask_learn and the one-shot baselines cut attention heads and FFN "
+                                  "channels; hard_prune slices hidden channels and layers only where a "
+                                  "masks file lists them); set it to false")
 
 
 @dataclass

@@ -58,9 +58,6 @@ def check_target(shape: LlamaShape, cfg: ExperimentConfig) -> None:
     """Before any model loads or any step runs: the target must be reachable (an explicit
     target.arch with legal heads; at target.sparsity, some legal shape within the budget), or the
     stage would fail only when it cuts the masks at its end."""
-    if cfg.target.prune_hidden or cfg.target.prune_layers:
-        raise ShapeError("target.prune_hidden / target.prune_layers: mask_learn learns attention and "
-                         "FFN masks only; hidden-channel and layer pruning are hard_prune options")
     if cfg.target.arch is not None:
         explicit_units(shape, cfg)
         return

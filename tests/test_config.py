@@ -43,6 +43,10 @@ def test_dotted_overrides_are_typed() -> None:
     ("[target]\nsparsity = 0.0\n", "target.sparsity: must be in (0, 1), got 0.0"),
     ("[target]\nbudget = \"bytes\"\n", "target.budget: 'bytes' is not one of 'params', 'flops'"),
     ("[target]\nattn_mode = \"heads\"\n", "target.attn_mode: 'heads' is not one of 'auto', 'query_per_group', 'kv_group'"),
+    ("[target]\nprune_hidden = true\n", "target.prune_hidden: no stage chooses hidden channels or layers to cut "
+     "yet (mask_learn and the one-shot baselines cut attention heads and FFN channels; hard_prune slices hidden "
+     "channels and layers only where a masks file lists them); set it to false"),
+    ("[target]\nprune_layers = true\n", "target.prune_layers: no stage chooses"),
 ])
 def test_bad_experiment_files_name_the_field(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
