@@ -282,7 +282,9 @@ class MaskLearnConfig(TrainingStageConfig):
     # 1.0: the masks never move; every step trains LoRA, distilled, on the init's cut (Wanda-sp's):
     # the learner's ablation (benchmarks/bench_quality.py, maskprune_frozen).
     hardening_fraction: float = 0.25
-    init: Literal["wanda_sp", "ones"] = "wanda_sp"
+    # The scores the masks start from: a one-shot importance (its cut, with hardening_fraction = 1)
+    # or all ones.
+    init: Literal["wanda_sp", "flap", "ones"] = "wanda_sp"
     calibration_batches: int = 8
     # ḡ, the mask step's unit: a running mean |dL/dm| per type (the mean of the first 1/(1-beta)
     # steps, then an exponential average), not step 0's, where distillation gives no gradient.

@@ -274,7 +274,10 @@ def init_scores(shape: LlamaShape, mode: str, method: str,
                 torch.ones(shape.num_hidden_layers, shape.intermediate_size))
     normed = []
     for kind in ("attn", "ffn"):
-        value = scores[kind].float().clamp_min(0) + 1e-6
+        value = scores[kind].float()
+        if method == "flap":  # standardised per layer: shifted to start at 0, the ranking kept
+            value = value - value.min(dim=1, keepdim=True).values
+        value = value.clamp_min(0) + 1e-6
         normed.append(value / value.mean(dim=1, keepdim=True))
     return normed[0], normed[1]
 

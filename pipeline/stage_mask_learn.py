@@ -48,7 +48,7 @@ def main() -> int:
     data_dir = run.upstream("tokenize", "data")
     train_iter = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
                                dist.world_size, ml.train.seed)
-    if ml.method != "maskprune" or ml.init == "wanda_sp":
+    if ml.method != "maskprune" or ml.init != "ones":
         calibration = [next(train_iter) for _ in range(ml.calibration_batches)]
     if ml.method != "maskprune":
         keep = one_shot_keep(model, calibration, cfg, shape)
@@ -59,8 +59,8 @@ def main() -> int:
         run.finish({"masks": str(run.dir / "masks.safetensors"), "method": ml.method})
         return 0
 
-    scores = unit_scores(model, calibration, "wanda_sp", shape, cfg.target.attn_mode,
-                         seed=ml.train.seed) if ml.init == "wanda_sp" else None
+    scores = unit_scores(model, calibration, ml.init, shape, cfg.target.attn_mode,
+                         seed=ml.train.seed) if ml.init != "ones" else None
     learner = assemble_learner(
         cfg, dist, model, ds, train_iter, TokenShards(data_dir, "valid"), scores, run.dir, run.tb_dir,
         meta={"stage": "mask_learn", "model_dir": model_dir, "frozen_excluded": True,

@@ -338,17 +338,19 @@ def test_distillation_weights_are_checked() -> None:
         config_from_dict({"continued_pretrain": {"distill": {"kl_weight": -1.0}}})
 
 
-def test_masks_frozen_from_the_start_cut_where_wanda_sp_does() -> None:
+@pytest.mark.parametrize("init", ["wanda_sp", "flap"])
+def test_masks_frozen_from_the_start_cut_where_the_one_shot_init_does(init: str) -> None:
     # hardening_fraction = 1 is the learner's ablation (bench_quality's maskprune_frozen): the masks
-    # harden at step 0, so the cut must be exactly the one-shot Wanda-sp cut of the same shape.
+    # harden at step 0, so the cut must be exactly the one-shot cut of the init's method at the same
+    # shape (FLAP's standardised scores are mostly negative: the shift must keep their ranking).
     model = tiny_model(heads=4, kv=2, layers=3)
     shape = shape_of(model)
     batches = [torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    for mode, units in (("query_per_group", 2), ("kv_group", 1)):
-        scores = unit_scores(model, batches, "wanda_sp", shape, mode)
-        state = MaskState(shape, mode, *init_scores(shape, mode, "wanda_sp", scores))
-        frozen = keep_from_scores(*state.ranking_scores(), shape, units, 16, mode, "maskprune")
-        one_shot = keep_from_scores(scores["attn"], scores["ffn"], shape, units, 16, mode, "wanda_sp")
+    for mode, units, width in (("query_per_group", 2, 16), ("kv_group", 1, 40)):
+        scores = unit_scores(model, batches, init, shape, mode)
+        state = MaskState(shape, mode, *init_scores(shape, mode, init, scores))
+        frozen = keep_from_scores(*state.ranking_scores(), shape, units, width, mode, "maskprune")
+        one_shot = keep_from_scores(scores["attn"], scores["ffn"], shape, units, width, mode, init)
         for field in ("q_heads", "kv_heads", "ffn"):
             assert torch.equal(getattr(frozen, field), getattr(one_shot, field)), (mode, field)
 
