@@ -306,7 +306,7 @@ class MaskLearnConfig(TrainingStageConfig):
         if self.hardening_fraction == 1.0 and self.init == "ones":
             raise ConfigError("mask_learn.hardening_fraction = 1 freezes the masks at their initial scores, "
                               "and init = \"ones\" scores every unit alike, so the cut would be arbitrary; "
-                              "set mask_learn.init = \"wanda_sp\" or a hardening_fraction below 1")
+                              "set mask_learn.init = \"wanda_sp\" or \"flap\", or a hardening_fraction below 1")
         if self.bias_compensation and int(round(self.hardening_fraction * self.train.steps)) == 0:
             raise ConfigError(f"mask_learn.bias_compensation: measures its means in the hardening phase, "
                               f"which hardening_fraction {self.hardening_fraction} of {self.train.steps} steps "

@@ -360,5 +360,5 @@ def test_hardening_fraction_one_needs_scores_to_freeze() -> None:
     with pytest.raises(ConfigError, match=r"must be in \[0, 1\] \(a fraction of mask_learn.train.steps\), got 1.5"):
         config_from_dict({"mask_learn": {"hardening_fraction": 1.5}})
     with pytest.raises(ConfigError, match='init = "ones" scores every unit alike, so the cut would be arbitrary; '
-                                          'set mask_learn.init = "wanda_sp" or a hardening_fraction below 1'):
+                                          'set mask_learn.init = "wanda_sp" or "flap", or a hardening_fraction below 1'):
         config_from_dict({"mask_learn": {"hardening_fraction": 1.0, "init": "ones"}})
