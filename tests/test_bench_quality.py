@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_with_checkpoints
 from maskprune.config import load_config
+from maskprune.rundir import STAGES, plan
 
 
 def bench_quality():
@@ -171,3 +173,16 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
         in bench.not_best(rep, ["128"])
     assert "- maskprune_frozen: the learner's ablation, MaskPrune's mask-learn with its masks frozen at their " \
         "Wanda-sp start (`mask_learn.hardening_fraction = 1`)" in bench.markdown(rep, ["128"])
+
+
+def test_a_run_exported_loses_its_checkpoints_and_a_rerun_of_the_bench_still_skips_it(tmp_path: Path) -> None:
+    bench = bench_quality()
+    run = run_with_checkpoints(tmp_path)  # every stage done: trained, exported, evaluated
+    bench.free_checkpoints(run.root)
+    assert not (run.stage_dir("mask_learn") / "checkpoints").exists()
+    assert not (run.stage_dir("continued_pretrain") / "checkpoints").exists()
+    # The bench reruns every run with --force: with the checkpoints gone nothing re-runs or is refused
+    # (an export re-run would be), and freeing an already freed run is not an error.
+    cfg = load_config(REPO / "configs" / "tiny.toml")
+    assert [(d.stage, d.action) for d in plan(run, cfg, force=True)] == [(s, "skip") for s in STAGES]
+    bench.free_checkpoints(run.root)

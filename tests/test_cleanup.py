@@ -7,37 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_with_checkpoints
 from maskprune.cli import main
 from maskprune.config import load_config
 from maskprune.rundir import STAGES, RunDir, plan
-
-
-def checkpoint(root: Path, tag: str, size: int) -> Path:
-    folder = root / tag
-    folder.mkdir(parents=True)
-    (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"\0" * size)
-    return folder
-
-
-def run_with_checkpoints(tmp_path: Path, until: str = "evaluate") -> RunDir:
-    """configs/tiny.toml's stages recorded done up to `until`, with mask_learn's two checkpoints,
-    continued_pretrain's two (step 20 is its final) and a universal copy of step 10."""
-    cfg = load_config(REPO / "configs" / "tiny.toml")
-    run = RunDir(tmp_path / "run")
-    run.write_config(cfg)
-    ml_root, cpt_root = run.stage_dir("mask_learn") / "checkpoints", run.stage_dir("continued_pretrain") / "checkpoints"
-    for tag in ("step00000010", "step00000020"):
-        checkpoint(ml_root, tag, 1000)
-        checkpoint(cpt_root, tag, 3000)
-    checkpoint(cpt_root / "universal", "step00000010", 500)
-    (cpt_root / "latest").write_text("step00000020")
-    outputs = {"mask_learn": {"masks": str(run.stage_dir("mask_learn") / "masks.safetensors")},
-               "continued_pretrain": {"checkpoints": str(cpt_root), "final_tag": "step00000020"}}
-    for stage in STAGES[:STAGES.index(until) + 1]:
-        run.mark_running(stage, cfg)
-        run.mark_done(stage, outputs.get(stage, {}))
-    return run
 
 
 def clean(run: RunDir, *flags: str) -> int:
