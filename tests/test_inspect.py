@@ -1,4 +1,4 @@
-"""tools/inspect_masks.py: learned shape, Jaccard overlap across layers, a PNG heatmap."""
+"""tools/inspect_masks.py: learned shape, Jaccard overlap across layers, bias compensation, a PNG heatmap."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,9 @@ def test_inspect_reports_overlap_and_heatmap(tmp_path: Path) -> None:
     keep = KeepIndices(q_heads=torch.tensor([[0, 1], [1, 2], [0, 1]]),
                        kv_heads=torch.tensor([[0], [1], [0]]),
                        ffn=torch.tensor([[0, 1, 2, 3], [2, 3, 4, 5], [0, 1, 2, 4]]),
-                       method="maskprune", attn_mode="kv_group", layers=torch.tensor([0, 2]))
+                       method="flap", attn_mode="kv_group", layers=torch.tensor([0, 2]),
+                       bias={"down_proj": torch.zeros(3, 32).index_fill_(1, torch.tensor([5]), 2.0)})
+    keep.bias["down_proj"][1, 7] = 3.0  # layer 1: (2, 3) -> sqrt(13)
     save_keep_indices(tmp_path / "masks.safetensors", keep)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(
@@ -35,6 +37,7 @@ def test_inspect_reports_overlap_and_heatmap(tmp_path: Path) -> None:
     # {0,1,2,3} vs {2,3,4,5}: 2/6; {2,3,4,5} vs {0,1,2,4}: 2/6; {0,1,2,3} vs {0,1,2,4}: 3/5
     assert summary["overlap"]["ffn"] == {"consecutive": [0.3333, 0.3333], "vs_layer0": [1.0, 0.3333, 0.6]}
     assert summary["kept_layers"] == [0, 2]
+    assert summary["bias_norm"] == {"down_proj": [2.0, round(13 ** 0.5, 4), 2.0]}
     assert (tmp_path / "kept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_masks.py"), str(tmp_path / "none")],

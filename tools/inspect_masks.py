@@ -6,7 +6,8 @@
 Overlap is the Jaccard index |A ∩ B| / |A ∪ B| of the kept unit sets (query heads, KV heads, FFN
 channels) between consecutive layers and against layer 0: near 1 means every layer keeps the same
 units, near the kept fraction means the choice is unrelated across layers. The PNG shows kept units
-(white) per layer (rows) for query heads and FFN channels.
+(white) per layer (rows) for query heads and FFN channels. Bias compensation (FLAP, or mask-learn's
+`bias_compensation`): the L2 norm per layer of what hard-prune adds to o_proj's and down_proj's biases.
 """
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ def summarize(keep: KeepIndices, counts: dict[str, int]) -> dict:
                       "vs_layer0": [round(jaccard(getattr(keep, name)[0], getattr(keep, name)[i]), 4)
                                     for i in range(layers)]}
                for name in UNITS}
+    # FLAP-style compensation: how much each layer's removed units are replaced by a constant output.
+    bias = {name: [round(float(row.norm()), 4) for row in value] for name, value in sorted(keep.bias.items())}
     return {"method": keep.method, "attn_mode": keep.attn_mode, "shape": shape, "overlap": overlap,
-            "kept_layers": keep.layers.tolist() if keep.layers is not None else list(range(layers))}
+            "kept_layers": keep.layers.tolist() if keep.layers is not None else list(range(layers)),
+            "bias_norm": bias}
 
 
 def heatmap(keep: KeepIndices, counts: dict[str, int], path: Path) -> None:
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in UNITS:
         print(f"{name:9s} overlap with previous layer: {summary['overlap'][name]['consecutive']}")
         print(f"{'':9s} overlap with layer 0:        {summary['overlap'][name]['vs_layer0']}")
+    for name, norms in summary["bias_norm"].items():
+        print(f"bias compensation, {name}: L2 norm per layer {norms}")
+    if not summary["bias_norm"]:
+        print("bias compensation: none")
     print(f"heatmap: {png}")
     return 0
 
