@@ -175,7 +175,7 @@ def dev_overrides(overrides: list[str], seq_len: int) -> list[str]:
 
 def dev_score(args: argparse.Namespace, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """The run's recovered model on the dev texts, kept in bench_dev.json beside the model it scored
-    (the evaluate stage's own results are the held-out ones once the run is chosen)."""
+    (the evaluate stage's own results are only ever the held-out ones, of the chosen run)."""
     from maskprune.rundir import RunDir
 
     record, model = run_dir / "bench_dev.json", RunDir(run_dir).state("export").completion_id
@@ -186,6 +186,9 @@ def dev_score(args: argparse.Namespace, run_dir: Path, overrides: list[str]) -> 
     maskprune_cli(args.config, run_dir, overrides, "--only", "evaluate", "--force", threads=args.eval_threads)
     heldout = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"]["pruned+cpt"]["heldout"]
     record.write_text(json.dumps({"model": model, "overrides": overrides, "heldout": heldout}, indent=2))
+    # Its results.json files the dev texts under "heldout": cleared, so that no run dir shows dev
+    # scores as held-out ones (the chosen run's evaluate runs next, on the held-out texts).
+    RunDir(run_dir).clear_stage("evaluate")
     return heldout
 
 

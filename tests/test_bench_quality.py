@@ -2,7 +2,9 @@
 tables, the verdict naming every metric a baseline wins, and issue 13's goal line."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -186,3 +188,22 @@ def test_a_run_exported_loses_its_checkpoints_and_a_rerun_of_the_bench_still_ski
     cfg = load_config(REPO / "configs" / "tiny.toml")
     assert [(d.stage, d.action) for d in plan(run, cfg, force=True)] == [(s, "skip") for s in STAGES]
     bench.free_checkpoints(run.root)
+
+
+def test_dev_scores_stay_in_bench_dev_json_and_never_in_the_runs_evaluate_results(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    bench = bench_quality()
+    run = run_with_checkpoints(tmp_path)
+    scores = {"geomean": {"128": 150.0}, "texts": {}}
+
+    def evaluate_dev_texts(config: str, run_dir: Path, overrides: list[str], *extra: str, threads: int = 1) -> None:
+        assert extra == ("--only", "evaluate", "--force")  # what the pipeline writes, as it writes it
+        (run_dir / "evaluate").mkdir(exist_ok=True)
+        (run_dir / "evaluate" / "results.json").write_text(json.dumps({"models": {"pruned+cpt": {"heldout": scores}}}))
+
+    monkeypatch.setattr(bench, "maskprune_cli", evaluate_dev_texts)
+    args = argparse.Namespace(config="configs/tiny.toml", eval_threads=1)
+    assert bench.dev_score(args, run.root, ["x=1"]) == scores
+    assert json.loads((run.root / "bench_dev.json").read_text())["heldout"] == scores
+    assert not (run.root / "evaluate" / "results.json").exists() and run.state("evaluate").status == "pending"
+    assert run.state("export").status == "done"
