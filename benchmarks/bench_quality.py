@@ -303,7 +303,11 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
         key, tag = f"{sparsity:.0%}", f"s{int(sparsity * 100)}"
         learned, learned_lr = run_method(args, cfg, base, runs, f"{tag}_maskprune",
                                          run_overrides(plans["maskprune"], mode, sparsity, None, heldout))
-        summary = json.loads((runs / f"{tag}_maskprune" / "mask_learn" / "summary.json").read_text())
+        # The run that learned the masks (the others of the rate grid copy it): the plain name only
+        # when the config's own recovery rate is in the grid.
+        learner = next(iter(rate_runs(f"{tag}_maskprune", args.recovery_lrs,
+                                      cfg.continued_pretrain.train.lr).values()))
+        summary = json.loads((runs / learner / "mask_learn" / "summary.json").read_text())
         shape = summary["final_shape"]
         report["dense"] = report["dense"] or row(learned, "dense")
         target = {"shape": shape, "params": summary["params"], "methods": {}}
