@@ -260,6 +260,16 @@ class TrainingStageConfig:
     # Recompute each decoder layer's activations in backward (non-reentrant) instead of keeping
     # them: the layer inputs alone stay (L·B·T·h), what makes 4,096-token 70B steps fit.
     activation_checkpointing: bool = False
+    # Dev texts: general-domain text the stage never trains on, scored at every eval step as
+    # perplexity over dev_tokens // data.seq_len windows of the training context spread through
+    # each text (maskprune.dev_texts); TensorBoard loss/dev_ppl/*. They steer a run (select =
+    # "best_dev"), so they may not also be evaluate.heldout_texts, which report it.
+    dev_texts: list[DataSource] = field(default_factory=list)
+    dev_tokens: int = 6144
+
+    def validate(self) -> None:
+        if self.dev_tokens < 1:
+            raise ConfigError(f"mask_learn / continued_pretrain.dev_tokens: must be >= 1, got {self.dev_tokens}")
 
 
 @dataclass
@@ -300,6 +310,7 @@ class MaskLearnConfig(TrainingStageConfig):
     bias_compensation: bool = False
 
     def validate(self) -> None:
+        super().validate()
         if not 0.0 <= self.hardening_fraction <= 1.0:
             raise ConfigError(f"mask_learn.hardening_fraction: must be in [0, 1] (a fraction of "
                               f"mask_learn.train.steps), got {self.hardening_fraction}")
@@ -325,7 +336,7 @@ class MaskLearnConfig(TrainingStageConfig):
 # (maskprune.rundir.stage_config), so tuning the learner does not re-run a baseline cut beside it.
 LEARNER_ONLY_FIELDS = ("lora", "distill", "mask_lr_alpha", "dual_lr_layer", "dual_lr_budget", "target_lr", "rho",
                        "rho_layer", "budget_warmup_fraction", "hardening_fraction", "init", "grad_scale_beta",
-                       "mask_grad_clip", "bias_compensation")
+                       "mask_grad_clip", "bias_compensation", "dev_texts", "dev_tokens")
 
 
 @dataclass
@@ -356,10 +367,27 @@ class ContinuedPretrainConfig(TrainingStageConfig):
     # kl_weight > 0: distil from the dense source model (prepare's), itself partitioned by ZeRO-3.
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(kl_weight=0.0))
 
+    # The checkpoint export makes the model from: the last one, or (HF's load_best_model_at_end)
+    # the one with the lowest geometric-mean perplexity over dev_texts. Longer training on the
+    # mixture can make general text worse (docs/method.md, "Four times the budget"); best_dev keeps
+    # that checkpoint from rotation (keep_last) and needs a dev score at every checkpoint.
+    select: Literal["last", "best_dev"] = "last"
+
     def validate(self) -> None:
+        super().validate()
         if self.distill.hidden_weight != 0:
             raise ConfigError("continued_pretrain.distill.hidden_weight: only logit distillation "
                               "(kl_weight) is supported here; set hidden_weight = 0")
+        if self.select == "best_dev" and not self.dev_texts:
+            raise ConfigError("continued_pretrain.select = \"best_dev\": no continued_pretrain.dev_texts to "
+                              "choose by; list general-domain texts no stage trains on, e.g. "
+                              "[[continued_pretrain.dev_texts]] kind = \"corpus\", path = \"britannica\", "
+                              "split = \"dev\", or select = \"last\"")
+        every, checkpoint = self.train.eval_every, self.train.checkpoint_every
+        if self.select == "best_dev" and checkpoint % every:
+            raise ConfigError(f"continued_pretrain.train.checkpoint_every ({checkpoint}) is not a multiple of "
+                              f"eval_every ({every}): with select = \"best_dev\" every checkpoint needs a dev "
+                              f"score; set checkpoint_every to a multiple of eval_every")
 
 
 @dataclass
@@ -456,11 +484,26 @@ class ExperimentConfig:
         def ident(s: DataSource) -> tuple[str, str, str, str]:
             return (s.kind, s.path, s.split, s.field)
 
+        def name(s: DataSource) -> str:
+            return f"{s.kind} {s.path or s.split!r}"
+
         trained = {ident(s) for s in self.data.sources}
         both = [t for t in self.evaluate.heldout_texts if ident(t) in trained]
         if both:
-            raise ConfigError(f"evaluate.heldout_texts: {both[0].kind} {both[0].path or both[0].split!r} is "
-                              "also in data.sources, so it is not held out; evaluate on text no stage trains on")
+            raise ConfigError(f"evaluate.heldout_texts: {name(both[0])} is also in data.sources, so it is not "
+                              "held out; evaluate on text no stage trains on")
+        for stage in ("mask_learn", "continued_pretrain"):
+            dev = getattr(self, stage).dev_texts
+            trained_on = [t for t in dev if ident(t) in trained]
+            if trained_on:
+                raise ConfigError(f"{stage}.dev_texts: {name(trained_on[0])} is also in data.sources; a dev text "
+                                  "must be text no stage trains on")
+            steered = {ident(t) for t in dev}
+            reported = [t for t in self.evaluate.heldout_texts if ident(t) in steered]
+            if reported:
+                raise ConfigError(f"evaluate.heldout_texts: {name(reported[0])} is also in {stage}.dev_texts, "
+                                  "which steer the run; report on texts that chose nothing (e.g. the corpora's "
+                                  "\"heldout\" splits) and keep \"dev\" splits for dev_texts")
 
 
 # ----------------------------------------------------------------------------- loading

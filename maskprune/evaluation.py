@@ -118,23 +118,26 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int,
         raise EvaluationError(f"{tokens.numel()} tokens are fewer than one {chunk_len}-token chunk; "
                               "raise evaluate.eval_text_max_tokens or give more text")
     chunks = tokens[: n_chunks * chunk_len].view(n_chunks, chunk_len)
-    device = input_device(model)
-    # A family trained with BOS opening every sequence (Gemma) gets it in front of each chunk, unscored:
-    # the same tokens are predicted from the same context, only the start is the one it knows.
-    bos = model.config.bos_token_id if family_of(model.config).bos_first else None
-    nll = 0.0
-    for start in range(0, n_chunks, batch_size):
-        batch = chunks[start:start + batch_size]
-        inputs = batch if bos is None else torch.cat([batch.new_full((len(batch), 1), bos), batch], 1)
-        logits = model(input_ids=inputs.to(device)).logits[:, (bos is not None):-1]
-        targets = batch[:, 1:].to(logits.device)  # a model spread over GPUs may end on another one
-        # One sequence at a time in fp32: at 8 x 2048 tokens and Llama-3's 128,256-token vocabulary a
-        # whole-batch fp32 copy and its log-softmax would add 17 GB to one GPU.
-        nll += sum(F.cross_entropy(row.float(), target, reduction="sum").item()
-                   for row, target in zip(logits, targets))
+    nll = sum(sum(window_nll(model, chunks[start:start + batch_size]))
+              for start in range(0, n_chunks, batch_size))
     predicted = n_chunks * (chunk_len - 1)
     return {"ppl": math.exp(nll / predicted), "nll_sum": nll, "predicted_tokens": predicted,
             "chunks": n_chunks}
+
+
+@torch.no_grad()
+def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> list[float]:
+    """Each row's summed next-token NLL (its first token is not predicted). `model` may be a
+    DeepSpeed engine: it passes `config` and `get_input_embeddings` through to the HF model."""
+    # A family trained with BOS opening every sequence (Gemma) gets it in front of each chunk, unscored:
+    # the same tokens are predicted from the same context, only the start is the one it knows.
+    bos = model.config.bos_token_id if family_of(model.config).bos_first else None
+    inputs = batch if bos is None else torch.cat([batch.new_full((len(batch), 1), bos), batch], 1)
+    logits = model(input_ids=inputs.to(input_device(model))).logits[:, (bos is not None):-1]
+    targets = batch[:, 1:].to(logits.device)  # a model spread over GPUs may end on another one
+    # One sequence at a time in fp32: at 8 x 2048 tokens and Llama-3's 128,256-token vocabulary a
+    # whole-batch fp32 copy and its log-softmax would add 17 GB to one GPU.
+    return [F.cross_entropy(row.float(), target, reduction="sum").item() for row, target in zip(logits, targets)]
 
 
 def param_count(model: torch.nn.Module) -> int:

@@ -49,13 +49,15 @@ def text_stream(tokenizer, source: DataSource) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
 
-def spread_windows(stream: torch.Tensor, length: int, tokens: int) -> torch.Tensor:
+def spread_windows(stream: torch.Tensor, length: int, tokens: int,
+                   setting: str = "evaluate.heldout_tokens") -> torch.Tensor:
     """`tokens // length` windows of `length` tokens, window i starting at i * (len(stream) // n),
-    concatenated into one stream of whole chunks (what `evaluation.perplexity` cuts back apart)."""
+    concatenated into one stream of whole chunks (what `evaluation.perplexity` cuts back apart).
+    `setting` is the one that sets `tokens`, named when the text is too short."""
     n = tokens // length
     if n < 1 or stream.numel() < n * length:
-        raise EvaluationError(f"held-out text has {stream.numel()} tokens, fewer than {max(n, 1)} windows of "
-                              f"{length}; lower evaluate.heldout_tokens or give a longer text")
+        raise EvaluationError(f"text has {stream.numel()} tokens, fewer than {max(n, 1)} windows of "
+                              f"{length}; lower {setting} or give a longer text")
     stride = stream.numel() // n
     return torch.cat([stream[i * stride: i * stride + length] for i in range(n)])
 

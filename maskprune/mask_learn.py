@@ -204,7 +204,7 @@ class MaskLearner(TrainingLoop):
         # a rank killed right after the save (srun --kill-on-bad-exit once another rank has exited
         # on a stop request) leaves a "complete" checkpoint without it.
         self.checkpointer.save(self.engine, self.step, self.train_iter,
-                               meta={**self.meta, "masks": "maskprune_masks.safetensors"},
+                               meta={**self.checkpoint_meta(), "masks": "maskprune_masks.safetensors"},
                                tensors=self.state_tensors(), exclude_frozen=True,
                                rank0_extra=lambda folder: save_keep_indices(
                                    folder / "maskprune_masks.safetensors", keep))
@@ -303,7 +303,7 @@ def write_summary(path: Path, source: LlamaShape, keep: KeepIndices, learner: Ma
 def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Module, ds: dict[str, Any],
                      train_iter: BatchIterator, valid: TokenShards,
                      scores: dict[str, torch.Tensor] | None, work_dir: Path, tb_dir: Path,
-                     meta: dict[str, Any]) -> MaskLearner:
+                     meta: dict[str, Any], dev: dict[str, torch.Tensor] | None = None) -> MaskLearner:
     """Masks and LoRA on the ZeRO-3 model, the engine over the LoRA parameters, the minimax state
     at the dense shape: the one way a MaskLearner is built (the stage and the benchmarks)."""
     shape, cfg = resolve_target(LlamaShape.from_hf_config(model.config), cfg)
@@ -321,7 +321,7 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
                            y={t: torch.zeros(shape.num_hidden_layers, dtype=torch.float64)
                               for t in ("attn", "ffn")})
     learner = MaskLearner(cfg=cfg, dist=dist, engine=engine, masks=masks, lora=lora_switch,
-                          minimax=minimax, budget=budget, train_iter=train_iter, valid=valid,
+                          minimax=minimax, budget=budget, train_iter=train_iter, valid=valid, dev=dev or {},
                           checkpointer=Checkpointer(work_dir / "checkpoints", ml.train.keep_last),
                           meta=meta, tb_dir=tb_dir, progress_path=work_dir / "progress.json",
                           explicit_units=explicit)

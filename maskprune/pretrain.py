@@ -102,7 +102,7 @@ class Pretrainer(TrainingLoop):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        self.checkpointer.save(self.engine, self.step, self.train_iter, meta=self.meta)
+        self.checkpointer.save(self.engine, self.step, self.train_iter, meta=self.checkpoint_meta())
 
     def restore(self) -> None:
         resumed = self.checkpointer.resume(self.engine, self.train_iter, self.cfg.train.resume,
@@ -116,6 +116,10 @@ class Pretrainer(TrainingLoop):
             + (f", distilling with kl_weight {self.cfg.distill.kl_weight}" if self.teacher else ""))
 
     def final_checkpoint(self) -> Path:
+        """The checkpoint export makes the model from: the last, or with select = "best_dev" the one
+        with the lowest dev score (the last step is always scored, so there is one)."""
+        if self.cfg.select == "best_dev":
+            return self.checkpointer.root / self.checkpointer.best()
         return self.checkpointer.root / tag_for(self.cfg.train.steps)
 
     # ------------------------------------------------------------------ loop hooks

@@ -85,6 +85,14 @@ def _loss_lines(scalars: dict[str, list[tuple[int, float]]]) -> list[tuple[str, 
     return lines + [("loss/valid", "validation")]
 
 
+def _dev_lines(scalars: dict[str, list[tuple[int, float]]]) -> list[tuple[str, str]]:
+    """The stage's dev texts (TrainingLoop.score_dev): each text's perplexity and their geomean."""
+    from maskprune.training import DEV_TEXT_TAG
+
+    texts = sorted(tag for tag in scalars if tag.startswith(DEV_TEXT_TAG))
+    return [(tag, tag.removeprefix(DEV_TEXT_TAG)) for tag in texts] + [("loss/dev_ppl_geomean", "geomean")]
+
+
 def heatmap(keep: Any, source: dict[str, Any], path: Path) -> None:
     """Rows = source layers, columns = query heads | FFN channels; white = kept (grey = partly kept bin)."""
     import matplotlib.pyplot as plt
@@ -224,7 +232,8 @@ def write_report(run_root: Path) -> tuple[Path, str]:
     images: dict[str, str] = {}
     for stage in STAGES:
         scalars = read_scalars(run.tb_dir(stage))
-        figures = {f"loss_{stage}": (f"{stage}: loss", [("loss (nats)", _loss_lines(scalars))])}
+        figures = {f"loss_{stage}": (f"{stage}: loss", [("loss (nats)", _loss_lines(scalars))]),
+                   f"dev_{stage}": (f"{stage}: dev texts", [("perplexity", _dev_lines(scalars))])}
         figures.update(MASK_LEARN_FIGURES if stage == "mask_learn" else {})
         for name, (title, panels) in figures.items():
             if _plot_panels(scalars, panels, title, out / f"{name}.png"):

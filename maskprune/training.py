@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "maskprune_meta.json"
 UNIVERSAL_DIR = "universal"  # root/universal/<tag>: a checkpoint re-laid for any world size (universal.py)
+DEV_SCORE = "dev_ppl_geomean"  # a checkpoint's dev score, in its metadata (maskprune.dev_texts)
+DEV_TEXT_TAG = "loss/dev_ppl/"  # + a dev text's label: its perplexity at each eval step (score_dev)
+TB_UNSAFE = re.compile(r"[^\w./-]")  # what a text label ("britannica:dev") may not carry into a tag
 
 
 class CheckpointError(ValueError):
@@ -164,11 +168,13 @@ def step_of(tag: str) -> int:
 
 
 class Checkpointer:
-    """DeepSpeed checkpoints under `root`, with per-rank RNG, our metadata and a completeness marker."""
+    """DeepSpeed checkpoints under `root`, with per-rank RNG, our metadata and a completeness marker.
+    With `keep_best`, rotation also keeps the checkpoint with the lowest dev score (`best`)."""
 
-    def __init__(self, root: Path, keep_last: int):
+    def __init__(self, root: Path, keep_last: int, keep_best: bool = False):
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
+        self.keep_best = keep_best
 
     def complete_tags(self) -> list[str]:
         if not self.root.is_dir():
@@ -179,6 +185,22 @@ class Checkpointer:
     def latest(self) -> str | None:
         tags = self.complete_tags()
         return tags[-1] if tags else None
+
+    def dev_scores(self) -> dict[str, float]:
+        """{tag: dev score} of the complete checkpoints that have one (saved at an eval step)."""
+        metas = {tag: json.loads((self.root / tag / META_FILE).read_text()) for tag in self.complete_tags()}
+        return {tag: meta[DEV_SCORE] for tag, meta in metas.items() if DEV_SCORE in meta}
+
+    def rotated_out(self) -> list[str]:
+        """The complete checkpoints a save removes: all but the last keep_last and (keep_best) the best."""
+        best = self.best() if self.keep_best else None
+        return [tag for tag in self.complete_tags()[:-self.keep_last] if tag != best]
+
+    def best(self) -> str | None:
+        """The complete checkpoint with the lowest dev score, the earliest of equals. Rotation never
+        removes it (keep_best), so it is the best of every checkpoint this run has saved."""
+        scores = self.dev_scores()
+        return min(scores, key=lambda tag: (scores[tag], step_of(tag)), default=None)
 
     @WATCHDOG.guard("checkpoint save")
     def save(self, engine: Any, step: int, train_iter: BatchIterator, meta: dict[str, Any],
@@ -211,7 +233,7 @@ class Checkpointer:
         if rank() == 0:
             atomic_write_text(folder / COMPLETE_MARKER, f"{step}\n")
             atomic_write_text(self.root / "latest", tag)
-            for old in self.complete_tags()[:-self.keep_last]:
+            for old in self.rotated_out():
                 shutil.rmtree(self.root / old, ignore_errors=True)
                 shutil.rmtree(self.root / UNIVERSAL_DIR / old, ignore_errors=True)
         barrier()
@@ -334,6 +356,10 @@ class TrainingLoop:
     progress_path: Path
     step: int = 0
     writer: MetricWriter | None = None
+    # {text label: [n, seq_len] windows} scored at every eval step (maskprune.dev_texts); the last
+    # score, (step, geomean), goes into the checkpoint of that step (checkpoint_meta).
+    dev: dict[str, torch.Tensor] = field(default_factory=dict)
+    dev_score: tuple[int, float] | None = None
 
     @property
     def train_cfg(self) -> TrainLoopConfig:
@@ -344,6 +370,26 @@ class TrainingLoop:
 
     def after_validation(self) -> None:
         pass
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What this step's checkpoint records besides the weights: the run's meta and, when the dev
+        texts were scored at this step, that score (what select = "best_dev" chooses by)."""
+        if self.dev_score is not None and self.dev_score[0] == self.step:
+            return {**self.meta, DEV_SCORE: self.dev_score[1]}
+        return self.meta
+
+    def score_dev(self) -> None:
+        from maskprune.dev_texts import dev_perplexity
+
+        scores = dev_perplexity(self.engine, self.dev, self.train_cfg.micro_batch_size, self.dist.rank,
+                                self.dist.world_size, self.dist.device)
+        geomean = scores.pop("geomean")
+        self.writer.scalars({"loss/dev_ppl_geomean": geomean,
+                             **{DEV_TEXT_TAG + TB_UNSAFE.sub("_", label): ppl for label, ppl in scores.items()}},
+                            self.step)
+        log(f"{self.stage} step {self.step}: dev ppl geomean {geomean:.3f} ("
+            + ", ".join(f"{label} {ppl:.3f}" for label, ppl in scores.items()) + ")")
+        self.dev_score = (self.step, geomean)
 
     def run(self, stop: Any) -> bool:
         """Train to the last step; False if stopped early on request (after a checkpoint)."""
@@ -372,6 +418,8 @@ class TrainingLoop:
                 ppl = math.exp(min(valid, 50))
                 self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": ppl}, self.step)
                 log(f"{self.stage} step {self.step}: valid loss {valid:.4f} ppl {ppl:.2f}")
+                if self.dev:
+                    self.score_dev()
                 self.after_validation()
             stopping = stop.should_stop()
             if self.step % train.checkpoint_every == 0 or last or stopping:

@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 pipeline/stage_continued_pretrain.py --run-dir runs/tiny
 
 Trains hard_prune's model on the tokenize stage's train split (optionally distilling from prepare's
-dense model), validates on the valid split and checkpoints to RUN/continued_pretrain/checkpoints/
+dense model), validates on the valid split (and on continued_pretrain.dev_texts, by which select =
+"best_dev" chooses the checkpoint to export) and checkpoints to RUN/continued_pretrain/checkpoints/
 (resumable with resume = "auto"). Outputs the checkpoint root and the final tag; the export stage
 turns that tag into a plain HF model once this job (and every rank and GPU of it) has exited.
 """
@@ -11,6 +12,7 @@ turns that tag into a plain HF model once this job (and every rank and GPU of it
 import torch
 
 from maskprune.data import BatchIterator, TokenShards
+from maskprune.dev_texts import dev_windows
 from maskprune.dist import StopFlag, log, stage_argv_parser
 from maskprune.mask_learn import PREEMPTED_EXIT_CODE
 from maskprune.pretrain import Pretrainer, build_teacher
@@ -28,6 +30,9 @@ def main() -> int:
     cpt.train.grad_accum = grad_accum_for_resume(run.dir / "checkpoints", cpt.train, dist.world_size)
     ds = load_ds_config(cpt.ds_config, cpt.train)
     warn_if_fp32_on_gpu("continued_pretrain", ds)
+    data = run.upstream("tokenize", "data")
+    valid = TokenShards(data, "valid")
+    dev = dev_windows("continued_pretrain", cpt, data, valid.seq_len)  # a bad text fails before the model loads
     model_dir = run.upstream("hard_prune", "model")
     model, hf_ds = build_zero3_model(model_dir, ds)  # hf_ds (and teacher_hf_ds) must stay alive
     prepare_for_training(model, cpt.activation_checkpointing)
@@ -35,21 +40,22 @@ def main() -> int:
     if cpt.distill.kl_weight > 0:
         teacher, teacher_hf_ds = build_teacher(run.upstream("prepare", "model"), model.config, ds)
     engine = init_engine(model, list(model.parameters()), ds, cpt.train)
-    data = run.upstream("tokenize", "data")
     trainer = Pretrainer(
         cfg=cpt, dist=dist, engine=engine, teacher=teacher,
         train_iter=BatchIterator(TokenShards(data, "train"), cpt.train.micro_batch_size, dist.rank,
                                  dist.world_size, cpt.train.seed),
-        valid=TokenShards(data, "valid"),
-        checkpointer=Checkpointer(run.dir / "checkpoints", cpt.train.keep_last),
+        valid=valid, dev=dev,
+        checkpointer=Checkpointer(run.dir / "checkpoints", cpt.train.keep_last, keep_best=cpt.select == "best_dev"),
         meta={"stage": "continued_pretrain", "model_dir": model_dir, "lora": None, "masks": None,
               "frozen_excluded": False},
         tb_dir=run.tb_dir, progress_path=run.dir / "progress.json")
     if not trainer.run(StopFlag(run.run.root / "STOP")):
         return PREEMPTED_EXIT_CODE
     final = trainer.final_checkpoint()
-    log(f"continued_pretrain: final checkpoint {final}; the export stage makes the HF model from it")
-    run.finish({"checkpoints": str(final.parent), "final_tag": final.name})
+    log(f"continued_pretrain: final checkpoint {final}" + (" (lowest dev perplexity)" if cpt.select == "best_dev" else "")
+        + "; the export stage makes the HF model from it")
+    dev_scores = {"dev_ppl_geomean": trainer.checkpointer.dev_scores()} if dev else {}
+    run.finish({"checkpoints": str(final.parent), "final_tag": final.name, "select": cpt.select, **dev_scores})
     return 0
 
 

@@ -13,6 +13,7 @@ import torch
 from maskprune.arch import LlamaShape
 from maskprune.baselines import one_shot_keep
 from maskprune.data import BatchIterator, TokenShards
+from maskprune.dev_texts import dev_windows
 from maskprune.dist import StopFlag, log, stage_argv_parser
 from maskprune.importance import unit_scores
 from maskprune.lora import lora_state_dict, save_adapter
@@ -42,10 +43,13 @@ def main() -> int:
           f"(hard_prune.architecture = {cfg.hard_prune.architecture}); target.budget = {cfg.target.budget}"
         + (f" at {shape.flops_seq_len} tokens" if shape.flops_seq_len else ""))
     check_target(shape, cfg)
+    data_dir = run.upstream("tokenize", "data")
+    valid = TokenShards(data_dir, "valid")
+    # Only the learner trains (a one-shot method reads no dev text); a bad text fails before the model loads.
+    dev = dev_windows("mask_learn", ml, data_dir, valid.seq_len) if ml.method == "maskprune" else {}
     model, hf_ds = build_zero3_model(model_dir, ds)
     model.config.use_cache = False
     model.requires_grad_(False)
-    data_dir = run.upstream("tokenize", "data")
     train_iter = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
                                dist.world_size, ml.train.seed)
     if ml.method != "maskprune" or ml.init != "ones":
@@ -62,9 +66,9 @@ def main() -> int:
     scores = unit_scores(model, calibration, ml.init, shape, cfg.target.attn_mode,
                          seed=ml.train.seed) if ml.init != "ones" else None
     learner = assemble_learner(
-        cfg, dist, model, ds, train_iter, TokenShards(data_dir, "valid"), scores, run.dir, run.tb_dir,
+        cfg, dist, model, ds, train_iter, valid, scores, run.dir, run.tb_dir,
         meta={"stage": "mask_learn", "model_dir": model_dir, "frozen_excluded": True,
-              "lora": {"r": ml.lora.rank, "alpha": ml.lora.alpha, "targets": ml.lora.targets}})
+              "lora": {"r": ml.lora.rank, "alpha": ml.lora.alpha, "targets": ml.lora.targets}}, dev=dev)
     if not learner.run(StopFlag(run.run.root / "STOP")):
         return PREEMPTED_EXIT_CODE
     keep = learner.final_keep()

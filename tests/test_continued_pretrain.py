@@ -25,9 +25,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from helpers import BIN, REPO, cpu_env, run_cli
 from maskprune.config import ContinuedPretrainConfig, ConfigError, DistillConfig, load_config
 from maskprune.data import TokenShards, eval_batches
+from maskprune.dev_texts import dev_windows
+from maskprune.evaluation import perplexity
 from maskprune.pretrain import TeacherMismatchError, check_teacher_vocab
 from maskprune.rundir import RunDir
 from maskprune.safetensors_io import SafetensorsDir
+from maskprune.training import COMPLETE_MARKER, DEV_SCORE, META_FILE, Checkpointer, tag_for
 
 STAGE = REPO / "pipeline" / "stage_continued_pretrain.py"
 EXPORT = REPO / "pipeline" / "stage_export.py"
@@ -211,7 +214,7 @@ def test_the_training_job_exports_nothing_and_the_export_runs_after_it(
     run = RunDir(run_dir)
     cpt, export = run.state("continued_pretrain"), run.state("export")
     # The distributed job ends with its checkpoint: no model folder, no export line in its log.
-    assert set(cpt.outputs) == {"checkpoints", "final_tag"}
+    assert set(cpt.outputs) == {"checkpoints", "final_tag", "select"} and cpt.outputs["select"] == "last"
     assert not (run_dir / "continued_pretrain" / "model").exists()
     assert "] export: " not in stdout and "prune_report" not in stdout
     # The export started only once the training job had recorded its end (and exited: run_stage
@@ -264,3 +267,67 @@ def test_distillation_refuses_a_teacher_with_another_vocabulary() -> None:
 def test_config_refuses_hidden_state_distillation() -> None:
     with pytest.raises(ConfigError, match="hidden_weight"):
         ContinuedPretrainConfig(distill=DistillConfig(kl_weight=1.0, hidden_weight=0.5)).validate()
+
+
+# Penn Treebank's validation split as the dev text (the run trains on its train split): 5 windows
+# of 128 tokens, an odd count over 2 ranks, so one rank pads its last batch.
+DEV = ['continued_pretrain.dev_texts=[{kind = "treebank", split = "valid"}]', "continued_pretrain.dev_tokens=640",
+       "continued_pretrain.select=best_dev", "continued_pretrain.train.eval_every=3",
+       "continued_pretrain.train.keep_last=1"]
+
+
+def test_best_dev_exports_the_checkpoint_with_the_lowest_dev_perplexity(base_run: Path, tmp_path: Path) -> None:
+    run_dir = fresh_run(base_run, tmp_path / "dev", *DEV)
+    stdout = run_stage(run_dir)
+    assert "continued_pretrain: dev texts treebank:valid (5 x 128 tokens)" in stdout
+    dev = scalars(run_dir, "loss/dev_ppl_geomean")
+    assert [step for step, _ in dev] == [3, 6, 9, 12]
+    assert dev == scalars(run_dir, "loss/dev_ppl/treebank_valid")  # one text: its ppl is the geomean
+    outputs = RunDir(run_dir).state("continued_pretrain").outputs
+    best_step = min(dev, key=lambda point: (point[1], point[0]))[0]
+    assert outputs["select"] == "best_dev" and outputs["final_tag"] == tag_for(best_step)
+    # keep_last = 1 rotated every other checkpoint out, but not the best one.
+    kept = sorted(p.name for p in (run_dir / "continued_pretrain" / "checkpoints").glob("step*"))
+    assert kept == sorted({tag_for(best_step), tag_for(STEPS)}) == sorted(outputs["dev_ppl_geomean"])
+    assert outputs["dev_ppl_geomean"][tag_for(best_step)] == pytest.approx(dict(dev)[best_step], rel=1e-6)
+    # The recorded score is the evaluate stage's perplexity of the exported model on the same windows:
+    # the windows dealt over 2 ranks, padded and summed across them, lose nothing and count nothing twice.
+    export = run_export(run_dir)
+    assert export.returncode == 0, export.stderr[-5000:]
+    report = json.loads((run_dir / "export" / "model" / "prune_report.json").read_text())
+    assert report["origin"]["step"] == best_step
+    run = RunDir(run_dir)
+    windows = dev_windows("continued_pretrain", run.load_config().continued_pretrain,
+                          run.state("tokenize").outputs["data"], 128)["treebank:valid"]
+    assert windows.shape == (5, 128)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model", dtype=torch.float32)
+    ppl = perplexity(model, windows.flatten(), 128, batch_size=2)["ppl"]
+    assert ppl == pytest.approx(outputs["dev_ppl_geomean"][tag_for(best_step)], rel=1e-4)
+
+
+def test_rotation_keeps_the_checkpoint_with_the_best_dev_score(tmp_path: Path) -> None:
+    for step, score in [(3, 5.0), (6, 4.0), (9, 4.0), (10, None), (12, 4.5)]:
+        folder = tmp_path / tag_for(step)
+        folder.mkdir()
+        (folder / META_FILE).write_text(json.dumps({"step": step} if score is None else {DEV_SCORE: score}))
+        (folder / COMPLETE_MARKER).write_text(f"{step}\n")
+    (tmp_path / tag_for(15)).mkdir()  # a save killed before its marker: never a candidate
+    best = Checkpointer(tmp_path, keep_last=1, keep_best=True)
+    assert best.best() == tag_for(6)  # the earliest of equal scores; step 10 (a stop request) has none
+    assert best.rotated_out() == [tag_for(3), tag_for(9), tag_for(10)]
+    assert Checkpointer(tmp_path, keep_last=2).rotated_out() == [tag_for(3), tag_for(6), tag_for(9)]
+
+
+@pytest.mark.parametrize("settings, error", [
+    (["continued_pretrain.select=best_dev"], "no continued_pretrain.dev_texts to choose by"),
+    ([*DEV[:3], "continued_pretrain.train.eval_every=4", "continued_pretrain.train.checkpoint_every=6"],
+     r"checkpoint_every \(6\) is not a multiple of eval_every \(4\)"),
+    (['continued_pretrain.dev_texts=[{kind = "treebank", split = "train"}]'],
+     "continued_pretrain.dev_texts: treebank 'train' is also in data.sources"),
+    (['mask_learn.dev_texts=[{kind = "treebank", split = "valid"}]',
+      'evaluate.heldout_texts=[{kind = "treebank", split = "valid"}]'],
+     "evaluate.heldout_texts: treebank 'valid' is also in mask_learn.dev_texts, which steer the run"),
+])
+def test_dev_texts_config_errors(settings: list[str], error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        load_config(REPO / "configs" / "tiny.toml", settings)

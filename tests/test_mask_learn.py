@@ -17,12 +17,14 @@ from safetensors.torch import load_file
 from conftest import copy_run
 from helpers import BIN, REPO, cpu_env, run_cli
 from maskprune.masks_io import load_keep_indices
+from maskprune.training import DEV_SCORE, META_FILE
 
 pytestmark = pytest.mark.slow
 
 STEPS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
          "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.train.eval_every=6",
-         "--set", "mask_learn.hardening_fraction=0.5", "--set", "mask_learn.bias_compensation=true"]
+         "--set", "mask_learn.hardening_fraction=0.5", "--set", "mask_learn.bias_compensation=true",
+         "--set", 'mask_learn.dev_texts=[{kind = "treebank", split = "valid"}]', "--set", "mask_learn.dev_tokens=384"]
 
 
 def run_mask_learn(run_dir: Path) -> subprocess.CompletedProcess:
@@ -67,6 +69,13 @@ def test_outputs_adapter_tensorboard_and_checkpoints(learned: Path) -> None:
                 "throughput/tokens_per_s", "memory/rss_gib", "lr/lora", "loss/valid_ppl"):
         assert tag in scalars, tag
     assert [e.step for e in events.Scalars("loss/ce")] == list(range(1, 13))
+    # The dev text is scored at each eval step, and a checkpoint saved at one records the score.
+    dev = [(e.step, e.value) for e in events.Scalars("loss/dev_ppl_geomean")]
+    assert [step for step, _ in dev] == [6, 12] and [(e.step, e.value) for e in events.Scalars(
+        "loss/dev_ppl/treebank_valid")] == dev
+    metas = {step: json.loads((learned / "mask_learn" / "checkpoints" / f"step{step:08d}" / META_FILE).read_text())
+             for step in (8, 12)}
+    assert DEV_SCORE not in metas[8] and metas[12][DEV_SCORE] == pytest.approx(dev[-1][1], rel=1e-6)
     assert "mask_scores/ffn" in events.Tags()["histograms"]
     tags = sorted(p.name for p in (learned / "mask_learn" / "checkpoints").glob("step*"))
     assert tags == ["step00000008", "step00000012"]  # keep_last = 2

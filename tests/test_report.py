@@ -54,6 +54,11 @@ def _full_run(root: Path) -> RunDir:
                 writer.add_scalar(tag, 1.0 / step, step)
         writer.add_scalar("loss/valid", 0.5, 5)
         writer.close()
+    writer = SummaryWriter(str(run.tb_dir("continued_pretrain")))
+    for step in (3, 5):
+        for tag in ("loss/dev_ppl/britannica_dev", "loss/dev_ppl/milton_dev", "loss/dev_ppl_geomean"):
+            writer.add_scalar(tag, 100.0 / step, step)
+    writer.close()
     run.mark_done("mask_learn", {"masks": str(root / "mask_learn" / "masks.safetensors")})
     model = root / "hard_prune" / "model"
     model.mkdir(parents=True)
@@ -92,7 +97,9 @@ def test_report_full_synthetic_run(tmp_path: Path, capsys: pytest.CaptureFixture
     assert all(f"{a:.3f}" in md for a, _ in PPL.values())
     images = _check_pngs(tmp_path, md)
     assert {"report/loss_mask_learn.png", "report/loss_continued_pretrain.png", "report/kept_units.png",
-            "report/mask_learn_dynamics.png", "report/mask_learn_sparsity.png"} <= set(images)
+            "report/mask_learn_dynamics.png", "report/mask_learn_sparsity.png",
+            "report/dev_continued_pretrain.png"} <= set(images)
+    assert "report/dev_mask_learn.png" not in images  # no dev texts there: no empty panel
     assert f"{PARAMS[0]:,} -> {PARAMS[1]:,} (38.0% removed)" in out
     assert "query heads 4 -> 2, KV heads 2 -> 2, FFN channels 600 -> 200" in out
     assert "eval_text @128: 10.12 (dense) -> 20.46 (pruned) -> 12.79 (pruned+cpt)" in out
