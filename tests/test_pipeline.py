@@ -61,7 +61,8 @@ def test_export_runs_after_the_training_job_has_exited(finished: Path) -> None:
     assert f"-> {finished / 'export' / 'model'}" in log[log.index("[maskprune] export: running"):]
     run = RunDir(finished)
     cpt, export = run.state("continued_pretrain"), run.state("export")
-    assert set(cpt.outputs) == {"checkpoints", "final_tag"} and cpt.outputs["final_tag"] == "step00000006"
+    assert set(cpt.outputs) == {"checkpoints", "final_tag", "select"} and cpt.outputs["final_tag"] == "step00000006"
+    assert cpt.outputs["select"] == "last"
     assert not (finished / "continued_pretrain" / "model").exists()
     # `maskprune run` marks a stage running only after the previous stage's process tree returned.
     assert export.started_at > cpt.finished_at
