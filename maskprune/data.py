@@ -70,7 +70,18 @@ class TokenShards:
         """The stream's tokens in sequence i (without the BOS __getitem__ puts in front)."""
         if not 0 <= i < self._num_sequences:
             raise IndexError(f"sequence {i} out of range for {self._num_sequences} sequences")
-        begin, end = i * self._stride, (i + 1) * self._stride
+        return self.stream_slice(i * self._stride, (i + 1) * self._stride)
+
+    @property
+    def stream_tokens(self) -> int:
+        """Length of the split's token stream (the sequences cut from it, and any tail too short for one)."""
+        return int(self._starts[-1])
+
+    def stream_slice(self, begin: int, end: int) -> np.ndarray:
+        """Tokens [begin, end) of the split's stream, across shard and segment boundaries."""
+        end = min(end, self.stream_tokens)
+        if begin >= end:
+            return np.zeros(0, dtype=np.int64)
         seg = int(np.searchsorted(self._starts, begin, side="right")) - 1
         pieces = []
         while begin < end:

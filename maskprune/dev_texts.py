@@ -23,16 +23,19 @@ from typing import Any
 import torch
 
 from maskprune.config import TrainingStageConfig
-from maskprune.dist import log
+from maskprune.data import TokenShards
+from maskprune.dist import DistInfo, log
 from maskprune.evaluation import window_nll
 from maskprune.heldout import geometric_mean, spread_windows, text_label, text_stream
+from maskprune.overlap import NGRAM, windows_in_training
 from maskprune.watchdog import WATCHDOG
 
 
-def dev_windows(stage: str, cfg: TrainingStageConfig, data_dir: str | Path,
-                seq_len: int) -> dict[str, torch.Tensor]:
+def dev_windows(stage: str, cfg: TrainingStageConfig, data_dir: str | Path, seq_len: int,
+                dist: DistInfo) -> dict[str, torch.Tensor]:
     """{label: [n, seq_len] windows} for each of the stage's dev texts ({} when it has none), cut
-    from the texts as tokenized by the tokenize stage's tokenizer in `data_dir`."""
+    from the texts as tokenized by the tokenize stage's tokenizer in `data_dir`. Every rank calls
+    it: the ranks share the check of the windows against the training text (maskprune.overlap)."""
     from transformers import PreTrainedTokenizerFast
 
     from maskprune.text_corpora import require_on_disk
@@ -45,6 +48,14 @@ def dev_windows(stage: str, cfg: TrainingStageConfig, data_dir: str | Path,
                                                   f"{stage}.dev_tokens").view(-1, seq_len)
                for source in cfg.dev_texts}
     log(f"{stage}: dev texts " + ", ".join(f"{label} ({len(w)} x {seq_len} tokens)" for label, w in windows.items()))
+    shared = windows_in_training(windows, TokenShards(data_dir, "train"), dist.rank, dist.world_size, dist.device)
+    for label, count in shared.items():
+        if count:
+            log(f"{stage}: WARNING: dev text {label}: {count} of {len(windows[label])} windows share a {NGRAM}-token "
+                "run with the training text, so its dev figure rewards memorising it; drop those documents "
+                "from data.sources or choose another dev text")
+    if not any(shared.values()):
+        log(f"{stage}: no dev window shares a {NGRAM}-token run with the training text")
     return windows
 
 

@@ -32,7 +32,7 @@ def main() -> int:
     warn_if_fp32_on_gpu("continued_pretrain", ds)
     data = run.upstream("tokenize", "data")
     valid = TokenShards(data, "valid")
-    dev = dev_windows("continued_pretrain", cpt, data, valid.seq_len)  # a bad text fails before the model loads
+    dev = dev_windows("continued_pretrain", cpt, data, valid.seq_len, dist)  # a bad text fails before the model loads
     model_dir = run.upstream("hard_prune", "model")
     model, hf_ds = build_zero3_model(model_dir, ds)  # hf_ds (and teacher_hf_ds) must stay alive
     prepare_for_training(model, cpt.activation_checkpointing)

