@@ -26,7 +26,7 @@ from maskprune.config import TrainingStageConfig
 from maskprune.data import TokenShards
 from maskprune.dist import DistInfo, log
 from maskprune.evaluation import window_nll
-from maskprune.heldout import geometric_mean, spread_windows, text_label, text_stream
+from maskprune.heldout import geometric_mean, spread_windows, training_token_streams
 from maskprune.overlap import NGRAM, windows_in_training
 from maskprune.watchdog import WATCHDOG
 
@@ -36,17 +36,13 @@ def dev_windows(stage: str, cfg: TrainingStageConfig, data_dir: str | Path, seq_
     """{label: [n, seq_len] windows} for each of the stage's dev texts ({} when it has none), cut
     from the texts as tokenized by the tokenize stage's tokenizer in `data_dir`. Every rank calls
     it: the ranks share the check of the windows against the training text (maskprune.overlap)."""
-    from transformers import PreTrainedTokenizerFast
-
     from maskprune.text_corpora import require_on_disk
 
     if not cfg.dev_texts:
         return {}
     require_on_disk(cfg.dev_texts)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(data_dir) / "tokenizer.json"))
-    windows = {text_label(source): spread_windows(text_stream(tokenizer, source), seq_len, cfg.dev_tokens,
-                                                  f"{stage}.dev_tokens").view(-1, seq_len)
-               for source in cfg.dev_texts}
+    windows = {label: spread_windows(ids, seq_len, cfg.dev_tokens, f"{stage}.dev_tokens").view(-1, seq_len)
+               for label, ids in training_token_streams(data_dir, cfg.dev_texts).items()}
     log(f"{stage}: dev texts " + ", ".join(f"{label} ({len(w)} x {seq_len} tokens)" for label, w in windows.items()))
     shared = windows_in_training(windows, TokenShards(data_dir, "train"), dist.rank, dist.world_size, dist.device)
     for label, count in shared.items():

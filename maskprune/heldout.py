@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,15 @@ def text_stream(tokenizer, source: DataSource) -> torch.Tensor:
     """A held-out text as one token stream (documents joined by a blank line, no special tokens)."""
     text = DOCUMENT_SEPARATOR.join(iter_documents(source))
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+
+def training_token_streams(data_dir: str | Path, texts: Sequence[DataSource]) -> dict[str, torch.Tensor]:
+    """{label: token stream} of each text as the tokenize stage's tokenizer (RUN/tokenize/tokenizer.json)
+    cuts it: the ids that the training split's own compare with."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(data_dir) / "tokenizer.json"))
+    return {text_label(t): text_stream(tokenizer, t) for t in texts}
 
 
 def spread_windows(stream: torch.Tensor, length: int, tokens: int,

@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from maskprune.config import DataSource, EvaluateConfig
 from maskprune.corpus import CorpusError, iter_documents
+from maskprune.data import TokenShards
 from maskprune.dist import log, stage_argv_parser
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
                                   load_model, param_count, perplexity, release_memory, shard_tokens,
                                   text_tokens)
-from maskprune.data import TokenShards
-from maskprune.heldout import heldout_from_streams, spread_windows, text_label, text_stream
+from maskprune.heldout import (heldout_from_streams, spread_windows, text_label, text_stream,
+                               training_token_streams)
 from maskprune.overlap import NGRAM, windows_in_training
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
 from maskprune.stage import StageRun, run_stage
@@ -119,19 +119,16 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
 def heldout_in_training(run: StageRun, cfg: EvaluateConfig, lengths: list[str]) -> dict[str, Any]:
     """How many of each held-out text's scored windows share a run of NGRAM tokens with the training
     split (maskprune.overlap), cut with the tokenize stage's tokenizer; a user's corpus may hold them."""
-    from transformers import PreTrainedTokenizerFast
-
     try:
         data = run.upstream("tokenize", "data")
     except RunDirError as err:
         return {"skipped": str(err)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(data) / "tokenizer.json"))
-    streams = {text_label(t): text_stream(tokenizer, t) for t in cfg.heldout_texts}
-    counts = windows_in_training({(label, n): spread_windows(ids, int(n), cfg.heldout_tokens).view(-1, int(n))
-                                  for label, ids in streams.items() for n in lengths},
-                                 TokenShards(data, "train"))  # one pass over the training text
-    texts = {label: {n: {"windows": cfg.heldout_tokens // int(n), "in_training": counts[label, n]}
-                     for n in lengths} for label in streams}
+    streams = training_token_streams(data, cfg.heldout_texts)
+    windows = {(label, n): spread_windows(ids, int(n), cfg.heldout_tokens).view(-1, int(n))
+               for label, ids in streams.items() for n in lengths}
+    counts = windows_in_training(windows, TokenShards(data, "train"))  # one pass over the training text
+    texts = {label: {n: {"windows": len(windows[label, n]), "in_training": counts[label, n]} for n in lengths}
+             for label in streams}
     for label, by_len in texts.items():
         if any(v["in_training"] for v in by_len.values()):
             log(f"evaluate: WARNING: held-out text {label}: " + ", ".join(
