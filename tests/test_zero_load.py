@@ -59,10 +59,11 @@ BIG_LLAMA = dict(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_
                  num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="session")
-def llama_1_7gb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 420M-parameter Llama, 1.68 GB in fp32, in 4 safetensors shards (2-3 min to make)."""
-    return save_random_llama(tmp_path_factory.mktemp("llama_1_7gb"), "500MB", **BIG_LLAMA)
+@pytest.fixture
+def llama_1_7gb(tmp_path: Path) -> Path:
+    """A random 420M-parameter Llama, 1.68 GB in fp32, in 4 safetensors shards (2-3 min to make).
+    Function-scoped so its folder goes with the test's (tmp_path_retention_policy = "failed")."""
+    return save_random_llama(tmp_path / "llama_1_7gb", "500MB", **BIG_LLAMA)
 
 
 @pytest.mark.slow
