@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from maskprune.rundir import FINAL_CHECKPOINT_REMOVED, RunDir, RunDirError
+from maskprune.rundir import FINAL_CHECKPOINT_REMOVED, RunDir, RunDirError, disk_bytes
 from maskprune.training import UNIVERSAL_DIR
 
 
@@ -28,10 +28,6 @@ class Removal:
     stage: str
     path: Path
     size: int  # bytes
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _own(run_dir: RunDir, path: Path) -> bool:
@@ -56,7 +52,7 @@ def removable(run_dir: RunDir, final: bool) -> list[Removal]:
         else:  # a universal (any-world-size) copy only serves a resume, and the stage is done
             found += [("continued_pretrain", p) for p in sorted(root.glob("step*")) if p.name != final_tag]
             found += [("continued_pretrain", p) for p in sorted((root / UNIVERSAL_DIR).glob("step*"))]
-    return [Removal(stage, path, _size(path)) for stage, path in found if _own(run_dir, path)]
+    return [Removal(stage, path, disk_bytes(path)) for stage, path in found if _own(run_dir, path)]
 
 
 def clean(run_dir: RunDir, final: bool, dry_run: bool) -> list[Removal]:

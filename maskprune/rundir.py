@@ -62,6 +62,15 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
+def disk_bytes(path: Path) -> int:
+    """The bytes of a file, or of every file under a folder."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def human_bytes(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def stage_config(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     """The config sections `stage` reads (STAGE_INPUTS), as its state record keeps them. A one-shot
     method's mask_learn leaves out the learner's own settings (LEARNER_ONLY_FIELDS): it reads none."""

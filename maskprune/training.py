@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from maskprune.config import TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards, eval_batches
 from maskprune.dist import DistInfo, barrier, broadcast_from_rank0, log, rank
-from maskprune.rundir import atomic_write_json, atomic_write_text
+from maskprune.rundir import atomic_write_json, atomic_write_text, disk_bytes, human_bytes
 from maskprune.watchdog import WATCHDOG
 
 if TYPE_CHECKING:
@@ -38,6 +38,22 @@ TB_UNSAFE = re.compile(r"[^\w./-]")  # what a text label ("britannica:dev") may 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed as asked; the message says what to do instead."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """No room for the next checkpoint, even without the ones its rotation removes; raised before
+    anything of it is written, so the newest complete checkpoint stays whole."""
+
+
+# A ZeRO checkpoint holds, per trainable parameter, the fp32 master copy and Adam's two moments
+# (measured: 12.0 bytes per parameter on the tiny test models, model and RNG files aside).
+CHECKPOINT_BYTES_PER_PARAM = 12
+ROOM_MARGIN = 1.05  # the small files beside the optimizer states, filesystem blocks
+
+
+def trainable_parameters(engine: Any) -> int:
+    """Trainable parameters of the whole model (ds_numel: the full size of a ZeRO-3 partitioned one)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
 
 
 def load_ds_config(path: str | Path, train: TrainLoopConfig) -> dict[str, Any]:
@@ -202,6 +218,48 @@ class Checkpointer:
         scores = self.dev_scores()
         return min(scores, key=lambda tag: (scores[tag], step_of(tag)), default=None)
 
+    def make_room(self, engine: Any, step: int) -> None:
+        """Before the checkpoint of `step` is written, and when training starts: the free space under
+        root must hold one as large as the newest complete checkpoint (or, before the first, the
+        estimate from the trainable parameters). Where it does not, what would go anyway goes first:
+        folders of killed saves, then the checkpoints this save's rotation removes, never the newest
+        complete one or the best. Where that is not enough, every rank raises CheckpointSpaceError
+        before writing anything: at the start rather than at the first save an hour later, and
+        never a save that dies half-way on a full disk."""
+        estimate = CHECKPOINT_BYTES_PER_PARAM * trainable_parameters(engine)
+        problem = self._free_room(estimate, step) if rank() == 0 else None
+        problem = broadcast_from_rank0(problem)
+        if problem is not None:
+            raise CheckpointSpaceError(problem)
+
+    def _free_room(self, estimate: int, step: int) -> str | None:
+        """Rank 0's part of make_room: None when there is room (after removals), else the error."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        complete = self.complete_tags()
+        newest = disk_bytes(self.root / complete[-1]) if complete else 0
+        need = ROOM_MARGIN * max(estimate, newest)
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return None
+        kept = set(complete[-max(1, self.keep_last - 1):]) | ({self.best()} if self.keep_best else set())
+        killed = [p.name for p in sorted(self.root.glob("step*")) if p.is_dir() and p.name not in complete]
+        for tag in killed + [tag for tag in complete if tag not in kept]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+            shutil.rmtree(self.root / UNIVERSAL_DIR / tag, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free
+            log(f"WARNING: removed {self.root / tag} before the checkpoint of step {step} rather than after it: "
+                f"{human_bytes(free)} free now, a checkpoint takes ~{human_bytes(need)}")
+            if free >= need:
+                return None
+        basis = (f"the size of {complete[-1]}" if newest >= estimate else
+                 f"{CHECKPOINT_BYTES_PER_PARAM} bytes per trainable parameter")
+        fixes = "free space there or move the run directory to a larger filesystem"
+        if self.keep_last > 2:
+            fixes += f", or lower train.keep_last (now {self.keep_last})"
+        return (f"{self.root}: {human_bytes(free)} free, and the checkpoint of step {step} needs "
+                f"~{human_bytes(need)} ({basis}); kept: {', '.join(sorted(kept & set(complete))) or 'none'}. "
+                f"Nothing was written; {fixes}, then rerun (resume = \"auto\" continues from the newest checkpoint)")
+
     @WATCHDOG.guard("checkpoint save")
     def save(self, engine: Any, step: int, train_iter: BatchIterator, meta: dict[str, Any],
              tensors: dict[str, torch.Tensor] | None = None, exclude_frozen: bool = False,
@@ -214,7 +272,7 @@ class Checkpointer:
         folder = self.root / tag
         if rank() == 0 and folder.exists():
             shutil.rmtree(folder)  # an incomplete leftover of a killed save of this same step
-        barrier()
+        self.make_room(engine, step)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=exclude_frozen)
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -397,6 +455,9 @@ class TrainingLoop:
 
         train = self.train_cfg
         self.restore()
+        if self.step < train.steps:
+            every = train.checkpoint_every
+            self.checkpointer.make_room(self.engine, min(train.steps, (self.step // every + 1) * every))
         # Events past this step came from a run cut short before its next checkpoint: drop them, so
         # curves continue instead of overlapping (also when no checkpoint existed yet).
         self.writer = MetricWriter(self.tb_dir, purge_step=self.step + 1)

@@ -9,6 +9,7 @@ recorded as hard_prune's output, so these tests need only the prepare and tokeni
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -31,7 +33,8 @@ from maskprune.evaluation import perplexity
 from maskprune.pretrain import TeacherMismatchError, check_teacher_vocab
 from maskprune.rundir import RunDir
 from maskprune.safetensors_io import SafetensorsDir
-from maskprune.training import COMPLETE_MARKER, DEV_SCORE, META_FILE, Checkpointer, tag_for
+from maskprune.training import (COMPLETE_MARKER, DEV_SCORE, META_FILE, Checkpointer, CheckpointSpaceError,
+                                tag_for)
 
 STAGE = REPO / "pipeline" / "stage_continued_pretrain.py"
 EXPORT = REPO / "pipeline" / "stage_export.py"
@@ -319,6 +322,128 @@ def test_rotation_keeps_the_checkpoint_with_the_best_dev_score(tmp_path: Path) -
     assert best.best() == tag_for(6)  # the earliest of equal scores; step 10 (a stop request) has none
     assert best.rotated_out() == [tag_for(3), tag_for(9), tag_for(10)]
     assert Checkpointer(tmp_path, keep_last=2).rotated_out() == [tag_for(3), tag_for(6), tag_for(9)]
+
+
+MIB = 2**20
+
+
+def fake_checkpoint(root: Path, step: int, mib: float, complete: bool = True, score: float | None = None) -> None:
+    folder = root / tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / "optim_states.pt").write_bytes(bytes(int(mib * MIB)))
+    (folder / META_FILE).write_text(json.dumps({"step": step} if score is None else {DEV_SCORE: score}))
+    if complete:
+        (folder / COMPLETE_MARKER).write_text(f"{step}\n")
+
+
+@pytest.fixture
+def disk_of(monkeypatch: pytest.MonkeyPatch):
+    """A filesystem of `capacity` bytes holding just the checkpoint folder: free space falls and
+    rises with what the Checkpointer writes and removes there (the real statfs is the 2-rank test's)."""
+    def mount(root: Path, capacity: int) -> None:
+        real = shutil.disk_usage
+
+        def usage(path: str | Path):
+            if not Path(path).resolve().is_relative_to(root.resolve()):
+                return real(path)
+            used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+            return shutil._ntuple_diskusage(capacity, used, capacity - used)
+        monkeypatch.setattr(shutil, "disk_usage", usage)
+    return mount
+
+
+def test_room_for_a_checkpoint_comes_from_what_rotation_removes_anyway(tmp_path: Path, disk_of, capsys) -> None:
+    """keep_last 2, checkpoints of 10 MiB on a 25 MiB disk: the save of step 9 finds 5 MiB free; the
+    folder of a killed save and then step 3 go first, step 6 (the newest) stays."""
+    for step in (3, 6):
+        fake_checkpoint(tmp_path, step, 10)
+    fake_checkpoint(tmp_path, 8, 2, complete=False)  # a save killed half-way
+    disk_of(tmp_path, 25 * MIB)
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    assert ckpt._free_room(estimate=1, step=9) is None
+    assert sorted(p.name for p in tmp_path.glob("step*")) == [tag_for(6)]
+    out = capsys.readouterr().out
+    assert f"WARNING: removed {tmp_path / tag_for(8)} before the checkpoint of step 9 rather than after it" in out
+    assert f"removed {tmp_path / tag_for(3)}" in out and "a checkpoint takes ~10.5 MiB" in out
+    assert ckpt._free_room(estimate=1, step=9) is None  # 15 MiB free now: nothing more goes
+    assert sorted(p.name for p in tmp_path.glob("step*")) == [tag_for(6)]
+
+
+def test_no_room_even_without_rotation_names_the_sizes_and_keeps_the_newest_and_the_best(
+        tmp_path: Path, disk_of) -> None:
+    for step, score in [(3, 4.0), (6, 5.0), (9, 6.0)]:
+        fake_checkpoint(tmp_path, step, 10, score=score)
+    disk_of(tmp_path, 38 * MIB)
+    problem = Checkpointer(tmp_path, keep_last=3, keep_best=True)._free_room(estimate=1, step=12)
+    # Rotation after step 12 would keep 6, 9 and 12, and the best (3): nothing may go early.
+    assert sorted(p.name for p in tmp_path.glob("step*")) == [tag_for(3), tag_for(6), tag_for(9)]
+    assert problem == (f"{tmp_path}: 8.0 MiB free, and the checkpoint of step 12 needs ~10.5 MiB (the size of "
+                       f"{tag_for(9)}); kept: {tag_for(3)}, {tag_for(6)}, {tag_for(9)}. Nothing was written; "
+                       "free space there or move the run directory to a larger filesystem, or lower "
+                       "train.keep_last (now 3), then rerun (resume = \"auto\" continues from the newest checkpoint)")
+
+
+def test_before_the_first_checkpoint_the_estimate_is_twelve_bytes_per_trainable_parameter(tmp_path: Path,
+                                                                                          disk_of) -> None:
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    disk_of(root, 30 * MIB)
+    ckpt = Checkpointer(root, keep_last=2)
+    assert ckpt._free_room(estimate=28 * MIB, step=50) is None  # 1.05 x 28 MiB = 29.4 MiB
+    problem = ckpt._free_room(estimate=30 * MIB, step=50)
+    assert problem.startswith(f"{root}: 30.0 MiB free, and the checkpoint of step 50 needs ~31.5 MiB "
+                              "(12 bytes per trainable parameter); kept: none.")
+    assert "keep_last" not in problem  # keep_last 2: lowering it frees nothing
+    assert isinstance(CheckpointSpaceError(problem), ValueError)  # a stage reports it in one line, exit 2
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of `size` at `path` (tmpfs: mounting needs root, as CI has)."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.slow
+def test_a_disk_with_room_for_two_checkpoints_gives_the_same_weights(
+        base_run: Path, uninterrupted: tuple[Path, str]) -> None:
+    """Checkpoints of 2.36 MB, keep_last 2, a 6 MiB filesystem: the third save would not fit beside
+    two, so each save from step 9 on removes the oldest first; training and the result are untouched."""
+    run_dir = fresh_run(base_run, base_run.parent / "small_disk")
+    with small_filesystem(run_dir / "continued_pretrain" / "checkpoints", "6m") as checkpoints:
+        stdout = run_stage(run_dir)
+        assert sorted(p.name for p in checkpoints.glob("step*")) == [tag_for(9), tag_for(12)]
+        for step, removed in [(9, 3), (12, 6)]:
+            assert (f"WARNING: removed {checkpoints / tag_for(removed)} before the checkpoint of step {step} "
+                    "rather than after it") in stdout
+        assert stdout.count("WARNING: removed") == 2
+        assert run_export(run_dir).returncode == 0
+    expected = weights(Path(RunDir(uninterrupted[0]).state("export").outputs["model"]))
+    got = weights(run_dir / "export" / "model")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_a_disk_without_room_for_one_checkpoint_fails_before_the_first_step(base_run: Path) -> None:
+    run_dir = fresh_run(base_run, base_run.parent / "full_disk")
+    with small_filesystem(run_dir / "continued_pretrain" / "checkpoints", "2m") as checkpoints:
+        proc = subprocess.run(stage_argv(run_dir), cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("maskprune: error: ")]
+        assert errors == [f"maskprune: error: {checkpoints}: 2.0 MiB free, and the checkpoint of step 3 needs "
+                          "~2.3 MiB (12 bytes per trainable parameter); kept: none. Nothing was written; free space "
+                          "there or move the run directory to a larger filesystem, then rerun (resume = \"auto\" "
+                          "continues from the newest checkpoint)"], proc.stderr[-3000:]
+        assert "continued_pretrain step 1/" not in proc.stdout
+        assert list(checkpoints.iterdir()) == []
 
 
 @pytest.mark.parametrize("settings, error", [
