@@ -8,11 +8,14 @@ appends tensors one by one, so a 2 GB shard never sits in memory.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from maskprune.rundir import human_bytes
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -26,6 +29,10 @@ _MAX_HEADER = 100 << 20  # the format's own limit; a larger length means a corru
 
 class WeightFileError(ValueError):
     """A missing, truncated or corrupt weight file; the message names the file."""
+
+
+class DiskSpaceError(ValueError):
+    """Too little free space for the shards a writer is about to write; raised before the first."""
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -120,6 +127,13 @@ class ShardedWriter:
         self._shard = -1
         self._handle = None
         self.total_bytes = sum(_nbytes(s, d) for _, s, d in self._order)
+        # Known in advance, so checked in advance: not a disk filling up 60 GB into a 70B export.
+        # 1 MiB per shard for its header (a 70B shard's is ~10 KB) and the filesystem's blocks.
+        need, free = self.total_bytes + len(shards) * (1 << 20), shutil.disk_usage(folder).free
+        if free < need:
+            raise DiskSpaceError(f"{folder.parent}: {human_bytes(free)} free, and the {len(shards)} shard(s) to be "
+                                 f"written there need {human_bytes(need)}; nothing was written. Free space there "
+                                 "or move the run directory to a larger filesystem, then rerun")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         want_name, shape, dtype = self._order[self._next]

@@ -273,6 +273,37 @@ def test_corrupt_shard_one_error_no_output(tmp_path: Path, damage: str) -> None:
     assert run.state("hard_prune").status == "running"
 
 
+def test_too_little_disk_for_the_pruned_model_is_one_error_before_writing(tmp_path: Path) -> None:
+    """The shards' size is known before the first byte: a 2 MiB filesystem under hard_prune/ for a
+    model of 2.2 MiB gets the one-line refusal, not a traceback after a half-written export."""
+    make_llama(tmp_path / "src", vocab_size=4096)
+    save_keep_indices(tmp_path / "masks.safetensors", random_keep(LlamaShape.from_hf_config(BASE),
+                                                                  "query_per_group", 4, 40))
+    run = RunDir(tmp_path / "run")
+    from maskprune.config import ExperimentConfig
+    run.write_config(ExperimentConfig())
+    run.mark_done("prepare", {"model": str(tmp_path / "src")})
+    run.mark_done("mask_learn", {"masks": str(tmp_path / "masks.safetensors")})
+    stage_dir = run.root / "hard_prune"
+    stage_dir.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(stage_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_hard_prune.py"), "--run-dir",
+                               str(run.root)], env=cpu_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("maskprune: error:")]
+        assert len(errors) == 1, proc.stderr[-3000:]
+        assert errors[0].startswith(f"maskprune: error: {stage_dir}: ") and errors[0].endswith(
+            "and the 1 shard(s) to be written there need 3.2 MiB; nothing was written. Free space there or "
+            "move the run directory to a larger filesystem, then rerun")
+        assert sorted(p.name for p in stage_dir.iterdir()) == ["state.json"]
+    finally:
+        subprocess.run(["umount", "-l", str(stage_dir)], check=True)
+
+
 def test_stage_publishes_model_and_report(tmp_path: Path) -> None:
     make_llama(tmp_path / "src", tie_word_embeddings=True)
     save_keep_indices(tmp_path / "masks.safetensors",
