@@ -8,7 +8,9 @@ parameter and state (`universal/<tag>/zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt`
 size re-partitions on load. The conversion goes into a sibling folder (staged, then renamed), never
 touches the original, and is done once: a resume finds it ready. The command above runs it as its own
 step (parallel workers, no distributed job waiting); a resume that finds no conversion makes one on
-rank 0 (one worker) while the other ranks wait.
+rank 0 (one worker) while the other ranks wait: rank 0 pets its watchdog while its conversion reads or
+writes (a 70B conversion outlasts any hang timeout) and bumps a heartbeat file the waiting ranks
+follow, so the job fails only when the conversion stops moving.
 
 What carries over and how:
 - Trained parameters and their optimizer state: the universal form. Only parameters the optimizer
@@ -30,11 +32,22 @@ import argparse
 import json
 import shutil
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from maskprune.config import TrainLoopConfig
 from maskprune.dist import barrier, broadcast_from_rank0, log, rank
+from maskprune.rundir import atomic_write_text
 from maskprune.training import COMPLETE_MARKER, META_FILE, UNIVERSAL_DIR, Checkpointer, CheckpointError
+from maskprune.watchdog import WATCHDOG
+
+HEARTBEAT_S = 10.0  # how often rank 0 looks at its I/O and bumps the heartbeat
+POLL_S = 2.0  # how often a waiting rank looks for the finished folder and the heartbeat
 
 
 def universal_folder(checkpoint: Path) -> Path:
@@ -66,14 +79,73 @@ def convert(checkpoint: Path, workers: int = 1) -> Path:
 
 
 def convert_on_rank0(checkpoint: Path) -> Path:
-    """`convert` run by rank 0 alone while the other ranks wait; every rank gets the folder."""
+    """`convert` run by rank 0 alone while the other ranks wait; every rank gets the folder. The
+    others wait outside any collective (a 70B conversion outlasts the process group's timeout) for
+    the finished folder, following rank 0's heartbeat."""
     out = universal_folder(checkpoint)
-    if rank() == 0 and not (out / COMPLETE_MARKER).is_file():
-        log(f"converting {checkpoint} to a universal checkpoint in {out} (one worker; "
-            f"`python -m maskprune.universal {checkpoint.parent}` does it beforehand, in parallel)")
-        convert(checkpoint)
+    heartbeat = out.with_name(f".{out.name}.heartbeat")
+    if rank() == 0:
+        if not (out / COMPLETE_MARKER).is_file():
+            log(f"converting {checkpoint} to a universal checkpoint in {out} (one worker; "
+                f"`python -m maskprune.universal {checkpoint.parent}` does it beforehand, in parallel)")
+            with reporting_progress(heartbeat, f"universal conversion of {checkpoint}"):
+                convert(checkpoint)
+    else:
+        wait_following(out / COMPLETE_MARKER, heartbeat, f"rank 0's universal conversion of {checkpoint}")
     barrier()
+    if rank() == 0:
+        heartbeat.unlink(missing_ok=True)
     return out
+
+
+def io_bytes() -> int:
+    """Bytes this process and its workers have written (to any file) and read from storage so far.
+    Not bytes read from the page cache or /proc: looking at these counters reads /proc itself."""
+    total = 0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            counters = proc.io_counters()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total += counters.write_chars + counters.read_bytes
+    return total
+
+
+@contextmanager
+def reporting_progress(heartbeat: Path, what: str, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the body runs: every `interval_s`, if this process tree's I/O moved, pet the watchdog
+    and bump `heartbeat`; a body that stops reading and writing lets the watchdog fire."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        last, beats = io_bytes(), 0
+        while not stop.wait(interval_s):
+            now = io_bytes()
+            if now != last:
+                beats += 1
+                WATCHDOG.pet(f"{what}: {now >> 20} MiB read and written")
+                atomic_write_text(heartbeat, f"{beats}\n")
+                last = io_bytes()  # after the heartbeat's own bytes, or it would keep itself alive
+
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    thread = threading.Thread(target=watch, name="maskprune-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def wait_following(done: Path, heartbeat: Path, what: str, interval_s: float = POLL_S) -> None:
+    """Return once `done` exists, petting the watchdog each time `heartbeat` changes."""
+    seen = None
+    while not done.is_file():
+        beat = heartbeat.read_text() if heartbeat.is_file() else None
+        if beat != seen:
+            seen = beat
+            WATCHDOG.pet(f"waiting for {what}")
+        time.sleep(interval_s)
 
 
 def grad_accum_for_resume(root: Path, train: TrainLoopConfig, world_size: int) -> int:

@@ -89,6 +89,7 @@ def test_checkpoint_of_two_ranks_resumes_on_another_number(uninterrupted: Path, 
     assert f"resumed from {root / middle} at step {STAGES[stage] // 2}" in out, out[-3000:]
     assert digest_tree(root / middle) == original  # converted beside it, never in place
     assert not list((root / "universal").glob(".*partial"))
+    assert not list((root / "universal").glob(".*heartbeat"))  # rank 0's, for the waiting ranks: gone after
 
     # The resumed steps' losses (means over the same global batches) follow the 2-rank run.
     tag = "loss/total" if stage == "mask_learn" else "loss/train"

@@ -67,6 +67,63 @@ def test_without_progress_it_dumps_every_stack_and_exits_non_zero() -> None:
     assert "in stuck_in_a_collective" in err and 'File "<string>"' in err
 
 
+def test_a_conversion_that_keeps_writing_outlives_the_timeout_and_one_that_stops_does_not(tmp_path: Path) -> None:
+    """Rank 0's in-job universal conversion (maskprune.universal.reporting_progress): timeout 3 s, I/O
+    looked at every 0.2 s. Writing for 8 s survives and bumps the heartbeat; then a minute without a
+    byte read or written ends the process as a hang, naming the conversion and how far it got."""
+    proc, seconds = run_python(f"""
+        import time
+        from pathlib import Path
+        from maskprune.universal import reporting_progress
+        from maskprune.watchdog import WATCHDOG
+        heartbeat, data = Path({str(tmp_path / "heartbeat")!r}), Path({str(tmp_path / "data")!r})
+        WATCHDOG.arm(3.0, "resume")
+        with reporting_progress(heartbeat, "universal conversion of step40", interval_s=0.2):
+            end = time.monotonic() + 8.0
+            with data.open("wb") as out:
+                while time.monotonic() < end:
+                    out.write(bytes(1 << 16)); out.flush()
+                    time.sleep(0.05)
+        print("survived", int(heartbeat.read_text()) >= 10, flush=True)
+        with reporting_progress(heartbeat, "universal conversion of step40", interval_s=0.2):
+            time.sleep(60)
+        print("not reached")
+    """)
+    assert proc.returncode == 70, (proc.returncode, proc.stderr[-3000:])
+    assert "survived True" in proc.stdout and "not reached" not in proc.stdout
+    assert seconds < 45  # 8 s of writing, then fired at ~3 s: not after the minute's sleep
+    assert "last progress: universal conversion of step40: " in proc.stderr and "MiB read and written" in proc.stderr
+
+
+def test_waiting_ranks_follow_rank_0s_heartbeat_until_the_folder_is_complete(tmp_path: Path) -> None:
+    """A waiting rank (maskprune.universal.wait_following), timeout 3 s: a heartbeat bumped every
+    0.5 s for 8 s keeps it alive, and it returns once the marker appears; without a heartbeat it fires."""
+    proc, _ = run_python(f"""
+        import threading, time
+        from pathlib import Path
+        from maskprune.universal import wait_following
+        from maskprune.watchdog import WATCHDOG
+        heartbeat, done = Path({str(tmp_path / "heartbeat")!r}), Path({str(tmp_path / "COMPLETE")!r})
+
+        def rank0():
+            for beat in range(16):
+                heartbeat.write_text(str(beat)); time.sleep(0.5)
+            done.write_text("step40")
+        threading.Thread(target=rank0, daemon=True).start()
+        WATCHDOG.arm(3.0, "resume")
+        started = time.monotonic()
+        wait_following(done, heartbeat, "rank 0's conversion", interval_s=0.1)
+        print(f"returned after {{time.monotonic() - started:.1f}} s", flush=True)
+        wait_following(Path({str(tmp_path / "never")!r}), heartbeat, "rank 0's conversion", interval_s=0.1)
+        print("not reached")
+    """)
+    assert proc.returncode == 70, (proc.returncode, proc.stderr[-3000:])
+    returned = [line for line in proc.stdout.splitlines() if line.startswith("returned after")]
+    assert len(returned) == 1 and 7.9 <= float(returned[0].split()[2]) < 20, proc.stdout
+    assert "not reached" not in proc.stdout
+    assert "last progress: waiting for rank 0's conversion" in proc.stderr
+
+
 def test_rearmed_after_disarm_it_fires_again() -> None:
     proc, _ = run_python("""
         import time
