@@ -9,6 +9,7 @@ recorded as hard_prune's output, so these tests need only the prepare and tokeni
 from __future__ import annotations
 
 import json
+import collections
 import contextlib
 import os
 import shutil
@@ -325,6 +326,7 @@ def test_rotation_keeps_the_checkpoint_with_the_best_dev_score(tmp_path: Path) -
 
 
 MIB = 2**20
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")  # shutil.disk_usage's fields
 
 
 def fake_checkpoint(root: Path, step: int, mib: float, complete: bool = True, score: float | None = None) -> None:
@@ -347,7 +349,7 @@ def disk_of(monkeypatch: pytest.MonkeyPatch):
             if not Path(path).resolve().is_relative_to(root.resolve()):
                 return real(path)
             used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-            return shutil._ntuple_diskusage(capacity, used, capacity - used)
+            return DiskUsage(capacity, used, capacity - used)
         monkeypatch.setattr(shutil, "disk_usage", usage)
     return mount
 
