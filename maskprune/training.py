@@ -226,8 +226,8 @@ class Checkpointer:
         complete one or the best. Where that is not enough, every rank raises CheckpointSpaceError
         before writing anything: at the start rather than at the first save an hour later, and
         never a save that dies half-way on a full disk."""
-        estimate = CHECKPOINT_BYTES_PER_PARAM * trainable_parameters(engine)
-        problem = self._free_room(estimate, step) if rank() == 0 else None
+        problem = (self._free_room(CHECKPOINT_BYTES_PER_PARAM * trainable_parameters(engine), step)
+                   if rank() == 0 else None)
         problem = broadcast_from_rank0(problem)
         if problem is not None:
             raise CheckpointSpaceError(problem)

@@ -2,10 +2,14 @@
 directory recorded done with training checkpoints in it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from maskprune.config import load_config
 from maskprune.rundir import STAGES, RunDir
@@ -21,6 +25,20 @@ def cpu_env(**extra: str) -> dict[str, str]:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of `size` at `path` (tmpfs: mounting needs root, as CI has; skips otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def run_cli(*args: str, timeout: float = 900, check: bool = True, **env: str) -> subprocess.CompletedProcess:

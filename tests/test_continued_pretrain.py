@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import collections
-import contextlib
 import os
 import shutil
 import signal
@@ -19,13 +18,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from helpers import BIN, REPO, cpu_env, run_cli
+from helpers import BIN, REPO, cpu_env, run_cli, small_filesystem
 from maskprune.config import ContinuedPretrainConfig, ConfigError, DistillConfig, load_config
 from maskprune.data import TokenShards, eval_batches
 from maskprune.dev_texts import dev_windows
@@ -397,20 +395,6 @@ def test_before_the_first_checkpoint_the_estimate_is_twelve_bytes_per_trainable_
                               "(12 bytes per trainable parameter); kept: none.")
     assert "keep_last" not in problem  # keep_last 2: lowering it frees nothing
     assert isinstance(CheckpointSpaceError(problem), ValueError)  # a stage reports it in one line, exit 2
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str) -> Iterator[Path]:
-    """A real filesystem of `size` at `path` (tmpfs: mounting needs root, as CI has)."""
-    path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 @pytest.mark.slow

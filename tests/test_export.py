@@ -20,7 +20,7 @@ from maskprune.prune_job import build_pruned_model, job_from_model_dir
 from maskprune.rundir import RunDir
 from maskprune.safetensors_io import SafetensorsDir, WeightFileError
 
-from helpers import REPO, cpu_env
+from helpers import REPO, cpu_env, small_filesystem
 
 BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, intermediate_size=80, max_position_embeddings=64)
@@ -284,13 +284,7 @@ def test_too_little_disk_for_the_pruned_model_is_one_error_before_writing(tmp_pa
     run.write_config(ExperimentConfig())
     run.mark_done("prepare", {"model": str(tmp_path / "src")})
     run.mark_done("mask_learn", {"masks": str(tmp_path / "masks.safetensors")})
-    stage_dir = run.root / "hard_prune"
-    stage_dir.mkdir(exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(stage_dir)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); needs root")
-    try:
+    with small_filesystem(run.root / "hard_prune", "2m") as stage_dir:
         proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_hard_prune.py"), "--run-dir",
                                str(run.root)], env=cpu_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2
@@ -300,8 +294,6 @@ def test_too_little_disk_for_the_pruned_model_is_one_error_before_writing(tmp_pa
             "and the 1 shard(s) to be written there need 3.2 MiB; nothing was written. Free space there or "
             "move the run directory to a larger filesystem, then rerun")
         assert sorted(p.name for p in stage_dir.iterdir()) == ["state.json"]
-    finally:
-        subprocess.run(["umount", "-l", str(stage_dir)], check=True)
 
 
 def test_stage_publishes_model_and_report(tmp_path: Path) -> None:
