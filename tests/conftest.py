@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import collections
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,24 @@ def tiny_tokenized(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory
 def copy_run(source: Path, dest: Path) -> Path:
     """A run directory whose finished stages are those of `source`; their outputs stay where they
     are (state.json records absolute paths), so later stages read them and write into `dest`."""
-    import shutil
-
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("model", "*.bin", "tb"))
     return dest
+
+
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")  # shutil.disk_usage's fields
+
+
+@pytest.fixture
+def disk_of(monkeypatch: pytest.MonkeyPatch):
+    """A filesystem of `capacity` bytes holding just `root`: free space falls and rises with what is
+    written and removed there (sizes, not blocks: sparse files count in full)."""
+    def mount(root: Path, capacity: int) -> None:
+        real = shutil.disk_usage
+
+        def usage(path: str | Path):
+            if not Path(path).resolve().is_relative_to(root.resolve()):
+                return real(path)
+            used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+            return DiskUsage(capacity, used, capacity - used)
+        monkeypatch.setattr(shutil, "disk_usage", usage)
+    return mount

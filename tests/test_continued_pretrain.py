@@ -9,7 +9,6 @@ recorded as hard_prune's output, so these tests need only the prepare and tokeni
 from __future__ import annotations
 
 import json
-import collections
 import os
 import shutil
 import signal
@@ -324,7 +323,6 @@ def test_rotation_keeps_the_checkpoint_with_the_best_dev_score(tmp_path: Path) -
 
 
 MIB = 2**20
-DiskUsage = collections.namedtuple("DiskUsage", "total used free")  # shutil.disk_usage's fields
 
 
 def fake_checkpoint(root: Path, step: int, mib: float, complete: bool = True, score: float | None = None) -> None:
@@ -334,22 +332,6 @@ def fake_checkpoint(root: Path, step: int, mib: float, complete: bool = True, sc
     (folder / META_FILE).write_text(json.dumps({"step": step} if score is None else {DEV_SCORE: score}))
     if complete:
         (folder / COMPLETE_MARKER).write_text(f"{step}\n")
-
-
-@pytest.fixture
-def disk_of(monkeypatch: pytest.MonkeyPatch):
-    """A filesystem of `capacity` bytes holding just the checkpoint folder: free space falls and
-    rises with what the Checkpointer writes and removes there (the real statfs is the 2-rank test's)."""
-    def mount(root: Path, capacity: int) -> None:
-        real = shutil.disk_usage
-
-        def usage(path: str | Path):
-            if not Path(path).resolve().is_relative_to(root.resolve()):
-                return real(path)
-            used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-            return DiskUsage(capacity, used, capacity - used)
-        monkeypatch.setattr(shutil, "disk_usage", usage)
-    return mount
 
 
 def test_room_for_a_checkpoint_comes_from_what_rotation_removes_anyway(tmp_path: Path, disk_of, capsys) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import copy_run
-from helpers import run_cli
+from helpers import REPO, cpu_env, run_cli, small_filesystem
+from maskprune import universal
 from maskprune.config import TrainLoopConfig
-from maskprune.rundir import RunDir
+from maskprune.rundir import RunDir, disk_bytes
 from maskprune.training import CheckpointError
-from maskprune.universal import grad_accum_for_resume
+from maskprune.universal import conversion_bytes, grad_accum_for_resume
 
 STAGES = {"mask_learn": 8, "continued_pretrain": 6}  # steps; checkpoints every half
 SETTINGS = [f"{stage}.train.{key}={value}" for stage, steps in STAGES.items() for key, value in
@@ -108,6 +111,38 @@ def test_checkpoint_of_two_ranks_resumes_on_another_number(uninterrupted: Path, 
             torch.testing.assert_close(lora[1][name], lora[0][name], rtol=1e-3, atol=1e-5)
 
 
+def convert_cli(checkpoints: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maskprune.universal", str(checkpoints), "--workers", "1"],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_conversion_fits_the_room_it_asks_for_and_is_refused_without_it(uninterrupted: Path, tmp_path: Path) -> None:
+    """The 2-rank continued_pretrain checkpoint (2.8 MB) on real small filesystems: with the room
+    check_room asks for and 1 MiB over, the conversion succeeds (its real peak fits the estimate);
+    with 1 MiB under, one line, exit 2, and nothing written beside the checkpoint."""
+    source = uninterrupted / "continued_pretrain" / "checkpoints" / f"step{STAGES['continued_pretrain']:08d}"
+    need = universal.ROOM_MARGIN * conversion_bytes(source) + universal.FRAGMENT_ALLOWANCE
+    for slack, fits in ((1 << 20, True), (-(1 << 20), False)):
+        size = int(disk_bytes(source) + need + slack) // 4096 * 4096
+        with small_filesystem(tmp_path / f"fs{int(fits)}", f"{size}") as fs:
+            checkpoint = fs / "checkpoints" / source.name
+            shutil.copytree(source, checkpoint)
+            original = digest_tree(checkpoint)
+            proc = convert_cli(checkpoint.parent)
+            assert digest_tree(checkpoint) == original
+            if fits:
+                assert proc.returncode == 0, proc.stderr[-3000:]
+                assert (fs / "checkpoints" / "universal" / source.name / "COMPLETE").is_file()
+                continue
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            errors = [line for line in proc.stderr.splitlines() if "error" in line]
+            assert len(errors) == 1 and errors[0].startswith(f"maskprune.universal: error: {fs / 'checkpoints'}: "), \
+                proc.stderr[-3000:]
+            assert "resume on the 2 ranks that wrote it (no conversion needed)" in errors[0]
+            assert sorted(p.name for p in (fs / "checkpoints").iterdir()) == [source.name]
+
+
 # ----------------------------------------------------------------------------- fast: the batch arithmetic
 
 def fake_checkpoint(root: Path, world_size: int, train_batch_size: int) -> None:
@@ -132,3 +167,22 @@ def test_grad_accum_keeps_the_checkpoints_global_batch(tmp_path: Path) -> None:
         grad_accum_for_resume(tmp_path, train, 24)
     with pytest.raises(CheckpointError, match="64 is not a multiple of 128"):
         grad_accum_for_resume(tmp_path, train, 64)
+
+
+
+def test_a_conversion_without_room_is_refused_before_anything_is_written(tmp_path: Path, disk_of, capsys) -> None:
+    """A 64-rank checkpoint of 1 GiB of optimizer states per rank (sparse files) with 100 GiB free:
+    the conversion needs 2 x 64 GiB + 1 GiB (x 1.05) and is refused with one line, exit 2."""
+    fake_checkpoint(tmp_path, world_size=64, train_batch_size=256)
+    tag = tmp_path / "step00000004"
+    for r in range(64):
+        with open(tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", "wb") as f:
+            f.truncate(1 << 30)
+    assert conversion_bytes(tag) == 129 << 30
+    disk_of(tmp_path, 164 << 30)  # 64 GiB of it the checkpoint's
+    assert universal.main([str(tmp_path), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error") == 1 and err.startswith(f"maskprune.universal: error: {tmp_path}: 100.00 GiB free, "
+                                                      f"and converting {tag} to its universal form"), err
+    assert "resume on the 64 ranks that wrote it" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000004"]  # no universal/ folder
