@@ -123,7 +123,8 @@ def main() -> None:
         save_random_llama(work / "dense", config, dtype, device)
         save_random_llama(work / "pruned", llama_config(**{**shape_args, "heads": pruned.num_attention_heads,
                                                            "kv": pruned.num_key_value_heads,
-                                                           "ffn": pruned.intermediate_size}), dtype, device)
+                                                           "ffn": pruned.intermediate_size},
+                                                        head_dim=config.head_dim), dtype, device)
         write_token_dataset(work / "data", dense.vocab_size, seq_len, 16 * micro * dist.world_size)
         where = torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} thread(s) per rank)"
         print(f"{where}, {dist.world_size} rank(s), ZeRO-3 {str(dtype).removeprefix('torch.')}; batch "

@@ -23,23 +23,28 @@ from maskprune.shard_writer import INDEX_FORMAT
 
 
 def llama_config(vocab: int, hidden: int, layers: int, heads: int, kv: int, ffn: int,
-                 max_positions: int = 4096) -> Any:
-    from transformers import LlamaConfig
+                 max_positions: int = 4096, head_dim: int | None = None) -> Any:
+    """A Llama config; a pruned head count that does not divide `hidden` (LlamaConfig rejects it)
+    gives the MistralConfig that hard_prune.architecture = auto writes for that shape."""
+    from transformers import LlamaConfig, MistralConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn,
-                       max_position_embeddings=max_positions, tie_word_embeddings=False)
+    fields = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn,
+                  max_position_embeddings=max_positions, tie_word_embeddings=False)
+    if hidden % heads == 0 and head_dim in (None, hidden // heads):
+        return LlamaConfig(**fields)
+    return MistralConfig(**fields, head_dim=head_dim, sliding_window=None)
 
 
 def save_random_llama(folder: Path, config: Any, dtype: torch.dtype = torch.float32,
                       device: str = "cpu") -> Path:
     """A randomly initialised LlamaForCausalLM as safetensors; built on `device` (a GPU builds a
     1B model in seconds), written in `dtype`. Call on one rank only, outside any zero.Init."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     return folder

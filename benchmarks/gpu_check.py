@@ -171,7 +171,9 @@ def main() -> int:
     if not gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     started = time.perf_counter()
-    code = subprocess.run([str(Path(sys.executable).parent / "maskprune"), "run", str(config),
+    # Through the interpreter, not the console script: an image with its own Python and the
+    # repository on PYTHONPATH (no `pip install -e .`) has no `maskprune` next to it.
+    code = subprocess.run([sys.executable, "-m", "maskprune.cli", "run", str(config),
                            "--run-dir", str(run_dir)], cwd=REPO, env=env).returncode
     total = time.perf_counter() - started
     if code != 0:
