@@ -286,9 +286,18 @@ def activation_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, ma
                 f"with checkpointing {(boundaries + block) / 2**30:.1f} GiB")
 
 
-def logits_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, name: str, copies: int) -> Item:
-    size = stage.micro_batch * s.seq_len * shape.vocab_size * FP32 * copies
-    return Item(name, size, 0, f"B·T·V·4 fp32 × {copies}")
+# Peak of the loss path (maskprune.losses) in B·T·V fp32 tensors, measured with torch's memory
+# profiler (tests/test_planner.py): CE alone holds the bf16 logits, the fp32 log-softmax, the
+# copy nll_loss's flattened slice makes, and their gradients (3); distillation at a temperature
+# other than 1 adds the teacher's log-softmax, its exp and the student's softened log-softmax (7.5,
+# the default; 6.5 at temperature 1). The earlier 2 and 2 + 1 were below what a step allocates.
+CE_LOSS_PEAK = 3.0
+DISTILL_LOSS_PEAK = 7.5
+
+
+def logits_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, name: str, copies: float) -> Item:
+    size = int(stage.micro_batch * s.seq_len * shape.vocab_size * FP32 * copies)
+    return Item(name, size, 0, f"B·T·V·4 fp32 × {copies:g}")
 
 
 def model_states(params: int, largest: int, s: PlanSettings, stage: StageSettings, name: str) -> Item:
@@ -335,8 +344,8 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
         Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
         activation_item(shape, s, ml, masked=True, lora_rank=s.lora_rank),
-        logits_item(shape, s, ml, "student logits + grad", 2),
-        logits_item(shape, s, ml, "teacher logits (same weights, masks off)", 1),
+        logits_item(shape, s, ml, "student logits, CE and distillation losses, grads", DISTILL_LOSS_PEAK),
+        logits_item(shape, s, ml, "teacher logits (bf16, same weights, masks off)", 0.5),
         Item("teacher forward (no_grad, one layer live)",
              block_activation_elems(shape) * ml.micro_batch * s.seq_len * BF16, 0,
              "one layer's activations, freed layer by layer"),
@@ -345,7 +354,7 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
         model_states(pruned_counts.total, pruned_counts.largest_module, s, cpt,
                      f"model states of the pruned model ({pruned_counts.total:,} params)"),
         activation_item(pruned, s, cpt, masked=False, lora_rank=0),
-        logits_item(pruned, s, cpt, "logits + grad", 2),
+        logits_item(pruned, s, cpt, "logits, CE loss, grads", CE_LOSS_PEAK),
     ])
     source_block = counts.largest_block * BF16
     hard_prune = StagePlan("hard_prune", [
