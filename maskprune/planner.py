@@ -29,6 +29,7 @@ from maskprune.arch import (LlamaShape, admissible, attn_unit_count, budget_for_
 from maskprune.config import ContinuedPretrainConfig, ExperimentConfig, MaskLearnConfig
 from maskprune.export import hf_config
 from maskprune.families import FAMILIES, FamilyError
+from maskprune.losses import LOSS_CHUNK_TOKENS
 from maskprune.masks_io import keep_from_scores
 
 Offload = Literal["none", "optimizer", "param"]
@@ -287,12 +288,18 @@ def activation_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, ma
 
 
 # Peak of the loss path (maskprune.losses) in B·T·V fp32 tensors, measured with torch's memory
-# profiler (tests/test_planner.py): CE alone holds the bf16 logits, the fp32 log-softmax, the
-# copy nll_loss's flattened slice makes, and their gradients (3); distillation at a temperature
-# other than 1 adds the teacher's log-softmax, its exp and the student's softened log-softmax (7.5,
-# the default; 6.5 at temperature 1). The earlier 2 and 2 + 1 were below what a step allocates.
-CE_LOSS_PEAK = 3.0
-DISTILL_LOSS_PEAK = 7.5
+# profiler (tests/test_planner.py): the bf16 logits and their gradient (1), plus one chunk's fp32
+# work per chunk fraction f = LOSS_CHUNK_TOKENS / (B·T), at most 1: 2.5·f for CE alone (log-softmax,
+# its recomputation in backward, the gradient), 5.5·f with distillation at a temperature other than
+# 1 (the default; the teacher's log-softmax and its exp, the student's softened log-softmax). Without
+# chunking the loss path held 3 (CE) and 7.5 (distillation) copies; the plan had counted 2 and 3.
+CE_CHUNK_COPIES = 2.5
+DISTILL_CHUNK_COPIES = 5.5
+
+
+def loss_path_copies(tokens: int, distill: bool) -> float:
+    fraction = min(1.0, LOSS_CHUNK_TOKENS / tokens)
+    return 1.0 + (DISTILL_CHUNK_COPIES if distill else CE_CHUNK_COPIES) * fraction
 
 
 def logits_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, name: str, copies: float) -> Item:
@@ -344,7 +351,8 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
         Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
         activation_item(shape, s, ml, masked=True, lora_rank=s.lora_rank),
-        logits_item(shape, s, ml, "student logits, CE and distillation losses, grads", DISTILL_LOSS_PEAK),
+        logits_item(shape, s, ml, "student logits, chunked CE and distillation, grads",
+                    loss_path_copies(ml.micro_batch * s.seq_len, distill=True)),
         logits_item(shape, s, ml, "teacher logits (bf16, same weights, masks off)", 0.5),
         Item("teacher forward (no_grad, one layer live)",
              block_activation_elems(shape) * ml.micro_batch * s.seq_len * BF16, 0,
@@ -354,7 +362,8 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
         model_states(pruned_counts.total, pruned_counts.largest_module, s, cpt,
                      f"model states of the pruned model ({pruned_counts.total:,} params)"),
         activation_item(pruned, s, cpt, masked=False, lora_rank=0),
-        logits_item(pruned, s, cpt, "logits, CE loss, grads", CE_LOSS_PEAK),
+        logits_item(pruned, s, cpt, "logits, chunked CE loss, grads",
+                    loss_path_copies(cpt.micro_batch * s.seq_len, distill=False)),
     ])
     source_block = counts.largest_block * BF16
     hard_prune = StagePlan("hard_prune", [

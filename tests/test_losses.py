@@ -49,3 +49,37 @@ def test_gradients_of_the_shared_pass_equal_two_separate_passes() -> None:
     reference_ce = torch.nn.functional.cross_entropy(separate[:, :-1].reshape(-1, 37), labels[:, 1:].reshape(-1))
     (reference_ce + 0.5 * distill_kl(separate, teacher, 1.0)).backward()
     torch.testing.assert_close(shared.grad, separate.grad, rtol=0, atol=1e-14)
+
+
+def _whole_batch_reference(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor,
+                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unchunked definitions: HF's shifted CE, and T²·KL summed over V, averaged over tokens."""
+    vocab = student.shape[-1]
+    ce = torch.nn.functional.cross_entropy(student[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
+    soft = torch.log_softmax(student / temperature, dim=-1)
+    target = torch.log_softmax(teacher / temperature, dim=-1)
+    kl = (target.exp() * (target - soft)).sum(-1).mean() * temperature ** 2
+    return ce, kl
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 11, 33, 1024])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_losses_and_gradients_equal_the_whole_batch(monkeypatch, chunk_tokens: int,
+                                                            temperature: float) -> None:
+    """Chunks that split sequences (7 of 3 x 11 tokens), end on them (11), one per token, and
+    one chunk for everything: the same losses and logits gradients as one pass over the batch."""
+    import maskprune.losses as losses
+
+    monkeypatch.setattr(losses, "LOSS_CHUNK_TOKENS", chunk_tokens)
+    student, teacher, labels = _logits_and_labels(7)
+    chunked = student.clone().requires_grad_(True)
+    ce, kl = lm_losses(chunked, labels, teacher, temperature)
+    (ce + 0.3 * kl).backward()
+    whole = student.clone().requires_grad_(True)
+    reference_ce, reference_kl = _whole_batch_reference(whole, labels, teacher, temperature)
+    (reference_ce + 0.3 * reference_kl).backward()
+    torch.testing.assert_close(ce, reference_ce, rtol=0, atol=1e-13)
+    torch.testing.assert_close(kl, reference_kl, rtol=0, atol=1e-13)
+    torch.testing.assert_close(chunked.grad, whole.grad, rtol=0, atol=1e-14)
+    without_grad = lm_losses(student, labels, teacher, temperature)  # evaluation: no checkpointing
+    torch.testing.assert_close(torch.stack(without_grad), torch.stack([ce, kl]).detach(), rtol=0, atol=0)
