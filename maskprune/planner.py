@@ -202,11 +202,13 @@ def _check_export(source: torch.nn.Module, target: torch.nn.Module, shape: Llama
 
 @dataclass
 class StageSettings:
-    """What a training stage sets for itself: its micro-batch, checkpointing, and offload (its ds_config)."""
+    """What a training stage sets for itself: its micro-batch, checkpointing, offload (its ds_config)
+    and whether it distills from the dense model's logits (distill.kl_weight > 0)."""
 
     micro_batch: int = 1
     checkpointing: bool = True
     offload: Offload = "none"
+    distill: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
@@ -223,7 +225,8 @@ class PlanSettings:
     attn_mode: str = "auto"
     ffn_alignment: int = 64
     architecture: str = "auto"
-    mask_learn: StageSettings = field(default_factory=StageSettings)
+    # The stages' defaults: mask-learn distills (kl_weight 1), continued pretraining does not (0).
+    mask_learn: StageSettings = field(default_factory=lambda: StageSettings(distill=True))
     continued_pretrain: StageSettings = field(default_factory=StageSettings)
 
     def __post_init__(self) -> None:
@@ -307,6 +310,21 @@ def logits_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, name: 
     return Item(name, size, 0, f"B·T·V·4 fp32 × {copies:g}")
 
 
+def loss_items(shape: LlamaShape, s: PlanSettings, stage: StageSettings, teacher: str) -> list[Item]:
+    tokens = stage.micro_batch * s.seq_len
+    if not stage.distill:
+        return [logits_item(shape, s, stage, "logits, chunked CE loss, grads", loss_path_copies(tokens, False))]
+    return [logits_item(shape, s, stage, "student logits, chunked CE and distillation, grads",
+                        loss_path_copies(tokens, True)),
+            logits_item(shape, s, stage, f"teacher logits (bf16, {teacher})", 0.5)]
+
+
+def teacher_forward_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings) -> Item:
+    return Item("teacher forward (no_grad, one layer live)",
+                block_activation_elems(shape) * stage.micro_batch * s.seq_len * BF16, 0,
+                "one layer's activations, freed layer by layer")
+
+
 def model_states(params: int, largest: int, s: PlanSettings, stage: StageSettings, name: str) -> Item:
     """DeepSpeed's ZeRO-3 estimate (bf16 params + grads, fp32 master + Adam = 18 B/param, partitioned;
     GPU also holds the largest module gathered in fp32; CPU includes its 1.5× buffer factor)."""
@@ -351,20 +369,25 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
         Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
         activation_item(shape, s, ml, masked=True, lora_rank=s.lora_rank),
-        logits_item(shape, s, ml, "student logits, chunked CE and distillation, grads",
-                    loss_path_copies(ml.micro_batch * s.seq_len, distill=True)),
-        logits_item(shape, s, ml, "teacher logits (bf16, same weights, masks off)", 0.5),
-        Item("teacher forward (no_grad, one layer live)",
-             block_activation_elems(shape) * ml.micro_batch * s.seq_len * BF16, 0,
-             "one layer's activations, freed layer by layer"),
+        *loss_items(shape, s, ml, "same weights, masks off"),
+        teacher_forward_item(shape, s, ml),
     ])
     continued = StagePlan("continued_pretrain", [
         model_states(pruned_counts.total, pruned_counts.largest_module, s, cpt,
                      f"model states of the pruned model ({pruned_counts.total:,} params)"),
         activation_item(pruned, s, cpt, masked=False, lora_rank=0),
-        logits_item(pruned, s, cpt, "logits, chunked CE loss, grads",
-                    loss_path_copies(cpt.micro_batch * s.seq_len, distill=False)),
+        *loss_items(pruned, s, cpt, "the dense model"),
     ])
+    if cpt.distill:
+        # The dense model as a second, optimizer-less ZeRO-3 engine (pretrain.build_teacher).
+        offload_teacher = cpt.offload == "param"
+        continued.items += [
+            Item("dense teacher weights (bf16, ZeRO-3 partitioned)", 0 if offload_teacher else frozen,
+                 frozen * s.gpus_per_node if offload_teacher else 0, f"2·{counts.total:,} / {s.gpus} GPUs"),
+            Item("teacher's gathered layers (current + prefetched)", 2 * counts.largest_block * BF16, 0,
+                 f"2 × {counts.largest_block:,} params × 2 B"),
+            teacher_forward_item(shape, s, cpt),
+        ]
     source_block = counts.largest_block * BF16
     hard_prune = StagePlan("hard_prune", [
         Item("largest layer + its pruned copy (bf16, one process)", 0,
@@ -428,7 +451,8 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
     def stage(section: MaskLearnConfig | ContinuedPretrainConfig) -> StageSettings:
         return StageSettings(micro_batch=section.train.micro_batch_size,
                              checkpointing=section.activation_checkpointing,
-                             offload=offload_of(load_ds_config(section.ds_config, section.train)))
+                             offload=offload_of(load_ds_config(section.ds_config, section.train)),
+                             distill=section.distill.kl_weight > 0)
 
     return PlanSettings(nodes=cfg.launcher.num_nodes, gpus_per_node=cfg.launcher.num_gpus,
                         seq_len=cfg.data.seq_len, lora_rank=cfg.mask_learn.lora.rank,

@@ -8,8 +8,10 @@ import pytest
 
 from maskprune.arch import LlamaShape, ShapeError, budget_for_sparsity
 from maskprune.cli import main
+from maskprune.config import load_config
 from maskprune.planner import (PRESETS, PlanError, PlanSettings, StageSettings, activation_item, count_params,
-                               load_model_config, loss_path_copies, meta_model, plan_dry_run, plan_memory)
+                               load_model_config, loss_path_copies, meta_model, plan_dry_run, plan_memory,
+                               settings_from_config)
 
 L2_70B_PARAMS = 68_976_648_192
 L2_70B_BLOCK = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192  # 855,654,400
@@ -96,6 +98,34 @@ def test_the_plan_counts_what_the_loss_path_allocates(monkeypatch, chunk_tokens:
         assert measured - 0.01 <= planned <= measured + 0.3, (distill, measured, planned)
     one_chunk = loss_path_copies(128, distill=False) == 3.5
     assert one_chunk == (chunk_tokens >= 128)
+
+
+def test_distillation_settings_decide_the_teacher_items() -> None:
+    """Continued pretraining with a teacher holds the dense model as a second ZeRO-3 engine and its
+    logits; mask-learn without KL computes no teacher logits. Both follow each stage's
+    distill.kl_weight in the experiment file."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml",
+                      ["continued_pretrain.distill.kl_weight=0.5", "mask_learn.distill.kl_weight=0"])
+    from_file = settings_from_config(cfg)
+    assert (from_file.mask_learn.distill, from_file.continued_pretrain.distill) == (False, True)
+    assert (PlanSettings().mask_learn.distill, PlanSettings().continued_pretrain.distill) == (True, False)
+
+    settings = PlanSettings(nodes=4, gpus_per_node=8, mask_learn=StageSettings(distill=False),
+                            continued_pretrain=StageSettings(distill=True))
+    stages, _ = plan_memory(load_model_config("llama-2-70b"), settings)
+    ml = {item.name: item.gpu_bytes for item in stages[0].items}
+    cpt = {item.name: item.gpu_bytes for item in stages[1].items}
+    unit = 4096 * 32000 * 4
+    assert ml["logits, chunked CE loss, grads"] == unit * (1 + 2.5 / 4)
+    assert not [name for name in ml if name.startswith("teacher logits")]
+    assert cpt["dense teacher weights (bf16, ZeRO-3 partitioned)"] == 2 * L2_70B_PARAMS // 32
+    assert cpt["teacher's gathered layers (current + prefetched)"] == 2 * L2_70B_BLOCK * 2
+    assert cpt["student logits, chunked CE and distillation, grads"] == unit * (1 + 5.5 / 4)
+    assert cpt["teacher logits (bf16, the dense model)"] == unit // 2
+    without, _ = plan_memory(load_model_config("llama-2-70b"), PlanSettings(nodes=4, gpus_per_node=8))
+    teacher_bytes = stages[1].gpu_bytes() - without[1].gpu_bytes()
+    assert teacher_bytes == (2 * L2_70B_PARAMS // 32 + 2 * L2_70B_BLOCK * 2 + cpt["teacher forward (no_grad, one layer live)"]
+                             + unit * (5.5 - 2.5) / 4 + unit // 2)
 
 
 def test_param_offload_moves_frozen_weights_to_host_memory() -> None:
@@ -221,7 +251,7 @@ def test_shipped_llama3_config_fits_80gb_and_prunes_to_an_admissible_shape(
     report = plan_json(capsys, "--config", path)
     assert report["settings"]["nodes"] == cfg.launcher.num_nodes
     assert report["settings"]["mask_learn"] == {"micro_batch": cfg.mask_learn.train.micro_batch_size,
-                                                "checkpointing": True, "offload": "none"}
+                                                "checkpointing": True, "offload": "none", "distill": True}
     # The dry run built source and pruned model on the meta device and sliced one into the other.
     dry = report["dry_run"]
     pruned = dry["pruned_shape"]
@@ -250,8 +280,8 @@ def test_plan_config_takes_each_stage_flag_and_command_line_overrides(
     report = plan_json(capsys, "--config", path, "--no-checkpointing", "--micro-batch", "2", "--nodes", "4")
     s = report["settings"]
     assert s["nodes"] == 4 and s["gpus_per_node"] == 8 and s["seq_len"] == 4096
-    assert s["mask_learn"] == s["continued_pretrain"] == {"micro_batch": 2, "checkpointing": False,
-                                                          "offload": "none"}
+    assert s["mask_learn"] == {"micro_batch": 2, "checkpointing": False, "offload": "none", "distill": True}
+    assert s["continued_pretrain"] == {**s["mask_learn"], "distill": False}
     assert all(plan["gpu_bytes_per_gpu"] > GB80 for name, plan in report["stages"].items()
                if name != "hard_prune")
 
