@@ -54,6 +54,7 @@ def main() -> int:
                                dist.world_size, ml.train.seed)
     if ml.method != "maskprune" or ml.init != "ones":
         calibration = [next(train_iter) for _ in range(ml.calibration_batches)]
+        train_iter.align(ml.train.micro_batch_size * ml.train.grad_accum * dist.world_size)
     if ml.method != "maskprune":
         keep = one_shot_keep(model, calibration, cfg, shape)
         if dist.is_rank0:

@@ -111,6 +111,25 @@ def test_checkpoint_of_two_ranks_resumes_on_another_number(uninterrupted: Path, 
             torch.testing.assert_close(lora[1][name], lora[0][name], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_mask_learn_resumes_on_a_rank_count_that_does_not_divide_its_calibration_read(tiny_tokenized: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Mask-learn reads 8 calibration batches (8 x 1 x 2 = 16 sequences on 2 ranks) before training with
+    a global batch of 1 x 3 x 2 = 6. Its checkpoints used to sit at 16 + 6k sequences, which 3 ranks
+    (grad_accum 2, the same batch) refused to resume; now training starts at 18, and they resume."""
+    accum = ("--set", "mask_learn.train.grad_accum=3")
+    uninterrupted = copy_run(tiny_tokenized, tmp_path / "uninterrupted")
+    run_cli(*run_argv(uninterrupted, "mask_learn", ranks=2), *accum)
+    run_dir, middle = cut_back(uninterrupted, "mask_learn", tmp_path / "run")
+    out = run_cli(*run_argv(run_dir, "mask_learn", ranks=3), *accum).stdout
+    assert "grad_accum 3 -> 2, keeping the global batch of 6 sequences" in out, out[-3000:]
+    expected, got = losses(uninterrupted / "tb" / "mask_learn", "loss/total"), losses(run_dir / "tb" / "mask_learn",
+                                                                                     "loss/total")
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+
+
 def convert_cli(checkpoints: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "maskprune.universal", str(checkpoints), "--workers", "1"],
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
