@@ -295,6 +295,8 @@ class MaskLearnConfig(TrainingStageConfig):
     # The scores the masks start from: a one-shot importance (its cut, with hardening_fraction = 1)
     # or all ones.
     init: Literal["wanda_sp", "flap", "ones"] = "wanda_sp"
+    # Global batches (micro_batch_size x grad_accum x ranks sequences each) the init's importance
+    # scores read before training, the first of the training stream.
     calibration_batches: int = 8
     # ḡ, the mask step's unit: a running mean |dL/dm| per type (the mean of the first 1/(1-beta)
     # steps, then an exponential average), not step 0's, where distillation gives no gradient.

@@ -125,13 +125,6 @@ class BatchIterator:
         self.samples_seen += self.micro * self.world
         return torch.from_numpy(np.stack(rows))
 
-    def align(self, global_batch: int) -> None:
-        """Skip to the next multiple of `global_batch` sequences. After a read that is not a whole
-        number of global batches (mask-learn's calibration: calibration_batches x micro x ranks), every
-        later position is then a multiple of any micro x ranks that divides the global batch, so a
-        checkpoint resumes on each rank count that keeps the global batch (load_state_dict)."""
-        self.samples_seen = -(-self.samples_seen // global_batch) * global_batch
-
     def state_dict(self) -> dict:
         return {"samples_seen": self.samples_seen, "seed": self.seed, "num_sequences": len(self.ds),
                 "micro_batch_size": self.micro, "world_size": self.world}

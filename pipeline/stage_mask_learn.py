@@ -53,8 +53,9 @@ def main() -> int:
     train_iter = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
                                dist.world_size, ml.train.seed)
     if ml.method != "maskprune" or ml.init != "ones":
-        calibration = [next(train_iter) for _ in range(ml.calibration_batches)]
-        train_iter.align(ml.train.micro_batch_size * ml.train.grad_accum * dist.world_size)
+        # Whole global batches: the same sequences on any rank count that keeps the global batch, and
+        # training starts on a global-batch boundary, so its checkpoints resume on each such count.
+        calibration = [next(train_iter) for _ in range(ml.calibration_batches * ml.train.grad_accum)]
     if ml.method != "maskprune":
         keep = one_shot_keep(model, calibration, cfg, shape)
         if dist.is_rank0:

@@ -139,29 +139,3 @@ def test_same_global_batch_on_another_world_size_gives_the_same_samples(data_dir
     flat = [i for batch in head + tail for i in batch]
     assert sorted(flat[:len(ds)]) == list(range(len(ds)))  # first epoch: each sample exactly once
     assert len(set(flat[len(ds):])) == len(flat) - len(ds)  # second epoch so far: no repeat
-
-
-def test_a_calibration_read_is_aligned_so_every_rank_count_that_keeps_the_batch_resumes(data_dir: Path) -> None:
-    """Mask-learn reads calibration_batches x micro x ranks sequences (8 x 1 x 2 = 16) before it trains
-    with a global batch of 1 x 3 x 2 = 6. Aligned, training starts at 18, and its checkpoints resume on
-    3 ranks (grad_accum 2) with the same samples; unaligned they sat at 16 + 6k, which 3 ranks refuse."""
-    ds = TokenShards(data_dir, "train")
-    iters = [BatchIterator(ds, 1, r, 2, seed=3) for r in range(2)]
-    for it in iters:
-        for _ in range(8):
-            next(it)
-    unaligned = iters[0].state_dict()
-    for it in iters:
-        it.align(6)
-    start = iters[0].state_dict()
-    assert start["samples_seen"] == 18
-    full, _ = optimizer_steps(ds, micro=1, accum=3, world=2, steps=10, state=start)
-    head, state = optimizer_steps(ds, micro=1, accum=3, world=2, steps=4, state=start)
-    tail, _ = optimizer_steps(ds, micro=1, accum=2, world=3, steps=6, state=state)
-    assert head + tail == full
-    unaligned["samples_seen"] += 4 * 6
-    with pytest.raises(DataStateError, match="not a multiple of this run's 1 x 3 ranks"):
-        BatchIterator(ds, 1, 0, 3, seed=3).load_state_dict(unaligned)
-    aligned_already = BatchIterator(ds, 1, 0, 2, seed=3)
-    aligned_already.align(6)
-    assert aligned_already.samples_seen == 0  # nothing skipped where nothing was read

@@ -112,22 +112,29 @@ def test_checkpoint_of_two_ranks_resumes_on_another_number(uninterrupted: Path, 
 
 
 @pytest.mark.slow
-def test_mask_learn_resumes_on_a_rank_count_that_does_not_divide_its_calibration_read(tiny_tokenized: Path,
-                                                                                     tmp_path: Path) -> None:
-    """Mask-learn reads 8 calibration batches (8 x 1 x 2 = 16 sequences on 2 ranks) before training with
-    a global batch of 1 x 3 x 2 = 6. Its checkpoints used to sit at 16 + 6k sequences, which 3 ranks
-    (grad_accum 2, the same batch) refused to resume; now training starts at 18, and they resume."""
-    accum = ("--set", "mask_learn.train.grad_accum=3")
-    uninterrupted = copy_run(tiny_tokenized, tmp_path / "uninterrupted")
-    run_cli(*run_argv(uninterrupted, "mask_learn", ranks=2), *accum)
-    run_dir, middle = cut_back(uninterrupted, "mask_learn", tmp_path / "run")
-    out = run_cli(*run_argv(run_dir, "mask_learn", ranks=3), *accum).stdout
+def test_mask_learn_on_another_rank_count_with_the_same_global_batch_reads_the_same_sequences(
+        tiny_tokenized: Path, tmp_path: Path) -> None:
+    """The calibration read is whole global batches (8 x 6 sequences for 1 x 3 x 2 here), so a fresh
+    run on 3 ranks with grad_accum 2 calibrates on the same sequences and trains on the same batches
+    as one on 2 ranks (it read 8 x micro x ranks: 16 and 24 sequences, and every loss differed), and a
+    2-rank checkpoint resumes on 3 ranks (it sat at 16 + 6k sequences, which 3 ranks refused)."""
+    uninterrupted = copy_run(tiny_tokenized, tmp_path / "ranks2")
+    run_cli(*run_argv(uninterrupted, "mask_learn", ranks=2), "--set", "mask_learn.train.grad_accum=3")
+    fresh = copy_run(tiny_tokenized, tmp_path / "ranks3")
+    run_cli(*run_argv(fresh, "mask_learn", ranks=3), "--set", "mask_learn.train.grad_accum=2")
+    run_dir, middle = cut_back(uninterrupted, "mask_learn", tmp_path / "resumed")
+    out = run_cli(*run_argv(run_dir, "mask_learn", ranks=3), "--set", "mask_learn.train.grad_accum=3").stdout
     assert "grad_accum 3 -> 2, keeping the global batch of 6 sequences" in out, out[-3000:]
-    expected, got = losses(uninterrupted / "tb" / "mask_learn", "loss/total"), losses(run_dir / "tb" / "mask_learn",
-                                                                                     "loss/total")
-    assert sorted(got) == [5, 6, 7, 8]
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+
+    expected = losses(uninterrupted / "tb" / "mask_learn", "loss/total")
+    for other, steps in ((fresh, range(1, 9)), (run_dir, range(5, 9))):
+        got = losses(other / "tb" / "mask_learn", "loss/total")
+        assert sorted(got) == list(steps)
+        for step in steps:
+            assert got[step] == pytest.approx(expected[step], rel=1e-4), (other.name, step, got, expected)
+    ref, new = (load_file(str(r / "mask_learn" / "masks.safetensors")) for r in (uninterrupted, fresh))
+    for name in ("keep.q_heads", "keep.kv_heads", "keep.ffn"):
+        assert torch.equal(ref[name], new[name]), name
 
 
 def convert_cli(checkpoints: Path) -> subprocess.CompletedProcess:
