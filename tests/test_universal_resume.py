@@ -122,7 +122,7 @@ def test_mask_learn_on_another_rank_count_with_the_same_global_batch_reads_the_s
     run_cli(*run_argv(uninterrupted, "mask_learn", ranks=2), "--set", "mask_learn.train.grad_accum=3")
     fresh = copy_run(tiny_tokenized, tmp_path / "ranks3")
     run_cli(*run_argv(fresh, "mask_learn", ranks=3), "--set", "mask_learn.train.grad_accum=2")
-    run_dir, middle = cut_back(uninterrupted, "mask_learn", tmp_path / "resumed")
+    run_dir, _ = cut_back(uninterrupted, "mask_learn", tmp_path / "resumed")
     out = run_cli(*run_argv(run_dir, "mask_learn", ranks=3), "--set", "mask_learn.train.grad_accum=3").stdout
     assert "grad_accum 3 -> 2, keeping the global batch of 6 sequences" in out, out[-3000:]
 
