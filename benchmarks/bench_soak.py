@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import cpu_env, run_processes  # noqa: E402
+from maskprune.rundir import disk_bytes  # noqa: E402
 
 STAGES = ("mask_learn", "continued_pretrain")
 STEP_LINE = re.compile(rb"\] (mask_learn|continued_pretrain) step (\d+)/(\d+) ")
@@ -118,15 +120,8 @@ def soak(run_dir: Path, log_path: Path, steps: dict[str, int], every: int, inter
 
 def slope_per_1000_steps(points: list[tuple[int, int]]) -> float:
     """Least-squares bytes per 1,000 steps."""
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    var = sum((x - mean_x) ** 2 for x, _ in points)
-    return 1000 * sum((x - mean_x) * (y - mean_y) for x, y in points) / var if var else 0.0
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+    steps, values = zip(*points)
+    return 1000 * statistics.linear_regression(steps, values).slope
 
 
 def throughput_by_tenth(run_dir: Path, stage: str, total: int) -> list[float]:
@@ -137,11 +132,8 @@ def throughput_by_tenth(run_dir: Path, stage: str, total: int) -> list[float]:
     events = EventAccumulator(str(run_dir / "tb" / stage), size_guidance={"scalars": 0})
     events.Reload()
     rates = [(e.step, e.value) for e in events.Scalars("throughput/tokens_per_s") if e.step > 1]
-    return [median([v for s, v in rates if tenth * total < 10 * s <= (tenth + 1) * total]) for tenth in range(10)]
-
-
-def disk_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return [statistics.median_high([v for s, v in rates if tenth * total < 10 * s <= (tenth + 1) * total])
+            for tenth in range(10)]
 
 
 def report(run_dir: Path, samples: list[Sample], steps: dict[str, int], every: int) -> dict:
@@ -154,8 +146,8 @@ def report(run_dir: Path, samples: list[Sample], steps: dict[str, int], every: i
         for rank in sorted({s.rank for s in stage_samples}):
             mine = [s for s in stage_samples if s.rank == rank and s.step >= WARMUP_FRACTION * total]
             # Medians of the second and the last tenth: single samples swing by ~20 MiB (a save, an eval).
-            start = median([s.rss_anon for s in mine if s.step < 2 * WARMUP_FRACTION * total])
-            end = median([s.rss_anon for s in mine if s.step >= (1 - WARMUP_FRACTION) * total])
+            start = statistics.median_high([s.rss_anon for s in mine if s.step < 2 * WARMUP_FRACTION * total])
+            end = statistics.median_high([s.rss_anon for s in mine if s.step >= (1 - WARMUP_FRACTION) * total])
             per_rank[rank] = {
                 "rss_anon_start_mib": start / 2**20, "rss_anon_end_mib": end / 2**20,
                 "rss_anon_max_mib": max(s.rss_anon for s in mine) / 2**20,
