@@ -319,6 +319,18 @@ def loss_items(shape: LlamaShape, s: PlanSettings, stage: StageSettings, teacher
             logits_item(shape, s, stage, f"teacher logits (bf16, {teacher})", 0.5)]
 
 
+def dense_weight_items(counts: ParamCount, s: PlanSettings, stage: StageSettings, weights: str,
+                       layers: str) -> list[Item]:
+    """The dense model's frozen bf16 weights, ZeRO-3 partitioned (in host memory with parameter
+    offload), and the two layers gathered at a time (current + prefetched)."""
+    frozen = 2 * counts.total // s.gpus
+    offload = stage.offload == "param"
+    return [Item(f"{weights} (bf16, ZeRO-3 partitioned)", 0 if offload else frozen,
+                 frozen * s.gpus_per_node if offload else 0, f"2·{counts.total:,} / {s.gpus} GPUs"),
+            Item(f"{layers} (current + prefetched)", 2 * counts.largest_block * BF16, 0,
+                 f"2 × {counts.largest_block:,} params × 2 B")]
+
+
 def teacher_forward_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings) -> Item:
     return Item("teacher forward (no_grad, one layer live)",
                 block_activation_elems(shape) * stage.micro_batch * s.seq_len * BF16, 0,
@@ -354,17 +366,11 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
     pruned = LlamaShape.from_hf_config(target)
     pruned_counts = count_params(meta_model(target))
     ml, cpt = s.mask_learn, s.continued_pretrain
-    offload_params = ml.offload == "param"
-
-    frozen = 2 * counts.total // s.gpus
     units = attn_unit_count(shape, dry.attn_mode)
     mask_floats = 2 * shape.num_hidden_layers * (units + shape.intermediate_size)  # value + grad
     dual_floats = 2 * shape.num_hidden_layers + 1 + 2                              # per-layer, budget, targets
     mask_learn = StagePlan("mask_learn", [
-        Item("frozen weights (bf16, ZeRO-3 partitioned)", 0 if offload_params else frozen,
-             frozen * s.gpus_per_node if offload_params else 0, f"2·{counts.total:,} / {s.gpus} GPUs"),
-        Item("gathered layers (current + prefetched)", 2 * counts.largest_block * BF16, 0,
-             f"2 × {counts.largest_block:,} params × 2 B"),
+        *dense_weight_items(counts, s, ml, "frozen weights", "gathered layers"),
         model_states(lora_params(config, s.lora_rank), 0, s, ml, "LoRA params, grads, Adam"),
         Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
@@ -380,14 +386,8 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
     ])
     if cpt.distill:
         # The dense model as a second, optimizer-less ZeRO-3 engine (pretrain.build_teacher).
-        offload_teacher = cpt.offload == "param"
-        continued.items += [
-            Item("dense teacher weights (bf16, ZeRO-3 partitioned)", 0 if offload_teacher else frozen,
-                 frozen * s.gpus_per_node if offload_teacher else 0, f"2·{counts.total:,} / {s.gpus} GPUs"),
-            Item("teacher's gathered layers (current + prefetched)", 2 * counts.largest_block * BF16, 0,
-                 f"2 × {counts.largest_block:,} params × 2 B"),
-            teacher_forward_item(shape, s, cpt),
-        ]
+        continued.items += [*dense_weight_items(counts, s, cpt, "dense teacher weights", "teacher's gathered layers"),
+                            teacher_forward_item(shape, s, cpt)]
     source_block = counts.largest_block * BF16
     hard_prune = StagePlan("hard_prune", [
         Item("largest layer + its pruned copy (bf16, one process)", 0,
