@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pipeline/ is 
 REPO = Path(__file__).resolve().parent.parent
 
 from common import build_mask_learner, llama_config, save_random_llama, timed, write_token_dataset  # noqa: E402
+from memory_trace import profile_peak  # noqa: E402
 
 GPU_SHAPE = dict(vocab=32000, hidden=2048, layers=22, heads=32, kv=8, ffn=5632)
 SMOKE_SHAPE = dict(vocab=512, hidden=64, layers=2, heads=4, kv=2, ffn=128)
@@ -54,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                         help="in both training phases (default: on with a GPU, as in the GPU configs)")
     parser.add_argument("--work", help="folder for the model and data (default: a temp folder)")
+    parser.add_argument("--memory-breakdown", action="store_true",
+                        help="one more step per phase under torch's memory profiler: what is live at "
+                             "the peak, by category and size (memory_trace.py)")
     return parser.parse_args()
 
 
@@ -74,6 +78,11 @@ def run_phase(name: str, step, tokens_per_step: int, args: argparse.Namespace, s
     if is_rank0:
         print(f"{name}: {median:.3f} s/step (min {min(times):.3f}, max {max(times):.3f}), "
               f"{tokens_per_step / median:,.0f} tokens/s, {peak_memory()}", flush=True)
+    if args.memory_breakdown:  # every rank runs the step (its collectives); rank 0 prints
+        breakdown = profile_peak(step, torch.device("cuda", torch.cuda.current_device())
+                                 if torch.cuda.is_available() else torch.device("cpu"))
+        if is_rank0:
+            print(f"{name.split(' (')[0]}: live at the peak of one profiled step, GiB\n{breakdown}", flush=True)
 
 
 def release(*engines) -> None:
@@ -83,6 +92,42 @@ def release(*engines) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def mask_learn_phase(cfg, dist, work: Path, micro: int, tokens: int, args: argparse.Namespace, sync) -> None:
+    learner, _ = build_mask_learner(cfg, dist, work / "dense", work / "data", work / "ml")
+
+    def mask_step() -> None:
+        learner.train_step()
+        learner.step += 1
+
+    try:
+        run_phase("mask-learn (teacher + masked student + LoRA + minimax)", mask_step, tokens, args, sync,
+                  dist.is_rank0)
+    finally:
+        release(learner.engine)
+
+
+def pretrain_phase(cfg, dist, work: Path, micro: int, tokens: int, args: argparse.Namespace, sync) -> None:
+    from maskprune.data import BatchIterator, TokenShards
+    from maskprune.pretrain import Pretrainer
+    from maskprune.training import Checkpointer, build_zero3_model, init_engine, load_ds_config, prepare_for_training
+
+    cpt = cfg.continued_pretrain
+    ds = load_ds_config(cpt.ds_config, cpt.train)
+    model, _ = build_zero3_model(work / "pruned", ds)
+    prepare_for_training(model, cpt.activation_checkpointing)
+    engine = init_engine(model, list(model.parameters()), ds, cpt.train)
+    trainer = Pretrainer(
+        cfg=cpt, dist=dist, engine=engine, teacher=None,
+        train_iter=BatchIterator(TokenShards(work / "data", "train"), micro, dist.rank, dist.world_size, 0),
+        valid=TokenShards(work / "data", "valid"), checkpointer=Checkpointer(work / "cpt", 1),
+        meta={}, tb_dir=work / "tb", progress_path=work / "progress.json")
+    try:
+        run_phase("continued-pretrain (full-parameter AdamW, pruned shape)", trainer.train_step, tokens, args,
+                  sync, dist.is_rank0)
+    finally:
+        release(engine)
 
 
 def main() -> None:
@@ -141,43 +186,14 @@ def main() -> None:
             torch.cuda.synchronize()
         barrier()
 
-    try:
-        learner, hf_ds = build_mask_learner(cfg, dist, work / "dense", work / "data", work / "ml")
-
-        def mask_step() -> None:
-            learner.train_step()
-            learner.step += 1
-
-        run_phase("mask-learn (teacher + masked student + LoRA + minimax)", mask_step, tokens, args, sync,
-                  dist.is_rank0)
-        release(learner.engine)
-        del learner, hf_ds
-    except Exception:  # report and go on: the next phase's figures are still worth the GPU time
-        if dist.is_rank0:
-            print(f"mask-learn FAILED:\n{traceback.format_exc(limit=6)}", flush=True)
-    gc.collect()
-    try:
-        from maskprune.data import BatchIterator, TokenShards
-        from maskprune.pretrain import Pretrainer
-        from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,
-                                        prepare_for_training)
-
-        cpt = cfg.continued_pretrain
-        ds = load_ds_config(cpt.ds_config, cpt.train)
-        model, hf_ds = build_zero3_model(work / "pruned", ds)
-        prepare_for_training(model, cpt.activation_checkpointing)
-        engine = init_engine(model, list(model.parameters()), ds, cpt.train)
-        trainer = Pretrainer(
-            cfg=cpt, dist=dist, engine=engine, teacher=None,
-            train_iter=BatchIterator(TokenShards(work / "data", "train"), micro, dist.rank, dist.world_size, 0),
-            valid=TokenShards(work / "data", "valid"), checkpointer=Checkpointer(work / "cpt", 1),
-            meta={}, tb_dir=work / "tb", progress_path=work / "progress.json")
-        run_phase("continued-pretrain (full-parameter AdamW, pruned shape)", trainer.train_step, tokens, args,
-                  sync, dist.is_rank0)
-        release(engine)
-    except Exception:
-        if dist.is_rank0:
-            print(f"continued-pretrain FAILED:\n{traceback.format_exc(limit=6)}", flush=True)
+    for name, phase in (("mask-learn", mask_learn_phase), ("continued-pretrain", pretrain_phase)):
+        try:
+            phase(cfg, dist, work, micro, tokens, args, sync)
+        except Exception:  # report and go on: the next phase's figures are still worth the GPU time
+            if dist.is_rank0:
+                print(f"{name} FAILED:\n{traceback.format_exc(limit=6)}", flush=True)
+        # the failed phase's engine is garbage once its frame is: freed here, not counted in the next peak
+        release()
     barrier()
     if dist.is_rank0 and not args.work:
         shutil.rmtree(work, ignore_errors=True)
