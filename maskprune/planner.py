@@ -11,7 +11,7 @@ given on the command line override it.
 
 Parameters are counted on the meta device (DeepSpeed's `estimate_zero3_model_states_mem_needs_all_live`
 reads `numel()` of ZeRO-partitioned tensors and is wrong there); model-state bytes then use
-DeepSpeed's `estimate_zero3_model_states_mem_needs`. Activations use the formula of `block_activation_elems`.
+DeepSpeed's `estimate_zero3_model_states_mem_needs`. Activations use the formula of `block_activation_bytes`.
 """
 from __future__ import annotations
 
@@ -262,32 +262,38 @@ class StagePlan:
         return sum(i.cpu_node_bytes for i in self.items)
 
 
-def block_activation_elems(shape: LlamaShape, masked: bool = False, lora_rank: int = 0) -> int:
-    """Elements per token one decoder layer keeps for backward (SDPA/flash attention, so no T² score
-    matrix): norm input + normed input (2h) per sub-block, q and attention output (2·n_q·d), k and v
-    (2·n_kv·d), gate, up, act(gate) and down input (4·I). Masks keep the unmasked attention output
-    and FFN product (n_q·d + I); LoRA keeps each target's r-wide intermediate."""
+def block_activation_bytes(shape: LlamaShape, masked: bool = False, lora_rank: int = 0) -> int:
+    """Bytes per token one bf16 decoder layer keeps for backward (SDPA: no T² score matrix), as
+    torch's saved-tensor hooks count them on real layers (tests/test_planner.py).
+
+    Full-parameter training (continued pretraining): each RMSNorm keeps its fp32 input, the bf16
+    normalized input its weight's gradient needs and its bf16 output (8h per norm) and one fp32
+    scalar; q, k, v in head layout and the attention output (4·n_q·d + 4·n_kv·d), the log-sum-exp
+    (4·n_q); gate, up, act(gate) and their product (8·I).
+    The mask-learn student (frozen weights, masks, LoRA on every projection): a frozen norm weight
+    needs no normalized input (6h per norm); the masked attention output and FFN product are kept
+    besides the unmasked ones (+2·n_q·d, +2·I); each LoRA keeps its r-wide intermediate (2r)."""
     h, q, kv, d, i = (shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads,
                       shape.head_dim, shape.intermediate_size)
-    elems = 4 * h + 2 * q * d + 2 * kv * d + 4 * i
-    if masked:
-        elems += q * d + i
-    return elems + len(LORA_TARGETS) * lora_rank
+    per_token = 4 * q * d + 4 * kv * d + 4 * q + 2 * FP32
+    if not masked:
+        return per_token + 16 * h + 8 * i
+    return per_token + 12 * h + 2 * q * d + 10 * i + len(LORA_TARGETS) * 2 * lora_rank
 
 
 def activation_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, masked: bool,
                     lora_rank: int) -> Item:
     tokens = stage.micro_batch * s.seq_len
-    block = block_activation_elems(shape, masked, lora_rank) * tokens * BF16
+    per_token = block_activation_bytes(shape, masked, lora_rank)
+    block = per_token * tokens
     boundaries = shape.num_hidden_layers * tokens * shape.hidden_size * BF16
     full = shape.num_hidden_layers * block
     if stage.checkpointing:
         return Item("activations (checkpointing)", boundaries + block, 0,
-                    f"L·B·T·h·2 layer inputs + one layer recomputed ({block_activation_elems(shape, masked, lora_rank)}"
-                    f" elems/token·2); without checkpointing {full / 2**30:.1f} GiB")
+                    f"L·B·T·h·2 layer inputs + one layer recomputed ({per_token} B/token); "
+                    f"without checkpointing {full / 2**30:.1f} GiB")
     return Item("activations (no checkpointing)", full, 0,
-                f"L·B·T·{block_activation_elems(shape, masked, lora_rank)} elems·2; "
-                f"with checkpointing {(boundaries + block) / 2**30:.1f} GiB")
+                f"L·B·T·{per_token} B; with checkpointing {(boundaries + block) / 2**30:.1f} GiB")
 
 
 # Peak of the loss path (maskprune.losses) in B·T·V fp32 tensors, measured with torch's memory
@@ -333,20 +339,40 @@ def dense_weight_items(counts: ParamCount, s: PlanSettings, stage: StageSettings
 
 def teacher_forward_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings) -> Item:
     return Item("teacher forward (no_grad, one layer live)",
-                block_activation_elems(shape) * stage.micro_batch * s.seq_len * BF16, 0,
+                block_activation_bytes(shape) * stage.micro_batch * s.seq_len, 0,
                 "one layer's activations, freed layer by layer")
+
+
+# bf16 ZeRO-3 with torch's AdamW on an H200 (benchmarks/README, bench_gpu --memory-breakdown): at rest
+# 20 B per parameter where DeepSpeed's estimate counts 18 (the fp32 gradient partition the optimizer
+# reads stays allocated beside the bf16 one); during the step 8 B more (torch's foreach AdamW makes
+# two fp32 temporaries the size of the partition). With the optimizer offloaded both are host memory.
+STATES_BYTES_UNCOUNTED = 2
+ADAMW_STEP_TEMPORARY_BYTES = 8
 
 
 def model_states(params: int, largest: int, s: PlanSettings, stage: StageSettings, name: str) -> Item:
     """DeepSpeed's ZeRO-3 estimate (bf16 params + grads, fp32 master + Adam = 18 B/param, partitioned;
-    GPU also holds the largest module gathered in fp32; CPU includes its 1.5× buffer factor)."""
+    GPU also holds the largest module gathered in fp32; CPU includes its 1.5× buffer factor), plus the
+    fp32 gradient partition it leaves out when the optimizer runs on the GPU."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
         params, largest, num_gpus_per_node=s.gpus_per_node, num_nodes=s.nodes,
         cpu_offload=stage.offload != "none", cpu_offload_params=stage.offload == "param", zero_init=True)
-    return Item(name, int(gpu), int(cpu), f"estimate_zero3_model_states_mem_needs({params:,} params, "
-                f"offload={stage.offload})")
+    uncounted = STATES_BYTES_UNCOUNTED * params // s.gpus if stage.offload == "none" else 0
+    return Item(name, int(gpu) + uncounted, int(cpu), f"estimate_zero3_model_states_mem_needs({params:,} params, "
+                f"offload={stage.offload})" + (f" + {STATES_BYTES_UNCOUNTED} B/param fp32 gradient" if uncounted else ""))
+
+
+def optimizer_step_item(params: int, s: PlanSettings, stage: StageSettings, backward: list[Item]) -> Item:
+    """The AdamW step's temporaries, counted only where they exceed what backward held (activations,
+    logits): those are freed before the step, so the stage's peak is the larger of the two."""
+    temporaries = ADAMW_STEP_TEMPORARY_BYTES * params // s.gpus if stage.offload == "none" else 0
+    held = sum(item.gpu_bytes for item in backward)
+    return Item("AdamW step temporaries beyond backward's", max(0, temporaries - held), 0,
+                f"{ADAMW_STEP_TEMPORARY_BYTES} B/param fp32 ({temporaries / 2**30:.2f} GiB) less the "
+                f"{held / 2**30:.2f} GiB of activations and logits freed before the step")
 
 
 def lora_params(config: PretrainedConfig, rank: int) -> int:
@@ -369,25 +395,28 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
     units = attn_unit_count(shape, dry.attn_mode)
     mask_floats = 2 * shape.num_hidden_layers * (units + shape.intermediate_size)  # value + grad
     dual_floats = 2 * shape.num_hidden_layers + 1 + 2                              # per-layer, budget, targets
+    lora = lora_params(config, s.lora_rank)
+    ml_backward = [activation_item(shape, s, ml, masked=True, lora_rank=s.lora_rank),
+                   *loss_items(shape, s, ml, "same weights, masks off"), teacher_forward_item(shape, s, ml)]
     mask_learn = StagePlan("mask_learn", [
         *dense_weight_items(counts, s, ml, "frozen weights", "gathered layers"),
-        model_states(lora_params(config, s.lora_rank), 0, s, ml, "LoRA params, grads, Adam"),
+        model_states(lora, 0, s, ml, "LoRA params, grads, Adam"),
         Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
-        activation_item(shape, s, ml, masked=True, lora_rank=s.lora_rank),
-        *loss_items(shape, s, ml, "same weights, masks off"),
-        teacher_forward_item(shape, s, ml),
+        *ml_backward, optimizer_step_item(lora, s, ml, ml_backward),
     ])
+    cpt_backward = [activation_item(pruned, s, cpt, masked=False, lora_rank=0),
+                    *loss_items(pruned, s, cpt, "the dense model")]
+    teacher: list[Item] = []
+    if cpt.distill:
+        # The dense model as a second, optimizer-less ZeRO-3 engine (pretrain.build_teacher).
+        teacher = dense_weight_items(counts, s, cpt, "dense teacher weights", "teacher's gathered layers")
+        cpt_backward.append(teacher_forward_item(shape, s, cpt))
     continued = StagePlan("continued_pretrain", [
         model_states(pruned_counts.total, pruned_counts.largest_module, s, cpt,
                      f"model states of the pruned model ({pruned_counts.total:,} params)"),
-        activation_item(pruned, s, cpt, masked=False, lora_rank=0),
-        *loss_items(pruned, s, cpt, "the dense model"),
+        *cpt_backward, *teacher, optimizer_step_item(pruned_counts.total, s, cpt, cpt_backward),
     ])
-    if cpt.distill:
-        # The dense model as a second, optimizer-less ZeRO-3 engine (pretrain.build_teacher).
-        continued.items += [*dense_weight_items(counts, s, cpt, "dense teacher weights", "teacher's gathered layers"),
-                            teacher_forward_item(shape, s, cpt)]
     source_block = counts.largest_block * BF16
     hard_prune = StagePlan("hard_prune", [
         Item("largest layer + its pruned copy (bf16, one process)", 0,
