@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from itertools import chain
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tokenizers import Tokenizer
 
 from maskprune.config import DataConfig, DataSource
 from maskprune.corpus import WorkUnit, iter_unit_documents, replaced_bytes, unit_files
-from maskprune.rundir import atomic_write_json
+from maskprune.rundir import atomic_write_json, human_bytes
 
 INDEX_FORMAT = "maskprune-tokens/1"
 SPLITS = ("train", "valid")
@@ -42,6 +43,33 @@ def choose_dtype(vocab_size: int, wanted: str) -> str:
     if vocab_size > 1 << 32:
         raise DatasetError(f"tokenizer has {vocab_size} tokens, more than uint32 holds")
     return "uint16" if wanted == "uint16" or (wanted == "auto" and fits16) else "uint32"
+
+
+# Headroom on the estimated shard size: the tokens per byte are measured on the first documents only.
+DISK_MARGIN = 1.25
+
+
+def tokens_per_byte(core: Tokenizer, docs: list[str]) -> float:
+    """Tokens (each document's EOS included) per UTF-8 byte of text, on `docs`."""
+    text_bytes = sum(len(d.encode()) for d in docs)
+    tokens = sum(len(enc.ids) + 1 for enc in core.encode_batch_fast(docs, add_special_tokens=False))
+    return tokens / max(1, text_bytes)
+
+
+def check_disk_space(units: list[WorkUnit], finished: set[str], per_byte: float, probe_docs: int, dtype: str,
+                     folder: Path) -> None:
+    """Refuse to start tokenizing what would not fit: the units still to do, at `per_byte` tokens per
+    byte of their (approximate) size, written as `dtype`, against the free space under `folder`."""
+    left = sum(u.size for u in units if u.key not in finished)
+    need = int(left * per_byte * np.dtype(dtype).itemsize * DISK_MARGIN)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DatasetError(
+            f"tokenize: the token shards need about {human_bytes(need)} ({human_bytes(left)} of input left to "
+            f"tokenize x {per_byte:.3f} tokens per byte, measured on the first {probe_docs} documents, x "
+            f"{np.dtype(dtype).itemsize} bytes per {dtype} token, x {DISK_MARGIN} headroom) but {folder} has "
+            f"{human_bytes(free)} free; free space there or start the run in a directory on a larger file "
+            "system (data.max_train_tokens does not help: every document is tokenized before it applies)")
 
 
 def valid_mask(docs: list[str], seed: int, fraction: float) -> np.ndarray:

@@ -27,7 +27,7 @@ from maskprune.config import DataConfig
 from maskprune.corpus import WorkUnit, iter_documents, iter_unit_documents, plan_units
 from maskprune.families import family_of
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
-from maskprune.shard_writer import build_index, choose_dtype, tokenize_unit
+from maskprune.shard_writer import build_index, check_disk_space, choose_dtype, tokenize_unit, tokens_per_byte
 from maskprune.stage import StageRun, publish_dir, run_stage, staging_dir
 from maskprune.tokenization import load_tokenizer, model_vocab_size, train_sentencepiece
 
@@ -92,8 +92,11 @@ def setup(cfg: DataConfig, model_dir: Path, work: Path) -> dict:
     info = {"kind": tok.kind, "source": tok.source, "fingerprint": tok.fingerprint(),
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
             "bos_first": bos_first(cfg, model_dir)}
-    return {"units": units, "tokenizer_json": tok.core.to_str(), "info": info,
-            "dtype": choose_dtype(tok.vocab_size, cfg.token_dtype)}
+    dtype = choose_dtype(tok.vocab_size, cfg.token_dtype)
+    if probe:  # an empty corpus is refused, with its own message, once tokenized
+        finished = {u.key for u in units if (work / f"{u.key}.json").is_file()}
+        check_disk_space(units, finished, tokens_per_byte(tok.core, probe), len(probe), dtype, work)
+    return {"units": units, "tokenizer_json": tok.core.to_str(), "info": info, "dtype": dtype}
 
 
 def assign(units: list[WorkUnit], world: int) -> list[list[int]]:

