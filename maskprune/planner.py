@@ -361,8 +361,10 @@ def model_states(params: int, largest: int, s: PlanSettings, stage: StageSetting
         params, largest, num_gpus_per_node=s.gpus_per_node, num_nodes=s.nodes,
         cpu_offload=stage.offload != "none", cpu_offload_params=stage.offload == "param", zero_init=True)
     uncounted = STATES_BYTES_UNCOUNTED * params // s.gpus if stage.offload == "none" else 0
-    return Item(name, int(gpu) + uncounted, int(cpu), f"estimate_zero3_model_states_mem_needs({params:,} params, "
-                f"offload={stage.offload})" + (f" + {STATES_BYTES_UNCOUNTED} B/param fp32 gradient" if uncounted else ""))
+    formula = f"estimate_zero3_model_states_mem_needs({params:,} params, offload={stage.offload})"
+    if uncounted:
+        formula += f" + {STATES_BYTES_UNCOUNTED} B/param fp32 gradient"
+    return Item(name, int(gpu) + uncounted, int(cpu), formula)
 
 
 def optimizer_step_item(params: int, s: PlanSettings, stage: StageSettings, backward: list[Item]) -> Item:

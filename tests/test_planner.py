@@ -135,7 +135,8 @@ def test_distillation_settings_decide_the_teacher_items() -> None:
     # The teacher's forward and logits are held in backward, so AdamW's temporaries exceed less of it.
     step = "AdamW step temporaries beyond backward's"
     step_change = cpt[step] - next(item.gpu_bytes for item in without[1].items if item.name == step)
-    assert teacher_bytes == (2 * L2_70B_PARAMS // 32 + 2 * L2_70B_BLOCK * 2 + cpt["teacher forward (no_grad, one layer live)"]
+    assert teacher_bytes == (2 * L2_70B_PARAMS // 32 + 2 * L2_70B_BLOCK * 2
+                             + cpt["teacher forward (no_grad, one layer live)"]
                              + unit * (5.5 - 2.5) / 4 + unit // 2 + step_change)
     assert cpt[step] == 0 < -step_change  # here the teacher's share covers them
 
