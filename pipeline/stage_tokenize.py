@@ -72,12 +72,18 @@ def bos_first(cfg: DataConfig, model_dir: Path) -> int | None:
     return config.get("bos_token_id") if wanted else None
 
 
+def probe_documents(cfg: DataConfig, units: list[WorkUnit]) -> list[str]:
+    """The corpus's first documents: a converted tokenizer is checked on them, and the tokens per
+    byte that size the shards are measured on them."""
+    return list(islice((d for u in units[:4] for d in iter_unit_documents(u, cfg.sources[u.source],
+                                                                         cfg.decode_errors)), PROBE_DOCS))
+
+
 def setup(cfg: DataConfig, model_dir: Path, work: Path) -> dict:
     """Rank 0: work units, tokenizer and dtype, as plain data every rank can receive."""
     chunk = int(cfg.chunk_mb * (1 << 20))
     units = [u for i, source in enumerate(cfg.sources) for u in plan_units(i, source, chunk)]
-    probe = list(islice((d for u in units[:4] for d in iter_unit_documents(u, cfg.sources[u.source],
-                                                                           cfg.decode_errors)), PROBE_DOCS))
+    probe = probe_documents(cfg, units)
     trained = None
     if cfg.tokenizer == "train_sentencepiece":
         cached = work / "trained_sentencepiece.model"
@@ -93,10 +99,11 @@ def setup(cfg: DataConfig, model_dir: Path, work: Path) -> dict:
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
             "bos_first": bos_first(cfg, model_dir)}
     dtype = choose_dtype(tok.vocab_size, cfg.token_dtype)
+    finished = {u.key for u in units if (work / f"{u.key}.json").is_file()}  # by an earlier, killed run
     if probe:  # an empty corpus is refused, with its own message, once tokenized
-        finished = {u.key for u in units if (work / f"{u.key}.json").is_file()}
         check_disk_space(units, finished, tokens_per_byte(tok.core, probe), len(probe), dtype, work)
-    return {"units": units, "tokenizer_json": tok.core.to_str(), "info": info, "dtype": dtype}
+    return {"units": units, "tokenizer_json": tok.core.to_str(), "info": info, "dtype": dtype,
+            "finished": len(finished)}
 
 
 def assign(units: list[WorkUnit], world: int) -> list[list[int]]:
@@ -169,7 +176,7 @@ def main() -> int:
     collective(not error, error)
     plan = comm.bcast(plan, root=0) if comm else plan
     units = plan["units"]
-    finished = sum((work / f"{u.key}.json").is_file() for u in units)
+    finished = plan["finished"]
     if rank == 0:
         log(f"{len(units)} work units from {len(cfg.sources)} source(s)"
             + (f", {finished} already finished (resuming)" if finished else "")

@@ -386,13 +386,9 @@ def test_tokens_per_byte_counts_every_document_and_its_eos(text_run: Path) -> No
 
 
 def test_the_estimate_is_near_what_the_stage_wrote(text_run: Path) -> None:
-    from itertools import islice
-
-    from maskprune.corpus import iter_unit_documents
-
     cfg = RunDir(text_run).load_config().data
     units = [u for i, s in enumerate(cfg.sources) for u in plan_units(i, s, int(cfg.chunk_mb * (1 << 20)))]
-    probe = list(islice((d for u in units[:4] for d in iter_unit_documents(u, cfg.sources[u.source], "error")), 200))
+    probe = load_stage_module().probe_documents(cfg, units)
     estimate = sum(u.size for u in units) * tokens_per_byte(tokenizer_of(text_run), probe)
     splits = json.loads((text_run / "tokenize" / "index.json").read_text())["splits"]
     written = splits["train"]["tokens"] + splits["valid"]["tokens"]
