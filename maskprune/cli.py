@@ -222,7 +222,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         "architecture from its model or plan.arch_preset) and/or --model PRESET|config.json")
     # Flags given on the command line win over the experiment file (and the defaults).
     shared = {name: getattr(args, name) for name in ("nodes", "gpus_per_node", "seq_len", "lora_rank",
-                                                     "sparsity", "attn_mode", "ffn_alignment",
+                                                     "lora_dropout", "sparsity", "attn_mode", "ffn_alignment",
                                                      "architecture")
               if getattr(args, name) is not None}
     per_stage = {name: getattr(args, name) for name in ("micro_batch", "checkpointing", "offload")
@@ -316,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     planp.add_argument("--micro-batch", type=int, help="both training stages [1]")
     planp.add_argument("--seq-len", type=int, help="[4096]")
     planp.add_argument("--lora-rank", type=int, help="[8]")
+    planp.add_argument("--lora-dropout", type=float, help="mask-learn LoRA dropout [0]")
     planp.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
                        help="activation checkpointing in both training stages [on; with --config: "
                             "each stage's activation_checkpointing]")

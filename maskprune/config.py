@@ -219,6 +219,18 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
+    def validate(self) -> None:
+        if self.rank < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"mask_learn.lora: rank must be >= 1 and dropout in [0, 1), got rank "
+                              f"{self.rank}, dropout {self.dropout}")
+        from maskprune.families import ATTN_PROJ, MLP_PROJ
+
+        projections = ATTN_PROJ + MLP_PROJ
+        unknown = [proj for proj in self.targets if proj not in projections]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"mask_learn.lora.targets: {self.targets} must name each projection at most "
+                              f"once, one or more of {', '.join(projections)}")
+
 
 @dataclass
 class DistillConfig:

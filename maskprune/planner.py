@@ -28,14 +28,14 @@ from maskprune.arch import (LlamaShape, admissible, attn_unit_count, budget_for_
                             check_loadable, lattice_for, resolve_attn_mode, shape_for, written_architecture)
 from maskprune.config import ContinuedPretrainConfig, ExperimentConfig, MaskLearnConfig
 from maskprune.export import hf_config
-from maskprune.families import FAMILIES, FamilyError
+from maskprune.families import ATTN_PROJ, FAMILIES, MLP_PROJ, FamilyError
 from maskprune.losses import LOSS_CHUNK_TOKENS
 from maskprune.masks_io import keep_from_scores
 
 Offload = Literal["none", "optimizer", "param"]
 BF16 = 2  # bytes per weight/activation element in the runs we plan (ZeRO-3 bf16)
 FP32 = 4
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ATTN_PROJ + MLP_PROJ  # the default: an adapter on every projection
 
 # Published configs, built in code so planning needs no download (model_type: maskprune.families).
 PRESETS: dict[str, dict] = {
@@ -221,6 +221,8 @@ class PlanSettings:
     gpus_per_node: int = 8
     seq_len: int = 4096
     lora_rank: int = 8
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: float = 0.0
     sparsity: float = 0.5
     attn_mode: str = "auto"
     ffn_alignment: int = 64
@@ -233,9 +235,12 @@ class PlanSettings:
         for name in ("nodes", "gpus_per_node", "seq_len", "ffn_alignment"):
             if getattr(self, name) < 1:
                 raise PlanError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        if self.lora_rank < 0 or not 0.0 < self.sparsity < 1.0:
-            raise PlanError(f"--lora-rank must be >= 0 and --sparsity in (0, 1); got "
-                            f"{self.lora_rank}, {self.sparsity}")
+        if self.lora_rank < 1 or not 0.0 < self.sparsity < 1.0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise PlanError(f"--lora-rank must be >= 1, --sparsity in (0, 1) and --lora-dropout in [0, 1); "
+                            f"got {self.lora_rank}, {self.sparsity}, {self.lora_dropout}")
+        unknown = [proj for proj in self.lora_targets if proj not in LORA_TARGETS]
+        if unknown or not self.lora_targets:
+            raise PlanError(f"LoRA targets {list(self.lora_targets)}: name one or more of {', '.join(LORA_TARGETS)}")
 
     @property
     def gpus(self) -> int:
@@ -262,7 +267,26 @@ class StagePlan:
         return sum(i.cpu_node_bytes for i in self.items)
 
 
-def block_activation_bytes(shape: LlamaShape, masked: bool = False, lora_rank: int = 0) -> int:
+# What CUDA's fused dropout keeps for backward besides its output: a bool mask, 1 byte per element.
+# (CPU's unfused dropout keeps a noise tensor of the input's dtype instead: 2 bytes in bf16.)
+DROPOUT_MASK_BYTES = 1
+
+
+def lora_input_width(shape: LlamaShape, proj: str) -> int:
+    """Elements per token of what a LoRA target reads: the normed hidden state for q/k/v and gate/up,
+    the (masked) attention output for o_proj, the (masked) FFN product for down_proj."""
+    return {"o_proj": shape.num_attention_heads * shape.head_dim,
+            "down_proj": shape.intermediate_size}.get(proj, shape.hidden_size)
+
+
+# Projections that read the same tensor: one LoRA input saved per group, unless dropout gives each
+# adapter its own copy.
+LORA_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def block_activation_bytes(shape: LlamaShape, masked: bool = False, lora_rank: int = 0,
+                           lora_targets: tuple[str, ...] = LORA_TARGETS, lora_dropout: bool = False,
+                           dropout_mask_bytes: int = DROPOUT_MASK_BYTES) -> int:
     """Bytes per token one bf16 decoder layer keeps for backward (SDPA: no T² score matrix), as
     torch's saved-tensor hooks count them on real layers (tests/test_planner.py).
 
@@ -270,21 +294,32 @@ def block_activation_bytes(shape: LlamaShape, masked: bool = False, lora_rank: i
     normalized input its weight's gradient needs and its bf16 output (8h per norm) and one fp32
     scalar; q, k, v in head layout and the attention output (4·n_q·d + 4·n_kv·d), the log-sum-exp
     (4·n_q); gate, up, act(gate) and their product (8·I).
-    The mask-learn student (frozen weights, masks, LoRA on every projection): a frozen norm weight
-    needs no normalized input (6h per norm); the masked attention output and FFN product are kept
-    besides the unmasked ones (+2·n_q·d, +2·I); each LoRA keeps its r-wide intermediate (2r)."""
+    The mask-learn student (frozen weights, masks, LoRA on `lora_targets`): a frozen norm keeps only
+    its fp32 input (4h per norm); the FFN's four [T, I] tensors as above. Each adapter keeps its
+    r-wide intermediate (2r) and its input, once per group of projections that read the same tensor
+    (the normed state for q/k/v and for gate/up: 2h each; the masked attention output for o_proj:
+    2·n_q·d; the masked FFN product for down_proj: 2·I). With LoRA dropout every adapter keeps its
+    own dropped copy (2 B per element) and dropout's mask instead of the shared input."""
     h, q, kv, d, i = (shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads,
                       shape.head_dim, shape.intermediate_size)
     per_token = 4 * q * d + 4 * kv * d + 4 * q + 2 * FP32
     if not masked:
         return per_token + 16 * h + 8 * i
-    return per_token + 12 * h + 2 * q * d + 10 * i + len(LORA_TARGETS) * 2 * lora_rank
+    adapter_inputs = 0
+    for group in LORA_INPUT_GROUPS:
+        adapted = [proj for proj in group if proj in lora_targets]
+        if adapted:
+            width = lora_input_width(shape, group[0])
+            adapter_inputs += (len(adapted) * (BF16 + dropout_mask_bytes) if lora_dropout else BF16) * width
+    return per_token + 8 * h + 8 * i + adapter_inputs + len(lora_targets) * BF16 * lora_rank
 
 
-def activation_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, masked: bool,
-                    lora_rank: int) -> Item:
+def activation_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, masked: bool) -> Item:
+    """The decoder layers' activations: the dense model's for continued pretraining, the mask-learn
+    student's (`masked`, with the settings' LoRA) for mask-learn."""
     tokens = stage.micro_batch * s.seq_len
-    per_token = block_activation_bytes(shape, masked, lora_rank)
+    per_token = (block_activation_bytes(shape, True, s.lora_rank, s.lora_targets, s.lora_dropout > 0)
+                 if masked else block_activation_bytes(shape))
     block = per_token * tokens
     boundaries = shape.num_hidden_layers * tokens * shape.hidden_size * BF16
     full = shape.num_hidden_layers * block
@@ -377,12 +412,12 @@ def optimizer_step_item(params: int, s: PlanSettings, stage: StageSettings, back
                 f"{held / 2**30:.2f} GiB of activations and logits freed before the step")
 
 
-def lora_params(config: PretrainedConfig, rank: int) -> int:
+def lora_params(config: PretrainedConfig, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
     """r·(in + out) per target projection per layer (A [r, in], B [out, r])."""
     model = meta_model(config)
     layer = model.model.layers[0]
     per_layer = sum(rank * (m.in_features + m.out_features)
-                    for name, m in layer.named_modules() if name.split(".")[-1] in LORA_TARGETS)
+                    for name, m in layer.named_modules() if name.split(".")[-1] in targets)
     return per_layer * config.num_hidden_layers
 
 
@@ -397,8 +432,8 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
     units = attn_unit_count(shape, dry.attn_mode)
     mask_floats = 2 * shape.num_hidden_layers * (units + shape.intermediate_size)  # value + grad
     dual_floats = 2 * shape.num_hidden_layers + 1 + 2                              # per-layer, budget, targets
-    lora = lora_params(config, s.lora_rank)
-    ml_backward = [activation_item(shape, s, ml, masked=True, lora_rank=s.lora_rank),
+    lora = lora_params(config, s.lora_rank, s.lora_targets)
+    ml_backward = [activation_item(shape, s, ml, masked=True),
                    *loss_items(shape, s, ml, "same weights, masks off"), teacher_forward_item(shape, s, ml)]
     mask_learn = StagePlan("mask_learn", [
         *dense_weight_items(counts, s, ml, "frozen weights", "gathered layers"),
@@ -407,7 +442,7 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
         *ml_backward, optimizer_step_item(lora, s, ml, ml_backward),
     ])
-    cpt_backward = [activation_item(pruned, s, cpt, masked=False, lora_rank=0),
+    cpt_backward = [activation_item(pruned, s, cpt, masked=False),
                     *loss_items(pruned, s, cpt, "the dense model")]
     teacher: list[Item] = []
     if cpt.distill:
@@ -440,8 +475,10 @@ def plan_report(config: PretrainedConfig, s: PlanSettings) -> dict:
 def format_report(report: dict) -> str:
     gib = lambda b: f"{b / 2**30:9.2f}"  # noqa: E731
     dry, s = report["dry_run"], report["settings"]
+    targets = "" if tuple(s["lora_targets"]) == LORA_TARGETS else f" on {','.join(s['lora_targets'])}"
+    dropout = f", dropout {s['lora_dropout']:g}" if s["lora_dropout"] else ""
     lines = [f"{s['nodes']} node(s) × {s['gpus_per_node']} GPUs, {s['seq_len']}-token sequences, "
-             f"LoRA r={s['lora_rank']}"]
+             f"LoRA r={s['lora_rank']}{targets}{dropout}"]
     lines += [f"{stage}: micro-batch {s[stage]['micro_batch']}, activation checkpointing "
               f"{'on' if s[stage]['checkpointing'] else 'off'}, offload={s[stage]['offload']}"
               for stage in ("mask_learn", "continued_pretrain")]
@@ -487,6 +524,7 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
 
     return PlanSettings(nodes=cfg.launcher.num_nodes, gpus_per_node=cfg.launcher.num_gpus,
                         seq_len=cfg.data.seq_len, lora_rank=cfg.mask_learn.lora.rank,
+                        lora_targets=tuple(cfg.mask_learn.lora.targets), lora_dropout=cfg.mask_learn.lora.dropout,
                         sparsity=cfg.target.sparsity, attn_mode=cfg.target.attn_mode,
                         ffn_alignment=cfg.target.ffn_alignment, architecture=cfg.hard_prune.architecture,
                         mask_learn=stage(cfg.mask_learn), continued_pretrain=stage(cfg.continued_pretrain))

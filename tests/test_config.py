@@ -47,6 +47,13 @@ def test_dotted_overrides_are_typed() -> None:
      "yet (mask_learn and the one-shot baselines cut attention heads and FFN channels; hard_prune slices hidden "
      "channels and layers only where a masks file lists them); set it to false"),
     ("[target]\nprune_layers = true\n", "target.prune_layers: no stage chooses"),
+    ("[mask_learn.lora]\nrank = 0\n", "mask_learn.lora: rank must be >= 1 and dropout in [0, 1), got rank 0"),
+    ("[mask_learn.lora]\ndropout = 1.0\n", "mask_learn.lora: rank must be >= 1 and dropout in [0, 1), got rank 8, "
+     "dropout 1.0"),
+    ("[mask_learn.lora]\ntargets = [\"q\"]\n", "mask_learn.lora.targets: ['q'] must name each projection at most "
+     "once, one or more of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+    ("[mask_learn.lora]\ntargets = []\n", "mask_learn.lora.targets: [] must name"),
+    ("[mask_learn.lora]\ntargets = [\"q_proj\", \"q_proj\"]\n", "mask_learn.lora.targets: ['q_proj', 'q_proj'] must"),
 ])
 def test_bad_experiment_files_name_the_field(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

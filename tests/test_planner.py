@@ -9,7 +9,7 @@ import pytest
 from maskprune.arch import LlamaShape, ShapeError, budget_for_sparsity
 from maskprune.cli import main
 from maskprune.config import load_config
-from maskprune.planner import (PRESETS, PlanError, PlanSettings, StageSettings, activation_item,
+from maskprune.planner import (LORA_TARGETS, PRESETS, PlanError, PlanSettings, StageSettings, activation_item,
                                block_activation_bytes, count_params, load_model_config, loss_path_copies, meta_model,
                                plan_dry_run, plan_memory, settings_from_config)
 
@@ -218,14 +218,23 @@ def plan_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
 def test_activation_figure_follows_the_checkpointing_flag() -> None:
     shape = LlamaShape.from_hf_config(load_model_config("llama-3-70b"))
     settings = PlanSettings()
-    on = activation_item(shape, settings, StageSettings(checkpointing=True), masked=True, lora_rank=8)
-    off = activation_item(shape, settings, StageSettings(checkpointing=False), masked=True, lora_rank=8)
+    on = activation_item(shape, settings, StageSettings(checkpointing=True), masked=True)
+    off = activation_item(shape, settings, StageSettings(checkpointing=False), masked=True)
     per_token = 12 * 8192 + 6 * 8192 + 4 * 1024 + 4 * 64 + 8 + 10 * 28672 + 7 * 2 * 8
     assert off.gpu_bytes == 80 * per_token * 4096  # every layer's activations kept: ~134 GiB
     assert off.gpu_bytes / 2**30 == pytest.approx(133.9, abs=0.1)
     assert on.gpu_bytes == 80 * 4096 * 8192 * 2 + per_token * 4096
-    two = activation_item(shape, settings, StageSettings(micro_batch=2, checkpointing=True), True, 8)
+    two = activation_item(shape, settings, StageSettings(micro_batch=2, checkpointing=True), True)
     assert two.gpu_bytes == 2 * on.gpu_bytes
+    # LoRA dropout (PEFT recipes' 0.05-0.1): each of the 7 adapters keeps its own dropped bf16 input
+    # and CUDA's bool mask (3 B per element of 5h + q·d + I) instead of the 4 shared inputs
+    # (2·(2h + q·d + I)): +11h + q·d + I = 126,976 B per token, 0.48 GiB per 4,096-token sequence
+    # in the recomputed layer, 38.8 GiB at micro-batch 1 without checkpointing.
+    dropped = PlanSettings(lora_dropout=0.05)
+    on_dropout = activation_item(shape, dropped, StageSettings(checkpointing=True), masked=True)
+    off_dropout = activation_item(shape, dropped, StageSettings(checkpointing=False), masked=True)
+    assert on_dropout.gpu_bytes - on.gpu_bytes == (11 * 8192 + 8192 + 28672) * 4096
+    assert (off_dropout.gpu_bytes - off.gpu_bytes) / 2**30 == pytest.approx(38.75, abs=0.01)
 
 
 @pytest.mark.parametrize("name", sorted(LLAMA3))
@@ -297,6 +306,15 @@ def test_plan_config_takes_each_stage_flag_and_command_line_overrides(
     assert s["continued_pretrain"] == {**s["mask_learn"], "distill": False}
     assert all(plan["gpu_bytes_per_gpu"] > GB80 for name, plan in report["stages"].items()
                if name != "hard_prune")
+    # The file's LoRA targets and dropout reach the plan; --lora-dropout overrides the file's.
+    base = plan_json(capsys, "--config", path)["stages"]["mask_learn"]["gpu_bytes_per_gpu"]
+    report = plan_json(capsys, "--config", path, "--set", 'mask_learn.lora.targets=["q_proj", "v_proj"]',
+                       "--set", "mask_learn.lora.dropout=0.1")
+    assert report["settings"]["lora_targets"] == ["q_proj", "v_proj"] and report["settings"]["lora_dropout"] == 0.1
+    dropped = plan_json(capsys, "--config", path, "--lora-dropout", "0.05")["stages"]["mask_learn"]["gpu_bytes_per_gpu"]
+    assert dropped - base == (11 * 8192 + 8192 + 28672) * 4096  # the recomputed layer's, at micro-batch 1
+    assert main(["plan", "--config", path, "--lora-dropout", "1"]) == 2
+    assert "--lora-dropout in [0, 1)" in capsys.readouterr().err
 
 
 def test_plan_config_offload_comes_from_the_ds_config(capsys: pytest.CaptureFixture[str],
@@ -330,10 +348,13 @@ def test_plan_config_without_an_architecture_says_how_to_give_one(
     assert "--set: overrides a field of --config" in capsys.readouterr().err
 
 
-def saved_bytes_per_token_layer(config, mask_learn: bool) -> float:
+def saved_bytes_per_token_layer(config, mask_learn: bool, lora_targets: tuple[str, ...] = LORA_TARGETS,
+                                lora_dropout: float = 0.0) -> float:
     """What one bf16 decoder layer keeps for backward per token: the bytes of every storage autograd
     saves in a forward (weights excluded), differenced over layers and sequence lengths so the
-    embedding, the head and anything per-sequence drop out."""
+    embedding, the head and anything per-sequence drop out. Layers 3 - 2, not 2 - 1: in the first
+    layer of the student nothing upstream needs a gradient, so without adapters on q / k it keeps
+    no rotary cos / sin, which the later layers share."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -345,13 +366,15 @@ def saved_bytes_per_token_layer(config, mask_learn: bool) -> float:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config.__class__(**{**config.to_dict(), "num_hidden_layers": layers}),
                                                  attn_implementation="sdpa").to(torch.bfloat16)
+        model.train()  # as the stages train it: LoRA's dropout acts only in training mode
         if mask_learn:  # the student as MaskLearner trains it: frozen weights, scored masks, LoRA
             model.requires_grad_(False)
             shape = LlamaShape.from_hf_config(model.config)
             attach_masks(model, MaskState(shape, "query_per_group",
                                           torch.randn(layers, shape.num_attention_heads, requires_grad=True),
                                           torch.randn(layers, shape.intermediate_size, requires_grad=True)))
-            _, adapters = attach_lora(model, LoraConfig(rank=4), seed=0)
+            _, adapters = attach_lora(model, LoraConfig(rank=4, targets=list(lora_targets),
+                                                        dropout=lora_dropout), seed=0)
             for adapter in adapters:
                 adapter.requires_grad_(True)
         weights = {param.untyped_storage().data_ptr() for param in model.parameters()}
@@ -367,7 +390,7 @@ def saved_bytes_per_token_layer(config, mask_learn: bool) -> float:
             model(input_ids=torch.randint(0, config.vocab_size, (2, tokens // 2)), use_cache=False)
         return sum(storages.values())
 
-    return ((saved(2, 128) - saved(1, 128)) - (saved(2, 64) - saved(1, 64))) / 64
+    return ((saved(3, 128) - saved(2, 128)) - (saved(3, 64) - saved(2, 64))) / 64
 
 
 @pytest.mark.parametrize("mask_learn", [False, True], ids=["continued_pretrain", "mask_learn"])
@@ -384,6 +407,26 @@ def test_the_activation_formula_is_what_real_bf16_layers_save(mask_learn: bool, 
     planned = block_activation_bytes(LlamaShape.from_hf_config(config), masked=mask_learn,
                                       lora_rank=4 if mask_learn else 0)
     assert saved_bytes_per_token_layer(config, mask_learn) == planned
+
+
+@pytest.mark.parametrize("lora_targets", [LORA_TARGETS, ("q_proj", "v_proj"), ("o_proj", "down_proj"),
+                                          ("k_proj", "gate_proj", "up_proj")], ids=lambda t: "+".join(t))
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
+def test_the_student_formula_counts_lora_targets_and_dropout(lora_targets: tuple[str, ...],
+                                                             lora_dropout: float) -> None:
+    """The plan had counted adapters on all seven projections, without dropout, whatever the file
+    said: with `mask_learn.lora.dropout > 0` each adapter keeps its own dropped copy of its input and
+    dropout's mask, which at Llama-3-70B is 0.48 GiB more per sequence in the recomputed layer. The
+    CUDA kernel's mask is a bool (1 B); CPU's unfused dropout keeps a bf16 noise tensor (2 B), so
+    here the formula is evaluated with 2."""
+    from transformers import MistralConfig
+
+    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=112, num_key_value_heads=2,
+                           num_attention_heads=6, head_dim=16, sliding_window=None)  # h, q·d and I all differ
+    planned = block_activation_bytes(LlamaShape.from_hf_config(config), masked=True, lora_rank=4,
+                                      lora_targets=lora_targets, lora_dropout=lora_dropout > 0,
+                                      dropout_mask_bytes=2)
+    assert saved_bytes_per_token_layer(config, True, lora_targets, lora_dropout) == planned
 
 
 # Peaks of bench_gpu on one H200 (benchmarks/README: 1.1B dense, 817M pruned at sparsity 0.3, bf16
