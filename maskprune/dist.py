@@ -146,6 +146,10 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+# EX_TEMPFAIL: a stage stopped on request after its last checkpoint (or finished part); run again to resume.
+PREEMPTED_EXIT_CODE = 75
+
+
 class StopFlag:
     """Preemption: SIGUSR1 / SIGTERM or a stop file sets a local flag; `should_stop()` all-reduces it
     at a step boundary so every rank stops after the same step and all save the same checkpoint."""

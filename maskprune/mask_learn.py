@@ -34,7 +34,6 @@ from maskprune.teacher import ShadowTeacher, switched_off
 from maskprune.training import (Checkpointer, TrainingLoop, init_engine, mean_over_ranks,
                                 prepare_for_training)
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
 
 @dataclass

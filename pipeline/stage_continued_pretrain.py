@@ -13,8 +13,7 @@ import torch
 
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dev_texts import dev_windows
-from maskprune.dist import StopFlag, log, stage_argv_parser
-from maskprune.mask_learn import PREEMPTED_EXIT_CODE
+from maskprune.dist import PREEMPTED_EXIT_CODE, StopFlag, log, stage_argv_parser
 from maskprune.pretrain import Pretrainer, build_teacher
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,

@@ -10,11 +10,17 @@ held-out text's windows share a 32-token run with the training split (maskprune.
 corpus may hold a held-out text). One model is loaded at a time (spread over the node's GPUs on
 GPU), measured in full, and freed before the next. Task data must already be on disk
 (`maskprune fetch-eval-data`); nothing is downloaded. Writes RUN/evaluate/results.json and results.md.
+Each part of a model's figures is kept as it is measured (maskprune.eval_parts): a stop request
+(RUN/STOP, SIGUSR1, SIGTERM) ends the stage after the part in progress, and a stopped, preempted or
+killed attempt's parts are not measured again.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,45 +28,87 @@ import torch
 from maskprune.config import DataSource, EvaluateConfig
 from maskprune.corpus import CorpusError, iter_documents
 from maskprune.data import TokenShards
-from maskprune.dist import log, stage_argv_parser
+from maskprune.dist import PREEMPTED_EXIT_CODE, StopFlag, log, stage_argv_parser
+from maskprune.eval_parts import PartStore
 from maskprune.evaluation import (EvaluationError, chunk_lengths, forward_tokens_per_s,
                                   load_model, param_count, perplexity, release_memory, shard_tokens,
                                   text_tokens)
 from maskprune.heldout import (heldout_from_streams, spread_windows, text_label, text_stream,
                                training_token_streams)
+from maskprune.launcher import stop_file_path
 from maskprune.overlap import NGRAM, windows_in_training
-from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text
+from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text, digest_file
 from maskprune.stage import StageRun, run_stage
 from maskprune.text_corpora import CorpusFetchError, require_on_disk
 from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
 
 # (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
 MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "export"))
+PARTS_DIR = "parts"  # RUN/evaluate/parts/<model>/<part>.json: what an interrupted attempt measured
+
+
+def model_parts(tasks: list[dict[str, Any]], cfg: EvaluateConfig) -> list[str]:
+    """The parts of one model's row, in the order they are measured (maskprune.eval_parts)."""
+    return ["model", "ppl", *(["heldout"] if cfg.heldout_texts else []),
+            *(f"zero_shot.{task['task']}" for task in tasks), "throughput"]
 
 
 def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,
                    shard_stream: torch.Tensor | None, tasks: list[dict[str, Any]],
-                   throughput_shape: tuple[int, int]) -> dict[str, Any]:
-    """Every figure of one model, measured while it alone is loaded. Only plain data leaves this
-    function, so the model is garbage once it returns."""
-    model, tokenizer = load_model(path)
-    streams = {"eval_text": text_tokens(tokenizer, iter_documents(eval_text), cfg.eval_text_max_tokens)}
-    if shard_stream is not None:
-        streams["valid_shards"] = shard_stream
-    ppl = {src: {str(n): perplexity(model, ids, n, cfg.batch_size) for n in lengths}
-           for src, ids in streams.items()}
-    heldout = {text_label(t): text_stream(tokenizer, t) for t in cfg.heldout_texts}
+                   throughput_shape: tuple[int, int], parts: PartStore,
+                   stop: StopFlag | None = None) -> dict[str, Any] | None:
+    """Every figure of one model, measured while it alone is loaded, part by part into `parts` (a
+    part already there is not measured again; the model is not loaded when every part is there).
+    None when `stop` asked to stop between two parts. Only plain data leaves this function, so the
+    model is garbage once it returns."""
     vocab, seq_len = throughput_shape
-    return {"path": path, "params": param_count(model), "dtype": str(model.dtype).removeprefix("torch."),
-            "tokens": {src: ids.numel() for src, ids in streams.items()}, "ppl": ppl,
-            "heldout": heldout_from_streams(model, heldout, list(lengths), cfg.heldout_tokens, cfg.batch_size)
-            if heldout else None,
-            "zero_shot": zero_shot(model, tokenizer, tasks, cfg.batch_size, cfg.limit) if tasks else {},
-            "forward_tokens_per_s": forward_tokens_per_s(model, vocab, seq_len, cfg.batch_size,
-                                                         cfg.throughput_steps) if cfg.throughput_steps else None}
+    by_task = {task["task"]: task for task in tasks}
+
+    def measure(part: str, model: torch.nn.Module, tokenizer: Any) -> Any:
+        if part == "model":
+            return {"params": param_count(model), "dtype": str(model.dtype).removeprefix("torch.")}
+        if part == "ppl":
+            streams = {"eval_text": text_tokens(tokenizer, iter_documents(eval_text), cfg.eval_text_max_tokens)}
+            if shard_stream is not None:
+                streams["valid_shards"] = shard_stream
+            return {"tokens": {src: ids.numel() for src, ids in streams.items()},
+                    "ppl": {src: {str(n): perplexity(model, ids, n, cfg.batch_size) for n in lengths}
+                            for src, ids in streams.items()}}
+        if part == "heldout":
+            heldout = {text_label(t): text_stream(tokenizer, t) for t in cfg.heldout_texts}
+            return heldout_from_streams(model, heldout, list(lengths), cfg.heldout_tokens, cfg.batch_size)
+        if part.startswith("zero_shot."):
+            task = part.removeprefix("zero_shot.")
+            return zero_shot(model, tokenizer, [by_task[task]], cfg.batch_size, cfg.limit)[task]
+        return forward_tokens_per_s(model, vocab, seq_len, cfg.batch_size, cfg.throughput_steps) \
+            if cfg.throughput_steps else None
+
+    every = model_parts(tasks, cfg)
+    missing = [part for part in every if part not in parts]
+    if 0 < len(missing) < len(every):
+        log(f"evaluate: {path}: {len(every) - len(missing)} part(s) measured by an earlier attempt are "
+            f"kept; measuring {', '.join(missing)}")
+    model = tokenizer = None
+    for part in missing:
+        if stop is not None and stop.should_stop():
+            return None
+        if model is None:
+            model, tokenizer = load_model(path)
+        parts.put(part, measure(part, model, tokenizer))
+    return {"path": path, **parts["model"], **parts["ppl"],
+            "heldout": parts["heldout"] if cfg.heldout_texts else None,
+            "zero_shot": {task: parts[f"zero_shot.{task}"] for task in by_task},
+            "forward_tokens_per_s": parts["throughput"]}
 
 
-def evaluate_run(run: StageRun) -> dict[str, Any]:
+def device_description() -> str:
+    gpus = torch.cuda.device_count()
+    return f"{gpus} x {torch.cuda.get_device_name()}" if gpus else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def evaluate_run(run: StageRun, stop: StopFlag | None = None) -> dict[str, Any] | None:
+    """The report of every model in `evaluate.models`; None when `stop` asked to stop between two
+    parts (those measured are kept under RUN/evaluate/parts for the next attempt)."""
     from transformers import AutoConfig
 
     cfg = run.cfg.evaluate
@@ -89,11 +137,23 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
                for name, shape in shapes.items()}
     seq_len = min(max(per_model) for per_model in lengths.values())
     vocab = min(shape.vocab_size for shape in shapes.values())
+    device = device_description()
+    # What every part depends on besides its model; evaluate.models only says which models to measure.
+    measured_from = {"evaluate": {k: v for k, v in asdict(cfg).items() if k != "models"},
+                     "eval_text": asdict(run.cfg.data.eval_text), "device": device,
+                     "tokenize": run.run.state("tokenize").completion_id, "throughput_shape": [vocab, seq_len],
+                     "task_files": {spec: digest_file(Path(spec).expanduser())
+                                    for spec in cfg.tasks if spec != "olmo7"}}
+    stages = dict(MODELS)
     for name, path in paths.items():
         report["conventions"].update({str(k): v for k, v in lengths[name].items()})
+        parts = PartStore(run.dir / PARTS_DIR / name, {**measured_from, "model": path,
+                                                        "completion": run.run.state(stages[name]).completion_id})
         row = evaluate_model(path, lengths[name], cfg, run.cfg.data.eval_text, shard_stream, tasks,
-                             (vocab, seq_len))
+                             (vocab, seq_len), parts, stop)
         release_memory()
+        if row is None:
+            return None
         log(f"evaluate: {name}: ppl " + ", ".join(f"{src}@{n} {v['ppl']:.3f}"
                                                  for src, by_len in row["ppl"].items()
                                                  for n, v in by_len.items())
@@ -101,10 +161,8 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
                if row["heldout"] else "")
             + (f"; {row['forward_tokens_per_s']:,.0f} forward tokens/s" if row["forward_tokens_per_s"] else ""))
         report["models"][name] = row
-    gpus = torch.cuda.device_count()
-    report["throughput"] = {"device": f"{gpus} x {torch.cuda.get_device_name()}" if gpus else
-                            f"cpu ({torch.get_num_threads()} threads)", "batch_size": cfg.batch_size,
-                            "seq_len": seq_len, "steps": cfg.throughput_steps}
+    report["throughput"] = {"device": device, "batch_size": cfg.batch_size, "seq_len": seq_len,
+                            "steps": cfg.throughput_steps}
     report["eval_text"] = (f"data.eval_text ({run.cfg.data.eval_text.kind} "
                            f"{run.cfg.data.eval_text.path or run.cfg.data.eval_text.split}): documents "
                            "joined by a newline into one stream, tokenized without special tokens, "
@@ -112,7 +170,15 @@ def evaluate_run(run: StageRun) -> dict[str, Any]:
     report["limit"] = cfg.limit
     report["heldout_tokens"] = cfg.heldout_tokens
     if cfg.heldout_texts:
-        report["heldout_in_training"] = heldout_in_training(run, cfg, sorted(report["conventions"], key=int))
+        lengths_measured = sorted(report["conventions"], key=int)
+        overlap = PartStore(run.dir / PARTS_DIR / "run", {"tokenize": measured_from["tokenize"],
+                                                          "texts": [asdict(t) for t in cfg.heldout_texts],
+                                                          "tokens": cfg.heldout_tokens, "lengths": lengths_measured})
+        if "heldout_in_training" not in overlap:
+            if stop is not None and stop.should_stop():
+                return None
+            overlap.put("heldout_in_training", heldout_in_training(run, cfg, lengths_measured))
+        report["heldout_in_training"] = overlap["heldout_in_training"]
     return report
 
 
@@ -201,21 +267,27 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(["# Evaluation", "", *lines, "", *notes, ""])
 
 
-def main() -> None:
+def main() -> int:
     # Compute nodes are usually offline: a hub or dataset look-up must fail at once, not wait on a
     # network. Set before transformers, datasets and lm_eval are first imported (inside evaluate_run).
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     args = stage_argv_parser(__doc__).parse_args()
     run = StageRun("evaluate", args.run_dir)
     try:
-        report = evaluate_run(run)
+        report = evaluate_run(run, StopFlag(stop_file_path(run.run.root)))
     except (EvaluationError, TaskSpecError, CorpusError, CorpusFetchError) as err:
         print(f"maskprune: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if report is None:
+        log(f"evaluate: stopped on request; the parts measured so far are kept in {run.dir / PARTS_DIR}, "
+            "run again to measure the rest")
+        return PREEMPTED_EXIT_CODE
     atomic_write_json(run.dir / "results.json", report)
     atomic_write_text(run.dir / "results.md", markdown(report))
     log(f"evaluate: wrote {run.dir / 'results.md'}")
+    shutil.rmtree(run.dir / PARTS_DIR, ignore_errors=True)  # results.json holds every part now
     run.finish({"results": str(run.dir / "results.json")})
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from maskprune.arch import LlamaShape
 from maskprune.baselines import one_shot_keep
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dev_texts import dev_windows
-from maskprune.dist import StopFlag, log, stage_argv_parser
+from maskprune.dist import PREEMPTED_EXIT_CODE, StopFlag, log, stage_argv_parser
 from maskprune.importance import unit_scores
 from maskprune.lora import lora_state_dict, save_adapter
-from maskprune.mask_learn import PREEMPTED_EXIT_CODE, assemble_learner, write_summary
+from maskprune.mask_learn import assemble_learner, write_summary
 from maskprune.masks_io import save_keep_indices
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.targets import check_target, resolve_target

