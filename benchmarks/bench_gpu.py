@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fused-adamw", action="store_true",
                         help="torch's fused AdamW (\"fused\": true in the ds_config's optimizer params) "
                              "instead of foreach, whose step makes two fp32 copies of the partition")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="mask-learn's LoRA dropout: the plan counts each adapter's dropped input and "
+                             "CUDA's bool mask (3 B per element), asserted on CPU with its 2-byte noise")
     parser.add_argument("--memory-breakdown", action="store_true",
                         help="one more step per phase under torch's memory profiler: what is live at "
                              "the peak, by category and size (memory_trace.py)")
@@ -165,7 +168,7 @@ def main() -> None:
     cfg = config_from_dict({
         "target": {"sparsity": args.sparsity},
         "mask_learn": {"ds_config": str(ds_config), "activation_checkpointing": checkpointing,
-                       "train": {**train, "lr": 1e-4}},
+                       "lora": {"dropout": args.lora_dropout}, "train": {**train, "lr": 1e-4}},
         "continued_pretrain": {"ds_config": str(ds_config), "activation_checkpointing": checkpointing,
                                "train": {**train, "lr": 5e-5}}})
     config = llama_config(shape_args["vocab"], shape_args["hidden"], shape_args["layers"],
