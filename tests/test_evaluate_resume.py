@@ -37,7 +37,8 @@ QUESTIONS = {"capitals": [("The capital of France is", ["Paris", "purple"], 0)],
              "verbs": [("He said the company", ["will", "banana"], 0), ("The stock market", ["fell", "blue"], 0)]}
 
 
-def evaluate(run_dir: Path, tmp_path: Path, attempt: str, **watch: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def evaluate(run_dir: Path, tmp_path: Path, attempt: str,
+             **watch: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """One attempt of the stage; returns it and the parts it wrote, in order."""
     guard = tmp_path / "watch"
     guard.mkdir(exist_ok=True)
