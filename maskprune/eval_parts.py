@@ -35,14 +35,20 @@ class PartStore:
     def _path(self, part: str) -> Path:
         return self.folder / f"{part}.json"
 
-    def __contains__(self, part: str) -> bool:
+    def _record(self, part: str) -> dict[str, Any] | None:
+        """The stored part, if it was measured from these inputs."""
         path = self._path(part)
-        return path.is_file() and json.loads(path.read_text())["inputs"] == self.inputs
+        record = json.loads(path.read_text()) if path.is_file() else None
+        return record if record is not None and record["inputs"] == self.inputs else None
+
+    def __contains__(self, part: str) -> bool:
+        return self._record(part) is not None
 
     def __getitem__(self, part: str) -> Any:
-        if part not in self:
+        record = self._record(part)
+        if record is None:
             raise KeyError(part)
-        return json.loads(self._path(part).read_text())["value"]
+        return record["value"]
 
     def put(self, part: str, value: Any) -> None:
         """Keep `value` (JSON-able) as `part`, atomically: a kill leaves the old file or the new one.

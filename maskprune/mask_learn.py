@@ -35,7 +35,6 @@ from maskprune.training import (Checkpointer, TrainingLoop, init_engine, mean_ov
                                 prepare_for_training)
 
 
-
 @dataclass
 class MaskLearner(TrainingLoop):
     cfg: ExperimentConfig
