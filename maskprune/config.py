@@ -447,6 +447,10 @@ class EvaluateConfig:
     tasks: list[str] = field(default_factory=list)
     limit: int = 0  # examples per task; 0 = every example
     batch_size: int = 8  # sequences per forward pass: perplexity, zero-shot and throughput alike
+    # Questions per zero-shot part (maskprune.eval_parts), so a stop, preemption or kill loses at most
+    # the part in progress, not a whole task: HellaSwag's 10,042 questions through a dense 70B at
+    # batch 1 are about 40k forward passes. 0 = each task is one part.
+    zero_shot_part_questions: int = 1000
     # Timed forward passes per model, at the longest perplexity chunk; 0 skips the timing (a quality
     # benchmark on a busy CPU need not spend a long-context warm-up pass per model on it).
     throughput_steps: int = 5
@@ -467,8 +471,9 @@ class EvaluateConfig:
         if not self.ppl_chunk_lengths or min(self.ppl_chunk_lengths) < 2:
             raise ConfigError(f"evaluate.ppl_chunk_lengths: need lengths >= 2, e.g. [128, 2048]; "
                               f"got {self.ppl_chunk_lengths}")
-        if self.eval_text_max_tokens < 0 or self.limit < 0:
-            raise ConfigError("evaluate.eval_text_max_tokens / evaluate.limit: must be >= 0 (0 = all)")
+        if self.eval_text_max_tokens < 0 or self.limit < 0 or self.zero_shot_part_questions < 0:
+            raise ConfigError("evaluate.eval_text_max_tokens / evaluate.limit / evaluate.zero_shot_part_questions: "
+                              "must be >= 0 (0 = all)")
         if self.batch_size < 1 or self.throughput_steps < 0:
             raise ConfigError("evaluate.batch_size: must be >= 1; evaluate.throughput_steps: >= 0 (0 = not timed)")
         trained = [t.path for t in self.heldout_texts if t.kind == "corpus" and t.split == "train"]

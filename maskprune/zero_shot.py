@@ -180,23 +180,46 @@ def task_configs(specs: list[str]) -> list[dict[str, Any]]:
     return configs
 
 
-def zero_shot(model, tokenizer, configs: list[dict[str, Any]], batch_size: int,
-              limit: int = 0) -> dict[str, dict[str, float]]:
-    """{task: {"acc", "acc_norm", "n"}} from `lm_eval.simple_evaluate` on an in-memory HF model."""
+def question_counts(configs: list[dict[str, Any]], limit: int = 0) -> dict[str, int]:
+    """{task: questions scored}: every question of the task, or its first `limit` (0 = every one)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    counts = {}
+    for cfg in configs:
+        total = len(ConfigurableTask(config=dict(cfg)).eval_docs)
+        counts[cfg["task"]] = min(total, limit) if limit else total
+    return counts
+
+
+def question_ranges(count: int, per_part: int) -> list[range]:
+    """`count` questions cut into consecutive ranges of `per_part` (0 = one range)."""
+    step = per_part or count
+    return [range(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def correct_counts(model, tokenizer, config: dict[str, Any], questions: range,
+                   batch_size: int) -> dict[str, int]:
+    """{"n", "acc", "acc_norm"}: how many of `questions` (indices into one task's questions) lm-eval
+    scores right by each metric. Counts, not means, so the parts of a task add up (`accuracy`)."""
     from lm_eval import simple_evaluate
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    # Fresh task objects per call: lm-eval caches built requests on them.
-    tasks = [ConfigurableTask(config=dict(cfg)) for cfg in configs]
+    # A fresh task object per call: lm-eval caches built requests on it.
+    task = ConfigurableTask(config=dict(config))
     # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs takes seconds, unused.
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_defaults=False),
-                          limit=limit or None, bootstrap_iters=0, log_samples=False)
-    results = {}
-    for cfg in configs:
-        row = out["results"][cfg["task"]]
-        results[cfg["task"]] = {"acc": row["acc,none"], "acc_norm": row["acc_norm,none"],
-                                "n": out["n-samples"][cfg["task"]]["effective"]}
-    return results
+    out = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_defaults=False),
+                          samples={config["task"]: list(questions)}, bootstrap_iters=0, log_samples=False)
+    row = out["results"][config["task"]]
+    # lm-eval's mean is sum(0/1 per question) / n: times n it is that integer up to rounding.
+    return {"n": len(questions), **{metric: round(row[f"{metric},none"] * len(questions))
+                                    for metric in ("acc", "acc_norm")}}
+
+
+def accuracy(parts: list[dict[str, int]]) -> dict[str, float]:
+    """{"acc", "acc_norm", "n"} of a task from the `correct_counts` of its parts: the same floats
+    lm-eval gives for the whole task in one call (the same sum over the same n)."""
+    n = sum(part["n"] for part in parts)
+    return {**{metric: sum(part[metric] for part in parts) / n for metric in ("acc", "acc_norm")}, "n": n}

@@ -40,29 +40,41 @@ from maskprune.overlap import NGRAM, windows_in_training
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text, digest_file
 from maskprune.stage import StageRun, run_stage
 from maskprune.text_corpora import CorpusFetchError, require_on_disk
-from maskprune.zero_shot import TaskSpecError, task_configs, zero_shot
+from maskprune.zero_shot import (TaskSpecError, accuracy, correct_counts, question_counts,
+                                 question_ranges, task_configs)
 
 # (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
 MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "export"))
 PARTS_DIR = "parts"  # RUN/evaluate/parts/<model>/<part>.json: what an interrupted attempt measured
 
 
-def model_parts(tasks: list[dict[str, Any]], cfg: EvaluateConfig) -> list[str]:
+def zero_shot_parts(tasks: list[dict[str, Any]], cfg: EvaluateConfig) -> dict[str, dict[str, range]]:
+    """{task: {part: question range}}: each task's questions cut into parts of
+    evaluate.zero_shot_part_questions, named `zero_shot.<task>.<first>-<end>` (end excluded)."""
+    counts = question_counts(tasks, cfg.limit)
+    return {task: {f"zero_shot.{task}.{q.start}-{q.stop}": q
+                   for q in question_ranges(count, cfg.zero_shot_part_questions)}
+            for task, count in counts.items()}
+
+
+def model_parts(zero_shot_by_task: dict[str, dict[str, range]], cfg: EvaluateConfig) -> list[str]:
     """The parts of one model's row, in the order they are measured (maskprune.eval_parts)."""
     return ["model", "ppl", *(["heldout"] if cfg.heldout_texts else []),
-            *(f"zero_shot.{task['task']}" for task in tasks), "throughput"]
+            *(part for by_part in zero_shot_by_task.values() for part in by_part), "throughput"]
 
 
 def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,
                    shard_stream: torch.Tensor | None, tasks: list[dict[str, Any]],
-                   throughput_shape: tuple[int, int], parts: PartStore,
-                   stop: StopFlag | None = None) -> dict[str, Any] | None:
+                   zero_shot_by_task: dict[str, dict[str, range]], throughput_shape: tuple[int, int],
+                   parts: PartStore, stop: StopFlag | None = None) -> dict[str, Any] | None:
     """Every figure of one model, measured while it alone is loaded, part by part into `parts` (a
     part already there is not measured again; the model is not loaded when every part is there).
     None when `stop` asked to stop between two parts. Only plain data leaves this function, so the
     model is garbage once it returns."""
     vocab, seq_len = throughput_shape
     by_task = {task["task"]: task for task in tasks}
+    questions = {part: (by_task[task], q) for task, by_part in zero_shot_by_task.items()
+                 for part, q in by_part.items()}
 
     def measure(part: str, model: torch.nn.Module, tokenizer: Any) -> Any:
         if part == "model":
@@ -77,13 +89,12 @@ def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval
         if part == "heldout":
             heldout = {text_label(t): text_stream(tokenizer, t) for t in cfg.heldout_texts}
             return heldout_from_streams(model, heldout, list(lengths), cfg.heldout_tokens, cfg.batch_size)
-        if part.startswith("zero_shot."):
-            task = part.removeprefix("zero_shot.")
-            return zero_shot(model, tokenizer, [by_task[task]], cfg.batch_size, cfg.limit)[task]
+        if part in questions:
+            return correct_counts(model, tokenizer, *questions[part], cfg.batch_size)
         return forward_tokens_per_s(model, vocab, seq_len, cfg.batch_size, cfg.throughput_steps) \
             if cfg.throughput_steps else None
 
-    every = model_parts(tasks, cfg)
+    every = model_parts(zero_shot_by_task, cfg)
     missing = [part for part in every if part not in parts]
     if 0 < len(missing) < len(every):
         log(f"evaluate: {path}: {len(every) - len(missing)} part(s) measured by an earlier attempt are "
@@ -97,7 +108,8 @@ def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval
         parts.put(part, measure(part, model, tokenizer))
     return {"path": path, **parts["model"], **parts["ppl"],
             "heldout": parts["heldout"] if cfg.heldout_texts else None,
-            "zero_shot": {task: parts[f"zero_shot.{task}"] for task in by_task},
+            "zero_shot": {task: accuracy([parts[part] for part in by_part])
+                          for task, by_part in zero_shot_by_task.items()},
             "forward_tokens_per_s": parts["throughput"]}
 
 
@@ -114,6 +126,7 @@ def evaluate_run(run: StageRun, stop: StopFlag | None = None) -> dict[str, Any] 
     cfg = run.cfg.evaluate
     tasks = task_configs(cfg.tasks)  # bad task files and missing task data fail before any model loads
     require_on_disk(cfg.heldout_texts)
+    zero_shot_by_task = zero_shot_parts(tasks, cfg)
     report: dict[str, Any] = {"models": {}, "skipped": {}, "conventions": {}}
     try:
         shard_stream = shard_tokens(run.upstream("tokenize", "data"), cfg.eval_text_max_tokens)
@@ -138,8 +151,11 @@ def evaluate_run(run: StageRun, stop: StopFlag | None = None) -> dict[str, Any] 
     seq_len = min(max(per_model) for per_model in lengths.values())
     vocab = min(shape.vocab_size for shape in shapes.values())
     device = device_description()
-    # What every part depends on besides its model; evaluate.models only says which models to measure.
-    measured_from = {"evaluate": {k: v for k, v in asdict(cfg).items() if k != "models"},
+    # What every part depends on besides its model. evaluate.models only says which models to measure;
+    # a zero-shot part's name holds its questions, so a user who lowers zero_shot_part_questions to fit
+    # a partition keeps every other part.
+    measured_from = {"evaluate": {k: v for k, v in asdict(cfg).items()
+                                  if k not in ("models", "zero_shot_part_questions")},
                      "eval_text": asdict(run.cfg.data.eval_text), "device": device,
                      "tokenize": run.run.state("tokenize").completion_id, "throughput_shape": [vocab, seq_len],
                      "task_files": {spec: digest_file(Path(spec).expanduser())
@@ -150,7 +166,7 @@ def evaluate_run(run: StageRun, stop: StopFlag | None = None) -> dict[str, Any] 
         parts = PartStore(run.dir / PARTS_DIR / name, {**measured_from, "model": path,
                                                         "completion": run.run.state(stages[name]).completion_id})
         row = evaluate_model(path, lengths[name], cfg, run.cfg.data.eval_text, shard_stream, tasks,
-                             (vocab, seq_len), parts, stop)
+                             zero_shot_by_task, (vocab, seq_len), parts, stop)
         release_memory()
         if row is None:
             return None

@@ -111,10 +111,10 @@ def test_evaluate_model_keeps_no_reference_to_the_model(tokenizer_dir: Path, tmp
     stage.load_model = load_and_watch
     cfg = EvaluateConfig(eval_text_max_tokens=600, ppl_chunk_lengths=[128, 256], batch_size=4,
                          throughput_steps=1)
+    tasks = task_configs([str(write_task(tmp_path))])
     row = stage.evaluate_model(str(tmp_path / "m"), chunk_lengths([128, 256], 256), cfg,
-                               DataSource(kind="treebank", split="test"), None,
-                               task_configs([str(write_task(tmp_path))]), (1024, 256),
-                               PartStore(tmp_path / "parts", {}))
+                               DataSource(kind="treebank", split="test"), None, tasks,
+                               stage.zero_shot_parts(tasks, cfg), (1024, 256), PartStore(tmp_path / "parts", {}))
     gc.collect()
     assert len(loaded) == 1 and loaded[0]() is None
     assert row["zero_shot"]["capitals"]["n"] == len(QUESTIONS) and row["forward_tokens_per_s"] > 0

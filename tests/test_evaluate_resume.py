@@ -77,11 +77,14 @@ def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, 
         cfg = run.load_config()
         cfg.evaluate.heldout_texts, cfg.evaluate.heldout_tokens = [
             type(cfg.data.eval_text)(kind="text", path=str(held))], 512
+        cfg.evaluate.zero_shot_part_questions = 1  # "verbs" in two parts: a kill can fall inside a task
         run.write_config(cfg)
         return run_dir
 
-    # Per model: model, ppl, heldout, two zero-shot tasks, throughput; then the run's overlap count.
-    per_model = ["model", "ppl", "heldout", "zero_shot.capitals", "zero_shot.verbs", "throughput"]
+    # Per model: model, ppl, heldout, two zero-shot tasks (one question per part), throughput; then
+    # the run's overlap count.
+    per_model = ["model", "ppl", "heldout", "zero_shot.capitals.0-1", "zero_shot.verbs.0-1",
+                 "zero_shot.verbs.1-2", "throughput"]
     every_part = [f"{name}/{part}" for name in ("dense", "pruned", "pruned+cpt") for part in per_model]
     every_part.append("run/heldout_in_training")
 
@@ -92,36 +95,50 @@ def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, 
     assert not (reference / "evaluate" / "parts").exists()  # results.json holds them all
 
     run_dir = new_run(tmp_path / "b")
-    # A stop request after the 4th part (dense's first zero-shot task): the stage ends before the 5th,
+    # A stop request after the 4th part (dense's first zero-shot part): the stage ends before the 5th,
     # writes no results and says how to go on.
     proc, first = evaluate(run_dir, tmp_path, "first", AFTER_PARTS="4", THEN="stop")
     assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-4000:]
     assert first == every_part[:4] and "evaluate: stopped on request" in proc.stdout
     assert not (run_dir / "evaluate" / "results.json").exists()
     (run_dir / "STOP").unlink()  # as `maskprune run` does when it starts again
-    # Killed after 5 more parts (inside the pruned model): the parts written so far survive.
-    proc, second = evaluate(run_dir, tmp_path, "second", AFTER_PARTS="5", THEN="kill")
+    # Killed after 8 more parts (inside the pruned model's "verbs" task): the parts written so far survive.
+    proc, second = evaluate(run_dir, tmp_path, "second", AFTER_PARTS="8", THEN="kill")
     assert proc.returncode == -9
-    assert second == every_part[4:9]
-    assert "4 part(s) measured by an earlier attempt are kept; measuring zero_shot.verbs, throughput" in proc.stdout
+    assert second == every_part[4:12]
+    assert ("4 part(s) measured by an earlier attempt are kept; measuring zero_shot.verbs.0-1, "
+            "zero_shot.verbs.1-2, throughput") in proc.stdout
     proc, third = evaluate(run_dir, tmp_path, "third")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert third == every_part[9:]  # dense was not even loaded again
+    assert third == every_part[12:]  # dense was not even loaded again; pruned's task went on at its 2nd part
+    assert "5 part(s) measured by an earlier attempt are kept; measuring zero_shot.verbs.1-2, throughput" in proc.stdout
     assert first + second + third == every_part
     assert figures(run_dir) == figures(reference)
     assert not (run_dir / "evaluate" / "parts").exists()
 
     # Parts are valid only for what they were measured from: a pruned model from a re-run hard_prune
-    # (another completion) is measured afresh, the dense model's parts are kept.
+    # (another completion) is measured afresh, the dense model's parts are kept. Zero-shot parts of
+    # another size (a user fitting a part to the partition's time limit) are new parts, the other
+    # parts of the same model are kept.
     run_dir = new_run(tmp_path / "c")
     proc, first = evaluate(run_dir, tmp_path, "c_first", AFTER_PARTS="9", THEN="kill")
     assert proc.returncode == -9 and first == every_part[:9]
     random_llama(tmp_path / "pruned2", tokenizer_dir, 64, 2, 2, 1, 96, seed=7)
-    RunDir(run_dir).mark_done("hard_prune", {"model": str(tmp_path / "pruned2")})
+    run = RunDir(run_dir)
+    run.mark_done("hard_prune", {"model": str(tmp_path / "pruned2")})
+    cfg = run.load_config()
+    cfg.evaluate.zero_shot_part_questions = 2
+    run.write_config(cfg)
     proc, rest = evaluate(run_dir, tmp_path, "c_rest")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert rest == every_part[6:]  # pruned from its first part, dense's six kept
-    results = figures(run_dir)
-    assert results["models"]["dense"] == figures(reference)["models"]["dense"]
+    resized = [part for part in per_model if "verbs" not in part]
+    resized.insert(4, "zero_shot.verbs.0-2")
+    assert rest == ["dense/zero_shot.verbs.0-2", *(f"{name}/{part}" for name in ("pruned", "pruned+cpt")
+                                                   for part in resized), "run/heldout_in_training"]
+    results, before = figures(run_dir), figures(reference)
+    dense = results["models"]["dense"]
+    assert dense["zero_shot"]["verbs"]["n"] == 2
+    assert {k: v for k, v in dense.items() if k != "zero_shot"} == \
+        {k: v for k, v in before["models"]["dense"].items() if k != "zero_shot"}
     assert results["models"]["pruned"]["path"] == str(tmp_path / "pruned2")
-    assert results["models"]["pruned"]["params"] != figures(reference)["models"]["pruned"]["params"]
+    assert results["models"]["pruned"]["params"] != before["models"]["pruned"]["params"]

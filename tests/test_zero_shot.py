@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from maskprune.zero_shot import (OLMO7, TaskSpecError, fetch_eval_data, olmo7_configs, task_configs,
-                                 zero_shot)
+from maskprune.zero_shot import (OLMO7, TaskSpecError, accuracy, correct_counts, fetch_eval_data,
+                                 olmo7_configs, question_counts, question_ranges, task_configs)
 
 QUESTIONS = [
     ("The company said its profit", ["rose", "banana", "purple"], 0),
@@ -36,16 +36,47 @@ def write_task(path: Path) -> Path:
 
 def test_local_multiple_choice_task_is_deterministic(tiny_model, tmp_path: Path):
     model, tokenizer = tiny_model
-    configs = task_configs([str(write_task(tmp_path / "finance.jsonl"))])
-    first = zero_shot(model, tokenizer, configs, batch_size=4)
-    second = zero_shot(model, tokenizer, configs, batch_size=2)
-    assert first == second
-    row = first["finance"]
-    assert row["n"] == len(QUESTIONS)
-    assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["acc_norm"] <= 1.0
-    # acc is a mean over 5 questions: a multiple of 1/5
-    assert round(row["acc"] * len(QUESTIONS), 6) == int(round(row["acc"] * len(QUESTIONS)))
-    assert zero_shot(model, tokenizer, configs, batch_size=4, limit=2)["finance"]["n"] == 2
+    [config] = task_configs([str(write_task(tmp_path / "finance.jsonl"))])
+    assert config["task"] == "finance"
+    assert question_counts([config]) == {"finance": len(QUESTIONS)}
+    assert question_counts([config], limit=2) == {"finance": 2}
+    first = correct_counts(model, tokenizer, config, range(len(QUESTIONS)), batch_size=4)
+    assert first == correct_counts(model, tokenizer, config, range(len(QUESTIONS)), batch_size=2)
+    assert first["n"] == len(QUESTIONS) and 0 <= first["acc"] <= 5 and 0 <= first["acc_norm"] <= 5
+    row = accuracy([first])
+    assert row == {"acc": first["acc"] / 5, "acc_norm": first["acc_norm"] / 5, "n": 5}
+
+
+def test_a_task_in_parts_scores_as_the_whole_task(tiny_model, tmp_path: Path):
+    """The stage measures a task in parts of evaluate.zero_shot_part_questions (a kill loses one part,
+    not the task): each part scores exactly its questions, and the parts add up to lm-eval's figures
+    for the whole task in one call."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tokenizer = tiny_model
+    # Each question twice, gold first on one choice then on the other: whatever the model prefers,
+    # exactly one of each pair is right, so the verdicts alternate within the file.
+    task = tmp_path / "pairs.jsonl"
+    task.write_text("\n".join(json.dumps({"query": q, "choices": c[:2], "gold": gold})
+                              for q, c, _ in QUESTIONS[:3] for gold in (0, 1)) + "\n")
+    [config] = task_configs([str(task)])
+    assert question_ranges(6, 4) == [range(0, 4), range(4, 6)]
+    assert question_ranges(6, 0) == question_ranges(6, 6) == [range(0, 6)]
+    each = [correct_counts(model, tokenizer, config, range(i, i + 1), batch_size=1) for i in range(6)]
+    assert [one["acc"] for one in each[0::2]] == [1 - one["acc"] for one in each[1::2]]
+    for per_part in (1, 3, 4, 5, 6):
+        parts = [correct_counts(model, tokenizer, config, q, batch_size=1) for q in question_ranges(6, per_part)]
+        for part, q in zip(parts, question_ranges(6, per_part)):
+            assert part == {"n": len(q), **{m: sum(each[i][m] for i in q) for m in ("acc", "acc_norm")}}
+        assert accuracy(parts) == accuracy(each)
+    whole = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1),
+                            tasks=[ConfigurableTask(config=dict(config))], bootstrap_iters=0,
+                            task_manager=TaskManager(include_defaults=False), log_samples=False)
+    assert accuracy(each) == {"acc": whole["results"]["pairs"]["acc,none"],
+                              "acc_norm": whole["results"]["pairs"]["acc_norm,none"], "n": 6}
 
 
 @pytest.mark.parametrize("line, fix", [
@@ -77,8 +108,10 @@ def test_olmo7_preset_runs_offline(tiny_model):
         assert len(datasets.load_from_disk(str(data_dir / folder))) == sizes[name]
     model, tokenizer = tiny_model
     start = time.perf_counter()
-    results = zero_shot(model, tokenizer, olmo7_configs(), batch_size=4, limit=2)
+    configs = olmo7_configs()
+    assert question_counts(configs) == sizes
+    results = {cfg["task"]: correct_counts(model, tokenizer, cfg, range(2), batch_size=4) for cfg in configs}
     print(f"olmo7 --limit 2 on the tiny model: {time.perf_counter() - start:.1f} s")
     assert set(results) == set(OLMO7)
     for row in results.values():
-        assert row["n"] == 2 and 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["acc_norm"] <= 1.0
+        assert row["n"] == 2 and 0 <= row["acc"] <= 2 and 0 <= row["acc_norm"] <= 2
