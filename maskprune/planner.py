@@ -203,12 +203,14 @@ def _check_export(source: torch.nn.Module, target: torch.nn.Module, shape: Llama
 @dataclass
 class StageSettings:
     """What a training stage sets for itself: its micro-batch, checkpointing, offload (its ds_config)
-    and whether it distills from the dense model's logits (distill.kl_weight > 0)."""
+    and whether it distills from the dense model's logits (distill.kl_weight > 0) and final hidden
+    states (distill.hidden_weight > 0; mask-learn only)."""
 
     micro_batch: int = 1
     checkpointing: bool = True
     offload: Offload = "none"
     distill: bool = False
+    distill_hidden: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
@@ -351,13 +353,23 @@ def logits_item(shape: LlamaShape, s: PlanSettings, stage: StageSettings, name: 
     return Item(name, size, 0, f"B·T·V·4 fp32 × {copies:g}")
 
 
+# Peak bytes per element of the final hidden states (B·T·h) of hidden-state distillation
+# (maskprune.losses.hidden_mse and its backward), measured with torch's memory profiler
+# (tests/test_planner.py): the teacher's bf16 normed states, fp32 copies of both (kept for backward),
+# the MSE's work and the gradient in fp32 and bf16.
+HIDDEN_DISTILL_BYTES = 18
+
+
 def loss_items(shape: LlamaShape, s: PlanSettings, stage: StageSettings, teacher: str) -> list[Item]:
     tokens = stage.micro_batch * s.seq_len
+    hidden = [Item("hidden-state distillation (fp32 MSE, grads)", HIDDEN_DISTILL_BYTES * tokens * shape.hidden_size,
+                   0, f"B·T·h × {HIDDEN_DISTILL_BYTES} B")] if stage.distill_hidden else []
     if not stage.distill:
-        return [logits_item(shape, s, stage, "logits, chunked CE loss, grads", loss_path_copies(tokens, False))]
+        return [logits_item(shape, s, stage, "logits, chunked CE loss, grads", loss_path_copies(tokens, False)),
+                *hidden]
     return [logits_item(shape, s, stage, "student logits, chunked CE and distillation, grads",
                         loss_path_copies(tokens, True)),
-            logits_item(shape, s, stage, f"teacher logits (bf16, {teacher})", 0.5)]
+            logits_item(shape, s, stage, f"teacher logits (bf16, {teacher})", 0.5), *hidden]
 
 
 def dense_weight_items(counts: ParamCount, s: PlanSettings, stage: StageSettings, weights: str,
@@ -520,7 +532,8 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
         return StageSettings(micro_batch=section.train.micro_batch_size,
                              checkpointing=section.activation_checkpointing,
                              offload=offload_of(load_ds_config(section.ds_config, section.train)),
-                             distill=section.distill.kl_weight > 0)
+                             distill=section.distill.kl_weight > 0,
+                             distill_hidden=section.distill.hidden_weight > 0)
 
     return PlanSettings(nodes=cfg.launcher.num_nodes, gpus_per_node=cfg.launcher.num_gpus,
                         seq_len=cfg.data.seq_len, lora_rank=cfg.mask_learn.lora.rank,

@@ -141,6 +141,45 @@ def test_distillation_settings_decide_the_teacher_items() -> None:
     assert cpt[step] == 0 < -step_change  # here the teacher's share covers them
 
 
+def test_the_plan_counts_what_hidden_state_distillation_allocates() -> None:
+    """mask_learn.distill.hidden_weight > 0 adds the MSE of the final hidden states: its peak, as
+    torch's memory profiler sees it from the teacher's normed states to the gradient, is what the
+    plan adds per element of B·T·h; at Llama-2-70B, 4,096 tokens, that is 0.56 GiB per GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    from maskprune.losses import hidden_mse
+    from maskprune.planner import HIDDEN_DISTILL_BYTES
+
+    batch, seq, hidden = 2, 64, 256
+    torch.manual_seed(0)
+    states = torch.randn(batch, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
+    student = states * 1.0  # the student's normed states: a node of the graph, as the final norm's output
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        teacher = torch.randn(batch, seq, hidden, dtype=torch.bfloat16)
+        hidden_mse(student, teacher).backward()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    measured = peak / (batch * seq * hidden)
+    assert measured - 0.01 <= HIDDEN_DISTILL_BYTES <= measured + 0.5, measured
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml",
+                      ["mask_learn.distill.hidden_weight=0.5"])
+    assert settings_from_config(cfg).mask_learn.distill_hidden
+    assert not settings_from_config(cfg).continued_pretrain.distill_hidden
+    name = "hidden-state distillation (fp32 MSE, grads)"
+    for distill in (True, False):  # with and without logit distillation
+        on = PlanSettings(nodes=4, gpus_per_node=8, mask_learn=StageSettings(distill=distill, distill_hidden=True))
+        off = PlanSettings(nodes=4, gpus_per_node=8, mask_learn=StageSettings(distill=distill))
+        with_hidden, without = (plan_memory(load_model_config("llama-2-70b"), s)[0][0] for s in (on, off))
+        items = {item.name: item.gpu_bytes for item in with_hidden.items}
+        assert items[name] == 18 * 4096 * 8192 == with_hidden.gpu_bytes() - without.gpu_bytes()
+        assert name not in {item.name for item in without.items}
+
+
 def test_param_offload_moves_frozen_weights_to_host_memory() -> None:
     settings = PlanSettings(nodes=4, gpus_per_node=8, mask_learn=StageSettings(offload="param"),
                             continued_pretrain=StageSettings(offload="param"))
@@ -273,7 +312,8 @@ def test_shipped_llama3_config_fits_80gb_and_prunes_to_an_admissible_shape(
     report = plan_json(capsys, "--config", path)
     assert report["settings"]["nodes"] == cfg.launcher.num_nodes
     assert report["settings"]["mask_learn"] == {"micro_batch": cfg.mask_learn.train.micro_batch_size,
-                                                "checkpointing": True, "offload": "none", "distill": True}
+                                                "checkpointing": True, "offload": "none", "distill": True,
+                                                "distill_hidden": False}
     # The dry run built source and pruned model on the meta device and sliced one into the other.
     dry = report["dry_run"]
     pruned = dry["pruned_shape"]
@@ -299,11 +339,13 @@ def test_plan_config_takes_each_stage_flag_and_command_line_overrides(
     assert ml["gpu_bytes_per_gpu"] > GB80 and cpt["gpu_bytes_per_gpu"] < GB80
     assert "activations (checkpointing)" in {i["name"] for i in cpt["items"]}
     # Flags on the command line win over the file (for both stages).
-    report = plan_json(capsys, "--config", path, "--no-checkpointing", "--micro-batch", "2", "--nodes", "4")
+    report = plan_json(capsys, "--config", path, "--no-checkpointing", "--micro-batch", "2", "--nodes", "4",
+                       "--set", "mask_learn.distill.hidden_weight=0.1")
     s = report["settings"]
     assert s["nodes"] == 4 and s["gpus_per_node"] == 8 and s["seq_len"] == 4096
-    assert s["mask_learn"] == {"micro_batch": 2, "checkpointing": False, "offload": "none", "distill": True}
-    assert s["continued_pretrain"] == {**s["mask_learn"], "distill": False}
+    assert s["mask_learn"] == {"micro_batch": 2, "checkpointing": False, "offload": "none", "distill": True,
+                               "distill_hidden": True}
+    assert s["continued_pretrain"] == {**s["mask_learn"], "distill": False, "distill_hidden": False}
     assert all(plan["gpu_bytes_per_gpu"] > GB80 for name, plan in report["stages"].items()
                if name != "hard_prune")
     # The file's LoRA targets and dropout reach the plan; --lora-dropout overrides the file's.
