@@ -15,7 +15,8 @@ def one_shot_keep(model: torch.nn.Module, batches: list[torch.Tensor], cfg: Expe
     """Keep indices of `mask_learn.method` (magnitude, wanda_sp, flap, taylor, random); FLAP also
     gets its bias compensation. Every rank must call it (it gathers ZeRO-3 weights)."""
     method, mode = cfg.mask_learn.method, cfg.target.attn_mode
-    scores = unit_scores(model, batches, method, shape, mode, seed=cfg.mask_learn.train.seed)
+    scores = unit_scores(model, batches, method, shape, mode, seed=cfg.mask_learn.train.seed,
+                         checkpointing=cfg.mask_learn.activation_checkpointing)
     attn_units, ffn_width = one_shot_units(shape, cfg)
     keep = keep_from_scores(scores["attn"], scores["ffn"], shape, attn_units, ffn_width, mode, method)
     if method == "flap":

@@ -17,6 +17,7 @@ collectives. `_batch_list` checks that up front instead of hanging.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -379,14 +380,43 @@ def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) ->
     return {name: torch.stack(rows) for name, rows in out.items()}
 
 
+@contextlib.contextmanager
+def _recomputed_layers(model: nn.Module) -> Iterator[None]:
+    """Each decoder layer's forward under reentrant activation checkpointing: backward recomputes one
+    layer at a time, so a backward pass holds the layers' inputs and one layer's activations, not
+    every layer's (Llama-3-70B: ~1.6 GB per layer per 4,096 tokens, 80 layers). Reentrant, because its
+    backward runs through the recomputed graph, where Taylor's taps see the activations and register
+    their gradient hooks; the first forward runs without grad. The model stays in eval mode (HF's own
+    checkpointing only acts in train mode, which would switch dropout on)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(_layers(model))
+    own = [layer.__dict__.get("forward") for layer in layers]  # a wrapper someone set on the instance
+    for layer in layers:
+        def recomputed(*args: object, _forward=layer.forward, **kwargs: object) -> object:
+            # Keyword arguments (mask, rotary tables) never need a gradient: bound, not checkpoint inputs.
+            return checkpoint(functools.partial(_forward, **kwargs), *args, use_reentrant=True)
+        layer.forward = recomputed
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 def _hidden_states(layer_output: Tensor | tuple[Tensor, ...]) -> Tensor:
     """A decoder layer's output hidden states (transformers 5 returns the tensor, 4.x a tuple)."""
     return layer_output[0] if isinstance(layer_output, tuple) else layer_output
 
 
-def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: str) -> dict[str, Tensor]:
+def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: str,
+            checkpointing: bool) -> dict[str, Tensor]:
     """First-order Taylor (LLM-Pruner, vector-wise): |Σ_{w in unit} w · ∂L/∂w|, gradients summed over
-    the calibration batches.
+    the calibration batches; with `checkpointing`, each layer's activations are recomputed in backward
+    (`_recomputed_layers`), to the same scores.
 
     For a linear y = x Wᵀ the sum over an output row r is Σ_t y_tr · ∂L/∂y_tr and over an input
     column c it is Σ_t x_tc · ∂L/∂x_tc, so hooks on activations give it exactly without ever
@@ -403,6 +433,8 @@ def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: st
     def tap(name: str, index: int, group: int, use_input: bool):
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             act = args[0] if use_input else output
+            if not act.requires_grad:  # checkpointing's first forward; the recomputation is tapped
+                return
             saved = act.detach()
 
             def on_grad(grad: Tensor) -> None:
@@ -427,7 +459,8 @@ def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: st
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with _eval_mode(model), torch.enable_grad(), _zero3_gathering(model, backward=True):
+        recompute = _recomputed_layers(model) if checkpointing else contextlib.nullcontext()
+        with _eval_mode(model), torch.enable_grad(), _zero3_gathering(model, backward=True), recompute:
             for batch in batches:
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
     finally:
@@ -451,10 +484,12 @@ def _random(shape: LlamaShape, mode: str, seed: int) -> dict[str, Tensor]:
 
 
 def unit_scores(model: nn.Module, batches: Iterable[Tensor], method: str, shape: LlamaShape,
-                mode: str, seed: int = 0) -> dict[str, Tensor]:
+                mode: str, seed: int = 0, checkpointing: bool = False) -> dict[str, Tensor]:
     """{"attn": [L, U], "ffn": [L, I]} float32 on CPU, identical on every rank; higher = keep.
 
-    `batches`: this rank's calibration LongTensors [b, T] (ignored by magnitude and random)."""
+    `batches`: this rank's calibration LongTensors [b, T] (ignored by magnitude and random).
+    `checkpointing`: Taylor's backward recomputes each layer's activations instead of holding every
+    layer's (mask_learn.activation_checkpointing; a 70B's would not fit)."""
     if method not in METHODS:
         raise ImportanceError(f"importance method {method!r} is not one of {', '.join(METHODS)}")
     if mode not in ("query_per_group", "kv_group"):
@@ -464,7 +499,7 @@ def unit_scores(model: nn.Module, batches: Iterable[Tensor], method: str, shape:
     elif method == "magnitude":
         scores = _magnitude(model, shape, mode)
     elif method == "taylor":
-        scores = _taylor(model, _batch_list(batches, _device(model)), shape, mode)
+        scores = _taylor(model, _batch_list(batches, _device(model)), shape, mode, checkpointing)
     else:
         scores = (_wanda_sp if method == "wanda_sp" else _flap)(model, input_stats(model, batches), shape, mode)
     return {name: value.float().cpu() for name, value in scores.items()}

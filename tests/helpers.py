@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -130,3 +130,19 @@ def run_with_checkpoints(tmp_path: Path, until: str = "evaluate") -> RunDir:
         run.mark_running(stage, cfg)
         run.mark_done(stage, outputs.get(stage, {}))
     return run
+
+
+def peak_allocated_bytes(work: Callable[[], object]) -> int:
+    """The peak of what `work` allocates on the CPU and has not freed, from torch's memory profiler
+    (exact, unlike RSS: no allocator caching, no other threads)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        work()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak

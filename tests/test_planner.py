@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import peak_allocated_bytes
 from maskprune.arch import LlamaShape, ShapeError, budget_for_sparsity
 from maskprune.cli import main
 from maskprune.config import load_config
@@ -67,8 +68,6 @@ def loss_path_peak(teacher: bool, temperature: float) -> float:
     """Peak bytes the loss path allocates (bf16 logits from a head, `lm_losses`, backward), from
     torch's memory profiler, in B·T·V fp32 tensors; a teacher's bf16 logits exist beforehand."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
 
     from maskprune.losses import lm_losses
 
@@ -78,15 +77,11 @@ def loss_path_peak(teacher: bool, temperature: float) -> float:
     states = torch.randn(batch, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (batch, seq))
     teacher_logits = head(torch.randn(batch, seq, hidden, dtype=torch.bfloat16)).detach() if teacher else None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+
+    def loss_and_backward() -> None:
         ce, kl = lm_losses(head(states), labels, teacher_logits, temperature)
         (ce if kl is None else ce + kl).backward()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-        peak = max(peak, live)
-    return peak / (batch * seq * vocab * 4)
+    return peak_allocated_bytes(loss_and_backward) / (batch * seq * vocab * 4)
 
 
 @pytest.mark.parametrize("chunk_tokens", [1024, 32, 8])  # one chunk, 1/4 and 1/16 of the 128 tokens
@@ -146,8 +141,6 @@ def test_the_plan_counts_what_hidden_state_distillation_allocates() -> None:
     torch's memory profiler sees it from the teacher's normed states to the gradient, is what the
     plan adds per element of B·T·h; at Llama-2-70B, 4,096 tokens, that is 0.56 GiB per GPU."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
 
     from maskprune.losses import hidden_mse
     from maskprune.planner import HIDDEN_DISTILL_BYTES
@@ -156,14 +149,8 @@ def test_the_plan_counts_what_hidden_state_distillation_allocates() -> None:
     torch.manual_seed(0)
     states = torch.randn(batch, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
     student = states * 1.0  # the student's normed states: a node of the graph, as the final norm's output
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        teacher = torch.randn(batch, seq, hidden, dtype=torch.bfloat16)
-        hidden_mse(student, teacher).backward()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-        peak = max(peak, live)
-    measured = peak / (batch * seq * hidden)
+    measured = peak_allocated_bytes(lambda: hidden_mse(student, torch.randn(batch, seq, hidden, dtype=torch.bfloat16))
+                                    .backward()) / (batch * seq * hidden)
     assert measured - 0.01 <= HIDDEN_DISTILL_BYTES <= measured + 0.5, measured
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.toml",

@@ -4,8 +4,9 @@
 
 BATCHES.pt holds a list of LongTensors; rank r takes batches r, r + world, ... . Each rank writes
 OUT_DIR/rank{r}.safetensors with "{bare|engine}.{mode}.{method}.{attn|ffn}" tensors: scored
-before and after deepspeed.initialize, in both attention modes; and "{bare|engine}.{mode}.bias.{o_proj|
-down_proj}": FLAP's compensation for the FLAP keep indices at 2 units / half the FFN.
+before and after deepspeed.initialize, in both attention modes, and Taylor's once more with each layer
+recomputed in backward (method "taylor_recomputed"); and "{bare|engine}.{mode}.bias.{o_proj|down_proj}":
+FLAP's compensation for the FLAP keep indices at 2 units / half the FFN.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def main() -> None:
             for method in METHODS:
                 scores = unit_scores(module, batches, method, shape, mode)
                 out.update({f"{prefix}.{mode}.{method}.{k}": v for k, v in scores.items()})
+            scores = unit_scores(module, batches, "taylor", shape, mode, checkpointing=True)
+            out.update({f"{prefix}.{mode}.taylor_recomputed.{k}": v for k, v in scores.items()})
             keep = keep_from_scores(out[f"{prefix}.{mode}.flap.attn"], out[f"{prefix}.{mode}.flap.ffn"], shape,
                                     2, shape.intermediate_size // 2, mode, "flap")
             out.update({f"{prefix}.{mode}.{k}": v for k, v in flap_bias(module, batches, keep).items()})
