@@ -23,6 +23,7 @@ from maskprune.config import TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards, eval_batches
 from maskprune.dist import DistInfo, barrier, broadcast_from_rank0, log, rank
 from maskprune.rundir import atomic_write_json, atomic_write_text, disk_bytes, human_bytes
+from maskprune.safe_load import refusal_explained, tensors_only
 from maskprune.watchdog import WATCHDOG
 
 if TYPE_CHECKING:
@@ -317,14 +318,17 @@ class Checkpointer:
             raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER}); "
                                   "resume picks the newest complete one")
         written = json.loads((folder / META_FILE).read_text()).get("world_size", _world())
+        tensors_only()  # DeepSpeed's loaders unpickle with weights_only=False (maskprune.safe_load)
         if written == _world():
-            client_state = self._load_engine(engine, self.root, tag)
+            with refusal_explained(folder):
+                client_state = self._load_engine(engine, self.root, tag)
             rng = load_file(str(folder / f"rng_rank{rank():05d}.safetensors"))
             torch.set_rng_state(rng["torch_cpu"])
             if "torch_cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["torch_cuda"])
         else:
-            client_state = self._load_resharded(engine, folder, written)
+            with refusal_explained(folder):
+                client_state = self._load_resharded(engine, folder, written)
         state_path = folder / "maskprune_state.safetensors"
         tensors = load_file(str(state_path)) if state_path.is_file() else {}
         return client_state, tensors

@@ -44,6 +44,7 @@ import psutil
 from maskprune.config import TrainLoopConfig
 from maskprune.dist import barrier, broadcast_from_rank0, log, rank
 from maskprune.rundir import atomic_write_text, human_bytes
+from maskprune.safe_load import refusal_explained, tensors_only
 from maskprune.training import (COMPLETE_MARKER, META_FILE, ROOM_MARGIN, UNIVERSAL_DIR, Checkpointer, CheckpointError,
                                 CheckpointSpaceError)
 from maskprune.watchdog import WATCHDOG
@@ -101,7 +102,9 @@ def convert(checkpoint: Path, workers: int = 1) -> Path:
     args = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(staging),
                               num_extract_workers=workers, num_merge_workers=workers,
                               keep_temp_folder=False, strict=True, inject_missing_state=False)
-    ds_to_universal(args)
+    tensors_only()  # ds_to_universal unpickles with weights_only=False (maskprune.safe_load)
+    with refusal_explained(checkpoint):
+        ds_to_universal(args)
     # ds_to_universal points a `latest_universal` file at its output folder; we always load by tag.
     (staging.parent / "latest_universal").unlink(missing_ok=True)
     (staging / COMPLETE_MARKER).write_text(f"{checkpoint.name}\n")

@@ -26,6 +26,7 @@ from deepspeed.checkpoint.constants import (FP32_FLAT_GROUPS, FROZEN_PARAM_FRAGM
 from deepspeed.utils.zero_to_fp32 import (GatheredTensor, get_model_state_files, get_optim_files,
                                           zero3_partitioned_param_info)
 
+from maskprune.safe_load import refusal_explained, tensors_only
 from maskprune.safetensors_io import SafetensorsDir
 
 META = "maskprune_meta.json"
@@ -83,10 +84,9 @@ def read_meta(tag_dir: Path) -> CheckpointMeta:
 
 
 def _load_mmap(path: str) -> dict[str, Any]:
-    # DeepSpeed's checkpoint files pickle its own objects (config, enums) beside the tensors, so
-    # its loader needs weights_only=False; these are files our own training wrote under a COMPLETE
-    # marker, never downloaded weights. mmap=True leaves every tensor on disk until it is sliced.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    # Tensors-only with DeepSpeed's own objects allowed (maskprune.safe_load.tensors_only); mmap=True
+    # leaves every tensor on disk until it is sliced.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 _MADV_DONTNEED = 4
@@ -122,8 +122,10 @@ class ZeroCheckpoint:
     def __init__(self, tag_dir: Path, dtype_hint: SafetensorsDir | None = None):
         self.tag_dir = tag_dir
         self._hint = dtype_hint
-        model_states = [_load_mmap(f) for f in get_model_state_files(str(tag_dir))]
-        optim = [_load_mmap(f)[OPTIMIZER_STATE_DICT] for f in get_optim_files(str(tag_dir))]
+        tensors_only()
+        with refusal_explained(tag_dir):
+            model_states = [_load_mmap(f) for f in get_model_state_files(str(tag_dir))]
+            optim = [_load_mmap(f)[OPTIMIZER_STATE_DICT] for f in get_optim_files(str(tag_dir))]
         if optim[0].get(ZERO_STAGE) != 3:
             raise CheckpointError(f"{tag_dir}: ZeRO stage {optim[0].get(ZERO_STAGE)}, expected 3")
         world = optim[0][PARTITION_COUNT]

@@ -207,6 +207,46 @@ def test_incomplete_checkpoint_is_refused_by_conversion_and_never_latest(uninter
     assert (root / "latest").read_text().strip() == latest  # the root still converts from `latest`
 
 
+class Planted:
+    """What a malicious `.pt` holds: unpickling it calls os.system."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_planted_pickle_in_a_checkpoint_runs_nothing_on_resume_or_export(uninterrupted: Path,
+                                                                           tmp_path: Path) -> None:
+    """DeepSpeed unpickles its checkpoint files with weights_only=False; maskprune forces tensors-only
+    (maskprune.safe_load), so a swapped optimizer file is refused by name on resume and on export,
+    and the command it carries never runs. The unplanted checkpoints of this run resume and export
+    through the same forced loads in every other test here."""
+    run_dir = copy_run(uninterrupted, tmp_path / "run")
+    root = run_dir / "continued_pretrain" / "checkpoints"
+    tag = root / check_checkpoints(root)
+    marker = tmp_path / "planted_command_ran"
+    torch.save({"optimizer_state_dict": Planted(f"touch {marker}")},
+               tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    refusal = "names posix.system, which no DeepSpeed checkpoint holds; it was not loaded"
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "zero_to_hf.py"), str(tag), str(tmp_path / "out")],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"maskprune: error: {tag}: a file in it {refusal}") and "Delete this checkpoint" in line
+    assert not (tmp_path / "out").exists() and not marker.exists()
+
+    RunDir(run_dir).mark_failed("continued_pretrain", "preempted")  # as a killed job leaves it
+    proc = subprocess.run([str(BIN / "maskprune"), *run_argv(run_dir, "continued_pretrain")], cwd=REPO,
+                          env=cpu_env(), capture_output=True, text=True, timeout=600)
+    # Rank 1 reads its own optimizer file (ZeRO-3), so rank 1 says it; the launcher ends rank 0.
+    assert proc.returncode == 2 and f"maskprune: error (rank 1): {tag}: a file in it {refusal}" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not marker.exists()
+
+
 def kill_when_staging(argv: list[str], staging: Path, log: Path, env: dict[str, str]) -> int:
     """Start `argv`, SIGKILL its whole process group as soon as `staging` (the output's partial
     folder) exists; returns how many tries it took (a run can finish before it is seen)."""
