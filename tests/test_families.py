@@ -17,6 +17,7 @@ from maskprune.config import HardPruneConfig, TinyModelConfig
 from maskprune.equivalence import mask_dense_model
 from maskprune.export import ExportError, plan_export
 from maskprune.families import FAMILIES, FamilyError, family_of
+from maskprune.importance import unit_scores
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, keep_from_scores, save_keep_indices
 from maskprune.model_source import tiny_config
@@ -102,6 +103,19 @@ def test_mask_learn_hooks_zero_exactly_what_hard_prune_removes(tmp_path: Path, f
     assert not torch.equal(logits(dense), logits(pruned))
     for handle in handles:
         handle.remove()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_taylor_scores_with_recomputed_layers_are_the_same_in_every_family(tmp_path: Path, family: str) -> None:
+    """The Taylor baseline's backward under activation checkpointing re-runs each decoder layer
+    through its family's own forward (positional hidden states, keyword masks and rotary tables)."""
+    model = make_model(tmp_path / "src", family)
+    shape = LlamaShape.from_hf_config(model.config)
+    batches = [torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(seed)) for seed in (6, 7)]
+    plain = unit_scores(model, batches, "taylor", shape, "kv_group")
+    recomputed = unit_scores(model, batches, "taylor", shape, "kv_group", checkpointing=True)
+    assert plain.keys() == recomputed.keys() and all(torch.equal(plain[k], recomputed[k]) for k in plain)
+    assert all(plain[k].abs().sum() > 0 for k in plain)  # the taps saw gradients
 
 
 def test_qwen2_biases_are_sliced_with_their_heads(tmp_path: Path) -> None:
