@@ -6,8 +6,10 @@ pickle names: a planted or swapped `.pt` in a shared run directory would run cod
 resumes from it, or in whoever exports it. torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides each
 call's own `weights_only`, so once `tensors_only()` has run, those loads are tensors-only too. The
 only objects besides tensors and plain containers that a ZeRO checkpoint holds, DeepSpeed's ZeRO
-stage enum and loss scalers, are allowed by name (checked on fp32 and bf16 ZeRO-3 checkpoints
-and their universal form by the resume and export tests).
+stage enum and loss scalers, are allowed by name: fp32 ZeRO-3 checkpoints and their universal form
+go through these loads in the resume and export tests; bf16 ones (ds_configs/zero3_gpu_bf16.json)
+and their universal form hold nothing else either (torch's get_unsafe_globals_in_checkpoint,
+DeepSpeed 0.19.8).
 """
 from __future__ import annotations
 
