@@ -319,15 +319,14 @@ class Checkpointer:
                                   "resume picks the newest complete one")
         written = json.loads((folder / META_FILE).read_text()).get("world_size", _world())
         tensors_only()  # DeepSpeed's loaders unpickle with weights_only=False (maskprune.safe_load)
-        if written == _world():
-            with refusal_explained(folder):
+        with refusal_explained(folder):
+            if written == _world():
                 client_state = self._load_engine(engine, self.root, tag)
-            rng = load_file(str(folder / f"rng_rank{rank():05d}.safetensors"))
-            torch.set_rng_state(rng["torch_cpu"])
-            if "torch_cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["torch_cuda"])
-        else:
-            with refusal_explained(folder):
+                rng = load_file(str(folder / f"rng_rank{rank():05d}.safetensors"))
+                torch.set_rng_state(rng["torch_cpu"])
+                if "torch_cuda" in rng and torch.cuda.is_available():
+                    torch.cuda.set_rng_state(rng["torch_cuda"])
+            else:
                 client_state = self._load_resharded(engine, folder, written)
         state_path = folder / "maskprune_state.safetensors"
         tensors = load_file(str(state_path)) if state_path.is_file() else {}

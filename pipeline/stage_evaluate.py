@@ -48,33 +48,35 @@ MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "export
 PARTS_DIR = "parts"  # RUN/evaluate/parts/<model>/<part>.json: what an interrupted attempt measured
 
 
-def zero_shot_parts(tasks: list[dict[str, Any]], cfg: EvaluateConfig) -> dict[str, dict[str, range]]:
-    """{task: {part: question range}}: each task's questions cut into parts of
-    evaluate.zero_shot_part_questions, named `zero_shot.<task>.<first>-<end>` (end excluded)."""
+# {task: {part: (the task's lm-eval config, the part's question range)}}
+ZeroShotParts = dict[str, dict[str, tuple[dict[str, Any], range]]]
+
+
+def zero_shot_parts(tasks: list[dict[str, Any]], cfg: EvaluateConfig) -> ZeroShotParts:
+    """Each task's questions cut into parts of evaluate.zero_shot_part_questions, named
+    `zero_shot.<task>.<first>-<end>` (end excluded)."""
     counts = question_counts(tasks, cfg.limit)
-    return {task: {f"zero_shot.{task}.{q.start}-{q.stop}": q
-                   for q in question_ranges(count, cfg.zero_shot_part_questions)}
-            for task, count in counts.items()}
+    return {task["task"]: {f"zero_shot.{task['task']}.{q.start}-{q.stop}": (task, q)
+                           for q in question_ranges(counts[task["task"]], cfg.zero_shot_part_questions)}
+            for task in tasks}
 
 
-def model_parts(zero_shot_by_task: dict[str, dict[str, range]], cfg: EvaluateConfig) -> list[str]:
+def model_parts(zero_shot_by_task: ZeroShotParts, cfg: EvaluateConfig) -> list[str]:
     """The parts of one model's row, in the order they are measured (maskprune.eval_parts)."""
     return ["model", "ppl", *(["heldout"] if cfg.heldout_texts else []),
             *(part for by_part in zero_shot_by_task.values() for part in by_part), "throughput"]
 
 
 def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,
-                   shard_stream: torch.Tensor | None, tasks: list[dict[str, Any]],
-                   zero_shot_by_task: dict[str, dict[str, range]], throughput_shape: tuple[int, int],
-                   parts: PartStore, stop: StopFlag | None = None) -> dict[str, Any] | None:
+                   shard_stream: torch.Tensor | None, zero_shot_by_task: ZeroShotParts,
+                   throughput_shape: tuple[int, int], parts: PartStore,
+                   stop: StopFlag | None = None) -> dict[str, Any] | None:
     """Every figure of one model, measured while it alone is loaded, part by part into `parts` (a
     part already there is not measured again; the model is not loaded when every part is there).
     None when `stop` asked to stop between two parts. Only plain data leaves this function, so the
     model is garbage once it returns."""
     vocab, seq_len = throughput_shape
-    by_task = {task["task"]: task for task in tasks}
-    questions = {part: (by_task[task], q) for task, by_part in zero_shot_by_task.items()
-                 for part, q in by_part.items()}
+    questions = {part: question for by_part in zero_shot_by_task.values() for part, question in by_part.items()}
 
     def measure(part: str, model: torch.nn.Module, tokenizer: Any) -> Any:
         if part == "model":
@@ -165,7 +167,7 @@ def evaluate_run(run: StageRun, stop: StopFlag | None = None) -> dict[str, Any] 
         report["conventions"].update({str(k): v for k, v in lengths[name].items()})
         parts = PartStore(run.dir / PARTS_DIR / name, {**measured_from, "model": path,
                                                         "completion": run.run.state(stages[name]).completion_id})
-        row = evaluate_model(path, lengths[name], cfg, run.cfg.data.eval_text, shard_stream, tasks,
+        row = evaluate_model(path, lengths[name], cfg, run.cfg.data.eval_text, shard_stream,
                              zero_shot_by_task, (vocab, seq_len), parts, stop)
         release_memory()
         if row is None:

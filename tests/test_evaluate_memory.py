@@ -113,7 +113,7 @@ def test_evaluate_model_keeps_no_reference_to_the_model(tokenizer_dir: Path, tmp
                          throughput_steps=1)
     tasks = task_configs([str(write_task(tmp_path))])
     row = stage.evaluate_model(str(tmp_path / "m"), chunk_lengths([128, 256], 256), cfg,
-                               DataSource(kind="treebank", split="test"), None, tasks,
+                               DataSource(kind="treebank", split="test"), None,
                                stage.zero_shot_parts(tasks, cfg), (1024, 256), PartStore(tmp_path / "parts", {}))
     gc.collect()
     assert len(loaded) == 1 and loaded[0]() is None
