@@ -322,6 +322,12 @@ class MaskLearnConfig(TrainingStageConfig):
     # (maskprune/compensation.py). Off: it helped only with recovery twice the mask-learn budget
     # (docs/method.md, "Bias compensation"), and transformers' GGUF loader drops Llama biases.
     bias_compensation: bool = False
+    # When the masks harden, the kept input columns of o_proj / down_proj are refitted by least
+    # squares to the dense output on the calibration batches (maskprune/reconstruction.py), and LoRA
+    # trains on top. Reads calibration_batches global batches (≥ ~5x the FFN width in tokens).
+    reconstruction: bool = False
+    # Ridge λ = reconstruction_damping x the mean input power of the kept channels.
+    reconstruction_damping: float = 0.01
 
     def validate(self) -> None:
         super().validate()
@@ -336,6 +342,20 @@ class MaskLearnConfig(TrainingStageConfig):
             raise ConfigError(f"mask_learn.bias_compensation: measures its means in the hardening phase, "
                               f"which hardening_fraction {self.hardening_fraction} of {self.train.steps} steps "
                               f"leaves empty; raise mask_learn.hardening_fraction or set bias_compensation = false")
+        if self.reconstruction:
+            if self.bias_compensation:
+                raise ConfigError("mask_learn.reconstruction and mask_learn.bias_compensation both correct for the "
+                                  "removed channels, and reconstruction's least squares already fits what their "
+                                  "means would add; set one of them to false")
+            if int(round(self.hardening_fraction * self.train.steps)) == 0:
+                raise ConfigError(f"mask_learn.reconstruction: is computed when the masks harden, which "
+                                  f"hardening_fraction {self.hardening_fraction} of {self.train.steps} steps never "
+                                  f"reaches; raise mask_learn.hardening_fraction or set reconstruction = false")
+            if self.calibration_batches < 1:
+                raise ConfigError("mask_learn.reconstruction: fits on mask_learn.calibration_batches global "
+                                  "batches; set calibration_batches >= 1")
+        if self.reconstruction_damping < 0:
+            raise ConfigError(f"mask_learn.reconstruction_damping: must be >= 0, got {self.reconstruction_damping}")
         if self.mask_grad_clip < 0:
             raise ConfigError(f"mask_learn.mask_grad_clip: must be >= 0 (0 leaves the gradient uncapped), "
                               f"got {self.mask_grad_clip}")
@@ -350,7 +370,8 @@ class MaskLearnConfig(TrainingStageConfig):
 # (maskprune.rundir.stage_config), so tuning the learner does not re-run a baseline cut beside it.
 LEARNER_ONLY_FIELDS = ("lora", "distill", "mask_lr_alpha", "dual_lr_layer", "dual_lr_budget", "target_lr", "rho",
                        "rho_layer", "budget_warmup_fraction", "hardening_fraction", "init", "grad_scale_beta",
-                       "mask_grad_clip", "bias_compensation", "dev_texts", "dev_tokens")
+                       "mask_grad_clip", "bias_compensation", "reconstruction", "reconstruction_damping",
+                       "dev_texts", "dev_tokens")
 
 
 @dataclass

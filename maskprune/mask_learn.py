@@ -5,10 +5,12 @@ self-teacher (masks and LoRA off, no grad) layer by layer on the same gathered p
 (maskprune/teacher.py), CE + distillation backward, the engine's LoRA step, an all-reduce of the
 (replicated) mask gradients, then `minimax_step`. The last `hardening_fraction`
 of steps train LoRA under the final uniform masks (METHOD_NOTES 4), with `bias_compensation`
-replacing removed channels by their running means (maskprune/compensation.py).
+replacing removed channels by their running means (maskprune/compensation.py), or `reconstruction`
+refitting the kept columns by least squares first (maskprune/reconstruction.py).
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -28,11 +30,12 @@ from maskprune.losses import hidden_mse, lm_losses
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep, masked_linears
 from maskprune.masks_io import KeepIndices, keep_from_scores
 from maskprune.minimax import BudgetModel, MinimaxState, StepSizes, minimax_step
+from maskprune.reconstruction import MANIFEST, attach_corrections, load_corrections, reconstruct
 from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units, resolve_target
 from maskprune.teacher import ShadowTeacher, switched_off
 from maskprune.training import (Checkpointer, TrainingLoop, init_engine, mean_over_ranks,
-                                prepare_for_training)
+                                prepare_for_training, tag_for)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class MaskLearner(TrainingLoop):
     budget: BudgetModel
     explicit_units: tuple[int, int] | None = None  # target.arch given: the shape is not learned
     teacher: ShadowTeacher | None = None  # with distillation: the dense model, run alongside
+    # With reconstruction: where hardening writes the corrections, and the batches it fits them on.
+    reconstruction_dir: Path | None = None
+    calibration: list[torch.Tensor] | None = None
 
     @property
     def ml(self):
@@ -78,6 +84,29 @@ class MaskLearner(TrainingLoop):
         log(f"mask_learn: hardening from step {self.step}: every layer keeps "
             f"{keep.q_heads.shape[1]} query heads / {keep.kv_heads.shape[1]} KV heads, "
             f"{keep.ffn.shape[1]} FFN channels; only LoRA trains from here")
+        self.start_reconstruction(resumed=False)
+
+    def start_reconstruction(self, resumed: bool) -> None:
+        """Fill the corrections for the hardening masks: from the folder a run before wrote (on a
+        resume), else by the least-squares pass (LoRA off: Δ depends on the frozen weights only)."""
+        folder = self.reconstruction_dir
+        if folder is None:
+            return
+        model = self.engine.module
+        if resumed and (folder / MANIFEST).is_file():
+            load_corrections(model, self.masks, folder)
+            log(f"mask_learn: reconstruction loaded from {folder}")
+            return
+        with switched_off(self.lora):
+            errors = reconstruct(model, self.masks, self.calibration or [], self.ml.reconstruction_damping,
+                                 folder, self.dist.is_rank0)
+        means = {f"reconstruction/error_{which}/{kind}": sum(e[which] for e in rows) / len(rows)
+                 for kind, rows in errors.items() if rows for which in ("cut", "corrected")}
+        if self.writer is not None:
+            self.writer.scalars(means, self.step)
+        log("mask_learn: reconstruction, mean relative output error of the cut layers: " + ", ".join(
+            f"{kind} {means[f'reconstruction/error_cut/{kind}']:.4f} -> {means[f'reconstruction/error_corrected/{kind}']:.4f}"
+            for kind, rows in errors.items() if rows))
 
     def start_compensation(self) -> None:
         if self.ml.bias_compensation:
@@ -192,17 +221,22 @@ class MaskLearner(TrainingLoop):
             tensors["fixed.attn"], tensors["fixed.ffn"] = self.masks.fixed_attn, self.masks.fixed_ffn
         if self.masks.compensation is not None:
             tensors.update(self.masks.compensation.tensors())
+        if self.masks.corrected:
+            tensors["reconstruction.damping"] = torch.tensor(self.ml.reconstruction_damping, dtype=torch.float64)
         return tensors
 
     def save(self) -> None:
         from maskprune.masks_io import save_keep_indices
 
         keep = self.current_keep() if self.masks.fixed_attn is None else self.final_keep()
+        meta = {**self.checkpoint_meta(), "masks": "maskprune_masks.safetensors"}
+        if self.masks.corrected:  # relative: the run directory may move
+            meta["reconstruction"] = os.path.relpath(self.reconstruction_dir, self.checkpointer.root / tag_for(self.step))
         # The masks file is part of the checkpoint (zero_to_hf reads it): written before COMPLETE, or
         # a rank killed right after the save (srun --kill-on-bad-exit once another rank has exited
         # on a stop request) leaves a "complete" checkpoint without it.
         self.checkpointer.save(self.engine, self.step, self.train_iter,
-                               meta={**self.checkpoint_meta(), "masks": "maskprune_masks.safetensors"},
+                               meta=meta,
                                tensors=self.state_tensors(), exclude_frozen=True,
                                rank0_extra=lambda folder: save_keep_indices(
                                    folder / "maskprune_masks.safetensors", keep))
@@ -219,13 +253,16 @@ class MaskLearner(TrainingLoop):
             self.masks.fixed_attn = tensors["fixed.attn"].to(self.dist.device)
             self.masks.fixed_ffn = tensors["fixed.ffn"].to(self.dist.device)
             self.start_compensation()
-            if (self.masks.compensation is not None) != ("comp.attn" in tensors):
-                raise ConfigError(f"mask_learn: the checkpoint of step {self.step} is in the hardening phase "
-                                  f"{'with' if 'comp.attn' in tensors else 'without'} bias compensation, "
-                                  f"and mask_learn.bias_compensation = {str(self.ml.bias_compensation).lower()}; set it "
-                                  f"back to resume, or start over with mask_learn.train.resume = \"never\"")
+            for option, stored in (("bias_compensation", "comp.attn"), ("reconstruction", "reconstruction.damping")):
+                on = getattr(self.ml, option)
+                if on != (stored in tensors):
+                    raise ConfigError(f"mask_learn: the checkpoint of step {self.step} is in the hardening phase "
+                                      f"{'with' if stored in tensors else 'without'} {option.replace('_', ' ')}, "
+                                      f"and mask_learn.{option} = {str(on).lower()}; set it back to resume, or "
+                                      f"start over with mask_learn.train.resume = \"never\"")
             if self.masks.compensation is not None:
                 self.masks.compensation.load(tensors)
+            self.start_reconstruction(resumed=True)
 
     def final_keep(self) -> KeepIndices:
         """The hardening masks as keep indices (scores kept for inspection)."""
@@ -301,13 +338,16 @@ def write_summary(path: Path, source: LlamaShape, keep: KeepIndices, learner: Ma
 def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Module, ds: dict[str, Any],
                      train_iter: BatchIterator, valid: TokenShards,
                      scores: dict[str, torch.Tensor] | None, work_dir: Path, tb_dir: Path,
-                     meta: dict[str, Any], dev: dict[str, torch.Tensor] | None = None) -> MaskLearner:
+                     meta: dict[str, Any], dev: dict[str, torch.Tensor] | None = None,
+                     calibration: list[torch.Tensor] | None = None) -> MaskLearner:
     """Masks and LoRA on the ZeRO-3 model, the engine over the LoRA parameters, the minimax state
     at the dense shape: the one way a MaskLearner is built (the stage and the benchmarks)."""
     shape, cfg = resolve_target(LlamaShape.from_hf_config(model.config), cfg)
     ml, mode = cfg.mask_learn, cfg.target.attn_mode
     masks = MaskState(shape, mode, *init_scores(shape, mode, ml.init, scores)).to(dist.device)
     attach_masks(model, masks)
+    if ml.reconstruction:  # before the engine: ZeRO-3 partitions the corrections with the model
+        attach_corrections(model, masks, ds)
     lora_switch, lora_params = attach_lora(model, ml.lora, seed=ml.train.seed)
     prepare_for_training(model, ml.activation_checkpointing)
     engine = init_engine(model, lora_params, ds, ml.train)
@@ -322,7 +362,8 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
                           minimax=minimax, budget=budget, train_iter=train_iter, valid=valid, dev=dev or {},
                           checkpointer=Checkpointer(work_dir / "checkpoints", ml.train.keep_last),
                           meta=meta, tb_dir=tb_dir, progress_path=work_dir / "progress.json",
-                          explicit_units=explicit)
+                          explicit_units=explicit, calibration=calibration,
+                          reconstruction_dir=work_dir / "reconstruction" if ml.reconstruction else None)
     if ml.distill.kl_weight > 0 or ml.distill.hidden_weight > 0:
         learner.teacher = ShadowTeacher(model, learner.teacher_mode,
                                         logits_wanted=ml.distill.kl_weight > 0).attach()

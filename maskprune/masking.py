@@ -43,6 +43,9 @@ class MaskState(nn.Module):
         self.fixed_ffn: torch.Tensor | None = None
         # With bias compensation, from hardening on: removed channels get their mean, not zero.
         self.compensation: RemovedChannelMeans | None = None
+        # With reconstruction, from hardening on: o_proj / down_proj add their kept columns' Δ
+        # (maskprune/reconstruction.py).
+        self.corrected = False
 
     @staticmethod
     def ste(scores: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from maskprune.export import (ExportError, WeightSource, full_keep, plan_export,
                               write_export)
 from maskprune.lora_merge import LoraAdapter, lora_scale
 from maskprune.masks_io import KeepIndices, load_keep_indices
+from maskprune.reconstruction import CorrectedSource
 from maskprune.rundir import atomic_write_json
 from maskprune.safetensors_io import SafetensorsDir
 from maskprune.stage import publish_dir, staging_dir
@@ -41,16 +42,29 @@ class PruneJob:
     origin: dict[str, Any] = field(default_factory=dict)
 
 
-def job_from_model_dir(model_dir: str | Path, masks: str | Path | None,
-                       lora_dir: str | Path | None = None) -> PruneJob:
+def corrected(source: WeightSource, config: dict[str, Any], keep: KeepIndices | None,
+              reconstruction: Path | None) -> WeightSource:
+    """`source` with mask_learn's least-squares corrections of the kept columns, if it made any."""
+    if reconstruction is None:
+        return source
+    if keep is None:
+        raise ValueError(f"{reconstruction}: corrections of kept columns, but no masks to apply them with")
+    return CorrectedSource(source, reconstruction, keep, LlamaShape.from_hf_config(config).head_dim)
+
+
+def job_from_model_dir(model_dir: str | Path, masks: str | Path | None, lora_dir: str | Path | None = None,
+                       reconstruction: str | Path | None = None) -> PruneJob:
     model_dir = Path(model_dir)
-    return PruneJob(source=SafetensorsDir(model_dir),
-                    config=json.loads((model_dir / "config.json").read_text()),
-                    keep=load_keep_indices(Path(masks)) if masks else None,
+    config = json.loads((model_dir / "config.json").read_text())
+    keep = load_keep_indices(Path(masks)) if masks else None
+    return PruneJob(source=corrected(SafetensorsDir(model_dir), config, keep,
+                                     Path(reconstruction) if reconstruction else None),
+                    config=config, keep=keep,
                     lora=LoraAdapter.from_peft_dir(lora_dir) if lora_dir else None,
                     files_dir=model_dir,
                     origin={"model": str(model_dir), "masks": str(masks) if masks else None,
-                            "lora": str(lora_dir) if lora_dir else None})
+                            "lora": str(lora_dir) if lora_dir else None,
+                            "reconstruction": str(reconstruction) if reconstruction else None})
 
 
 def job_from_checkpoint(path: str | Path, tag: str | None = None) -> PruneJob:
@@ -63,9 +77,10 @@ def job_from_checkpoint(path: str | Path, tag: str | None = None) -> PruneJob:
         lora = LoraAdapter.from_names(ckpt.names(), ckpt.get, lora_scale(meta.lora["r"], meta.lora["alpha"]),
                                       where=str(tag_dir))
     # mask_learn trains only LoRA (and masks): its base weights are the frozen model_dir ones.
-    source = base if meta.stage == "mask_learn" else ckpt
-    return PruneJob(source=source, config=json.loads((meta.model_dir / "config.json").read_text()),
-                    keep=load_keep_indices(meta.masks) if meta.masks else None, lora=lora,
+    config = json.loads((meta.model_dir / "config.json").read_text())
+    keep = load_keep_indices(meta.masks) if meta.masks else None
+    source = corrected(base, config, keep, meta.reconstruction) if meta.stage == "mask_learn" else ckpt
+    return PruneJob(source=source, config=config, keep=keep, lora=lora,
                     files_dir=meta.model_dir,
                     origin={"checkpoint": str(tag_dir), "stage": meta.stage, "step": meta.step,
                             "model_dir": str(meta.model_dir)})
@@ -105,7 +120,8 @@ def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progres
             "config": {k: plan.config[k] for k in LlamaShape.from_hf_config(plan.config).hf_overrides()},
             "architecture": plan.config["architectures"][0],
             "dtype": cfg.dtype, "lora_merged": job.lora is not None,
-            "bias_compensation": sorted(keep.bias), "shapes": shapes,
+            "bias_compensation": sorted(keep.bias), "reconstruction": isinstance(job.source, CorrectedSource),
+            "shapes": shapes,
             "equivalence": check, "max_abs_diff": check["max_abs_diff"],
             "seconds": {"write": round(written - started, 2), "check": round(time.time() - written, 2)},
         }

@@ -46,6 +46,7 @@ class CheckpointMeta:
     lora: dict[str, Any] | None   # {"r", "alpha", "targets"}
     masks: Path | None            # KeepIndices at that step
     frozen_excluded: bool
+    reconstruction: Path | None = None  # mask_learn's corrections of the kept columns, once hardened
 
 
 def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
@@ -80,7 +81,8 @@ def read_meta(tag_dir: Path) -> CheckpointMeta:
         raise CheckpointError(f"{path}: model_dir {model_dir} has no config.json")
     return CheckpointMeta(stage=raw["stage"], step=int(raw["step"]), model_dir=model_dir,
                           lora=raw.get("lora"), masks=tag_dir / raw["masks"] if raw.get("masks") else None,
-                          frozen_excluded=bool(raw.get("frozen_excluded", False)))
+                          frozen_excluded=bool(raw.get("frozen_excluded", False)),
+                          reconstruction=(tag_dir / raw["reconstruction"]).resolve() if raw.get("reconstruction") else None)
 
 
 def _load_mmap(path: str) -> dict[str, Any]:

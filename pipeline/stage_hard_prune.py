@@ -2,7 +2,7 @@
 
     python pipeline/stage_hard_prune.py --run-dir runs/tiny
 
-Reads prepare's `model`, mask_learn's `masks` and (when present) `lora` — or, with
+Reads prepare's `model`, mask_learn's `masks` and (when present) `lora` and `reconstruction` — or, with
 hard_prune.checkpoint set, any ZeRO-3 checkpoint of this project. Writes RUN/hard_prune/model/
 (sharded safetensors, config, tokenizer, prune_report.json) only after the built-in equivalence
 check passed.
@@ -22,8 +22,9 @@ def main() -> int:
         if cfg.checkpoint:
             job = job_from_checkpoint(cfg.checkpoint)
         else:
-            lora = (run.run.state("mask_learn").outputs or {}).get("lora")  # absent for one-shot baselines
-            job = job_from_model_dir(run.upstream("prepare", "model"), run.upstream("mask_learn", "masks"), lora)
+            learned = run.run.state("mask_learn").outputs or {}  # one-shot baselines: no lora, no reconstruction
+            job = job_from_model_dir(run.upstream("prepare", "model"), run.upstream("mask_learn", "masks"),
+                                     learned.get("lora"), learned.get("reconstruction"))
         final = run.dir / "model"
         report = build_pruned_model(job, final, cfg, progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, nothing written

@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 pipeline/stage_mask_learn.py --run-dir runs/tiny
 
 Writes RUN/mask_learn/masks.safetensors (keep indices + scores), lora/ (PEFT adapter, MaskPrune
-only), summary.json, checkpoints/ (DeepSpeed ZeRO-3, resumable with resume = "auto").
+only), reconstruction/ (with mask_learn.reconstruction), summary.json, checkpoints/ (DeepSpeed
+ZeRO-3, resumable with resume = "auto").
 """
 import json
 from pathlib import Path
@@ -52,7 +53,8 @@ def main() -> int:
     model.requires_grad_(False)
     train_iter = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
                                dist.world_size, ml.train.seed)
-    if ml.method != "maskprune" or ml.init != "ones":
+    calibration = None
+    if ml.method != "maskprune" or ml.init != "ones" or ml.reconstruction:
         # Whole global batches: the same sequences on any rank count that keeps the global batch, and
         # training starts on a global-batch boundary, so its checkpoints resume on each such count.
         calibration = [next(train_iter) for _ in range(ml.calibration_batches * ml.train.grad_accum)]
@@ -70,7 +72,8 @@ def main() -> int:
     learner = assemble_learner(
         cfg, dist, model, ds, train_iter, valid, scores, run.dir, run.tb_dir,
         meta={"stage": "mask_learn", "model_dir": model_dir, "frozen_excluded": True,
-              "lora": {"r": ml.lora.rank, "alpha": ml.lora.alpha, "targets": ml.lora.targets}}, dev=dev)
+              "lora": {"r": ml.lora.rank, "alpha": ml.lora.alpha, "targets": ml.lora.targets}}, dev=dev,
+        calibration=calibration if ml.reconstruction else None)
     if not learner.run(StopFlag(run.run.root / "STOP")):
         return PREEMPTED_EXIT_CODE
     keep = learner.final_keep()
@@ -83,7 +86,8 @@ def main() -> int:
             f"{summary['params']['final']:,}, violation {summary['final_violation']}")
     run.finish({"masks": str(run.dir / "masks.safetensors"), "lora": str(run.dir / "lora"),
                 "summary": str(run.dir / "summary.json"), "checkpoints": str(run.dir / "checkpoints"),
-                "method": "maskprune"})
+                "method": "maskprune", **({"reconstruction": str(learner.reconstruction_dir)}
+                                          if ml.reconstruction else {})})
     return 0
 
 

@@ -50,6 +50,28 @@ def run_cli(*args: str, timeout: float = 900, check: bool = True, **env: str) ->
     return proc
 
 
+def kill_run_after_step(run_dir: Path, stage: str, step: int, *args: str, timeout: float = 600) -> None:
+    """`maskprune run ARGS` killed (SIGKILL to every rank and the launcher) once `stage` reports `step`."""
+    import json
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(BIN / "maskprune"), "run", *args], cwd=REPO, env=cpu_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = run_dir / stage / "progress.json"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if progress.is_file() and json.loads(progress.read_text())["step"] >= step:
+                return
+            assert proc.poll() is None, "the stage ended before it could be killed"
+            time.sleep(0.2)
+        raise AssertionError(f"{stage} did not reach step {step} within {timeout} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_deepspeed(script: Path, *args: str, ranks: int = 2, timeout: float = 600,
                   check: bool = True, clean_shm: bool = True, **env: str) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script args` on CPU ranks; a hang fails at `timeout` instead of hanging CI.

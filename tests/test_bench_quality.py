@@ -136,6 +136,7 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "- baselines: wanda_sp, random; not run here: maskprune_frozen, flap, taylor, magnitude (`--methods`)" in table
     assert "- bias compensation (removed channels' means folded into o_proj / down_proj biases): none; " \
         "MaskPrune's `mask_learn.bias_compensation` is off" in table
+    assert "- least-squares refit of the kept columns when the masks harden (`mask_learn.reconstruction`): off\n" in table
     assert "learning rates" not in table  # reports written before the rates were recorded
     rep["learning_rates"] = {"mask_learn": 2e-3, "lora_rank": 64, "recovery": 2e-4}
     one_rate = bench.markdown(rep, ["128"])
@@ -159,6 +160,8 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "| wanda_sp | 66.00 | 64.00 | 0.0002 |" in per_model
     rep["bias_compensation"] = True
     assert "biases): MaskPrune\n" in bench.markdown(rep, ["128"])
+    rep["reconstruction"] = 0.01
+    assert "(`mask_learn.reconstruction`): MaskPrune, damping 0.01\n" in bench.markdown(rep, ["128"])
     # The learner's ablation is not a one-shot baseline: the goal's "best baseline" leaves it out, and it
     # gets lines of its own; a metric it wins is listed like any baseline's.
     rep["budget"][bench.FROZEN] = rep["budget"]["maskprune"]

@@ -4,10 +4,7 @@ the running channel means and the biases must come out bit-identical."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import copy_run
-from helpers import BIN, REPO, cpu_env, run_cli
+from helpers import kill_run_after_step, run_cli
 from maskprune.masks_io import load_keep_indices
 from maskprune.training import DEV_SCORE, META_FILE
 
@@ -85,19 +82,9 @@ def test_outputs_adapter_tensorboard_and_checkpoints(learned: Path) -> None:
 def test_kill_and_resume_gives_the_same_final_masks(learned: Path, tiny_tokenized: Path,
                                                      tmp_path: Path) -> None:
     run_dir = copy_run(tiny_tokenized, tmp_path / "run")
-    argv = [str(BIN / "maskprune"), "run", "configs/tiny.toml", "--run-dir", str(run_dir),
-            "--until", "mask_learn", *STEPS]
-    proc = subprocess.Popen(argv, cwd=REPO, env=cpu_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = run_dir / "mask_learn" / "progress.json"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if progress.is_file() and json.loads(progress.read_text())["step"] >= 9:
-            break
-        assert proc.poll() is None, "the stage ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-hardening (after step 9)
-    proc.wait()
+    # Every rank and the launcher killed mid-hardening (after step 9).
+    kill_run_after_step(run_dir, "mask_learn", 9, "configs/tiny.toml", "--run-dir", str(run_dir),
+                        "--until", "mask_learn", *STEPS)
     assert (run_dir / "mask_learn" / "checkpoints" / "step00000008" / "COMPLETE").is_file()
     # Another rank count resumes (test_universal_resume.py) if it can keep the global batch of
     # 4 x 2 = 8 sequences; 3 ranks of 4 cannot: refused before anything is written, saying what to do.

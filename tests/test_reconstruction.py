@@ -1,0 +1,206 @@
+"""Least-squares reconstruction of the kept channels (maskprune/reconstruction.py): exact where the
+removed channels are copies of kept ones, the pruned checkpoint equals the corrected student LoRA
+trained, and corrections for other masks are refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskprune.arch import LlamaShape
+from maskprune.config import ConfigError, HardPruneConfig, LoraConfig, MaskLearnConfig, TrainLoopConfig
+from maskprune.lora import attach_lora, lora_state_dict, save_adapter
+from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
+from maskprune.masks_io import KeepIndices, save_keep_indices
+from maskprune.prune_job import build_pruned_model, job_from_model_dir
+from maskprune.reconstruction import ReconstructionError, attach_corrections, reconstruct
+from maskprune.teacher import switched_off
+from test_export import BASE, logits, make_llama, random_keep
+
+LORA = LoraConfig(rank=4, alpha=8.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                              "up_proj", "down_proj"])
+SHAPE = LlamaShape.from_hf_config(BASE)
+
+
+def calibration(batches: int = 6) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(0, BASE["vocab_size"], (2, 24), generator=gen) for _ in range(batches)]
+
+
+def masked_model(tmp_path: Path, keep: KeepIndices, mode: str = "query_per_group"):
+    model = make_llama(tmp_path / "src")
+    state = MaskState(SHAPE, mode)
+    attach_masks(model, state)
+    attach_corrections(model, state)
+    state.fixed_attn, state.fixed_ffn = fixed_masks_from_keep(keep.q_heads, keep.ffn, SHAPE, mode)
+    return model, state
+
+
+def test_removed_copies_of_kept_channels_are_reconstructed_exactly(tmp_path: Path) -> None:
+    """Every removed FFN channel computes what a kept one does (same gate/up rows) and every removed
+    query head what a kept head of its KV group does (same q rows): the cut loses nothing a refit of
+    the kept columns cannot restore, so the corrected model's logits are the dense model's."""
+    keep = random_keep(SHAPE, "query_per_group", 4, 40)
+    model, state = masked_model(tmp_path, keep)
+    head_dim, group = SHAPE.head_dim, SHAPE.group_size
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            kept_ffn = keep.ffn[index].tolist()
+            for n, channel in enumerate(sorted(set(range(SHAPE.intermediate_size)) - set(kept_ffn))):
+                twin = kept_ffn[n % len(kept_ffn)]
+                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    proj.weight[channel] = proj.weight[twin]
+            kept_heads = set(keep.q_heads[index].tolist())
+            for head in set(range(SHAPE.num_attention_heads)) - kept_heads:
+                twin = next(h for h in sorted(kept_heads) if h // group == head // group)
+                q = layer.self_attn.q_proj.weight
+                q[head * head_dim:(head + 1) * head_dim] = q[twin * head_dim:(twin + 1) * head_dim]
+    state.enabled = False
+    dense = logits(model, BASE["vocab_size"])
+    state.enabled = True
+    cut = logits(model, BASE["vocab_size"])
+    errors = reconstruct(model, state, calibration(), damping=1e-10)
+    corrected = logits(model, BASE["vocab_size"])
+    assert (cut - dense).abs().max() > 0.1
+    assert torch.allclose(corrected, dense, atol=2e-4, rtol=1e-4), (corrected - dense).abs().max()
+    for kind in ("attn", "ffn"):
+        assert [e["layer"] for e in errors[kind]] == [0, 1, 2, 3]
+        assert all(e["cut"] > 1e-2 and e["corrected"] < 1e-8 for e in errors[kind]), errors[kind]
+
+
+@pytest.mark.parametrize("mode", ["query_per_group", "kv_group"])
+def test_pruned_checkpoint_equals_the_corrected_student_lora_trained(tmp_path: Path, mode: str) -> None:
+    keep = random_keep(SHAPE, mode, 4 if mode == "query_per_group" else 1, 40)
+    model, state = masked_model(tmp_path, keep, mode)
+    switch, _ = attach_lora(model, LORA, seed=0)
+    state.enabled = False
+    dense = logits(model, BASE["vocab_size"])
+    state.enabled = True
+    cut = logits(model, BASE["vocab_size"])
+    with switched_off(switch):  # as hardening computes it: Δ of the frozen weights alone
+        errors = reconstruct(model, state, calibration(), damping=0.01, out_dir=tmp_path / "reconstruction")
+    # On text like the calibration's, the refit kept columns are closer to the dense outputs.
+    assert (logits(model, BASE["vocab_size"]) - dense).abs().mean() < (cut - dense).abs().mean()
+    assert all(e["corrected"] < e["cut"] for kind in errors for e in errors[kind])
+    with torch.no_grad():  # trained adapters: B is zero at init, which would hide a missing LoRA term
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+    save_adapter(tmp_path / "lora", lora_state_dict(model, LORA), LORA, str(tmp_path / "src"))
+    save_keep_indices(tmp_path / "masks.safetensors", keep)
+
+    job = job_from_model_dir(tmp_path / "src", tmp_path / "masks.safetensors", tmp_path / "lora",
+                             tmp_path / "reconstruction")
+    report = build_pruned_model(job, tmp_path / "out", HardPruneConfig(dtype="float32"), progress=False)
+    assert report["reconstruction"] and report["lora_merged"] and report["max_abs_diff"] <= 1e-4
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    student = logits(model, BASE["vocab_size"])
+    assert torch.allclose(logits(pruned, BASE["vocab_size"]), student, atol=1e-4, rtol=1e-4)
+    state.corrected = False  # the same masks and LoRA without Δ: another model
+    assert (logits(model, BASE["vocab_size"]) - student).abs().max() > 1e-2
+
+    other = random_keep(SHAPE, mode, 4 if mode == "query_per_group" else 1, 40, seed=9)
+    save_keep_indices(tmp_path / "other.safetensors", other)
+    with pytest.raises(ReconstructionError, match="was reconstructed for other kept channels than the masks it "
+                                                  "is used with; use the masks of the same mask_learn run"):
+        job_from_model_dir(tmp_path / "src", tmp_path / "other.safetensors", tmp_path / "lora",
+                           tmp_path / "reconstruction")
+
+
+def test_reconstruction_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="both correct for the removed channels.*set one of them to false"):
+        MaskLearnConfig(reconstruction=True, bias_compensation=True).validate()
+    with pytest.raises(ConfigError, match="hardening_fraction 0.1 of 3 steps never reaches; raise "
+                                          "mask_learn.hardening_fraction or set reconstruction = false"):
+        MaskLearnConfig(train=TrainLoopConfig(steps=3), hardening_fraction=0.1, reconstruction=True).validate()
+    with pytest.raises(ConfigError, match="reconstruction_damping: must be >= 0, got -1"):
+        MaskLearnConfig(reconstruction_damping=-1).validate()
+
+
+STEPS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
+         "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.hardening_fraction=0.5",
+         "--set", "mask_learn.reconstruction=true"]
+
+
+def stored_corrections(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{path.name}:{name}": value for path in sorted(folder.glob("layer*.safetensors"))
+            for name, value in load_file(str(path)).items()}
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_hardening_resumes_bit_identical_and_prunes_to_the_one_process_fit(
+        tiny_tokenized: Path, tmp_path: Path) -> None:
+    """2 CPU ranks under ZeRO-3: the corrections hardening writes equal a one-process fit on both
+    ranks' calibration batches; a run killed mid-hardening resumes with the same corrections, masks
+    and adapter bit for bit; hard-prune applies them and its equivalence check holds."""
+    from conftest import copy_run
+    from helpers import kill_run_after_step, run_cli
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    from maskprune.data import BatchIterator, TokenShards
+    from maskprune.masks_io import load_keep_indices
+    from maskprune.rundir import RunDir
+
+    fresh = copy_run(tiny_tokenized, tmp_path / "fresh")
+    result = run_cli("run", "configs/tiny.toml", "--run-dir", str(fresh), "--until", "hard_prune", *STEPS)
+    # The shape tiny.toml's run learns keeps all 4 heads and cuts the FFN from 192 to 64 channels:
+    # only down_proj is corrected.
+    assert "mask_learn: reconstruction, mean relative output error of the cut layers: ffn " in result.stdout
+    folder = fresh / "mask_learn" / "reconstruction"
+    report = RunDir(fresh).state("hard_prune").outputs
+    prune_report = json.loads(Path(report["report"]).read_text())
+    assert prune_report["reconstruction"] and prune_report["max_abs_diff"] <= 1e-4
+    events = EventAccumulator(str(fresh / "tb" / "mask_learn"))
+    events.Reload()
+    (cut,) = events.Scalars("reconstruction/error_cut/ffn")
+    (fixed,) = events.Scalars("reconstruction/error_corrected/ffn")
+    assert cut.step == fixed.step == 6 and fixed.value < cut.value
+    assert "reconstruction/error_cut/attn" not in events.Tags()["scalars"]
+
+    # The same fit in one process, on both ranks' calibration batches (tiny.toml: 8 global batches).
+    run = RunDir(fresh)
+    model = AutoModelForCausalLM.from_pretrained(run.state("prepare").outputs["model"], dtype=torch.float32)
+    keep = load_keep_indices(fresh / "mask_learn" / "masks.safetensors")
+    shape = LlamaShape.from_hf_config(model.config.to_dict())
+    state = MaskState(shape, "query_per_group")
+    attach_masks(model, state)
+    attach_corrections(model, state)
+    state.fixed_attn, state.fixed_ffn = fixed_masks_from_keep(keep.q_heads, keep.ffn, shape, "query_per_group")
+    shards = TokenShards(run.state("tokenize").outputs["data"], "train")
+    batches = []
+    for rank in range(2):
+        stream = BatchIterator(shards, 4, rank, 2, 0)
+        batches += [next(stream) for _ in range(8)]
+    reconstruct(model, state, batches, damping=0.01, out_dir=tmp_path / "one_process")
+    two_ranks, one_process = stored_corrections(folder), stored_corrections(tmp_path / "one_process")
+    assert two_ranks.keys() == one_process.keys() and len(two_ranks) == 4 * 2  # Δ and columns per layer
+    for name, value in two_ranks.items():
+        assert torch.allclose(value, one_process[name], atol=1e-5, rtol=1e-4), name
+
+    killed = copy_run(tiny_tokenized, tmp_path / "killed")
+    kill_run_after_step(killed, "mask_learn", 9, "configs/tiny.toml", "--run-dir", str(killed),
+                        "--until", "mask_learn", *STEPS)
+    assert (killed / "mask_learn" / "checkpoints" / "step00000008" / "COMPLETE").is_file()
+    flipped = run_cli("run", "configs/tiny.toml", "--run-dir", str(killed), "--until", "mask_learn", *STEPS,
+                      "--set", "mask_learn.reconstruction=false", check=False)
+    assert flipped.returncode == 2
+    assert "the checkpoint of step 8 is in the hardening phase with reconstruction, and " \
+        "mask_learn.reconstruction = false; set it back to resume" in flipped.stderr, flipped.stderr[-3000:]
+    resumed = run_cli("run", "configs/tiny.toml", "--run-dir", str(killed), "--until", "mask_learn", *STEPS)
+    assert "reconstruction loaded from" in resumed.stdout
+    assert stored_corrections(killed / "mask_learn" / "reconstruction").keys() == two_ranks.keys()
+    for name, value in stored_corrections(killed / "mask_learn" / "reconstruction").items():
+        assert torch.equal(value, two_ranks[name]), name
+    for file in ("masks.safetensors", "lora/adapter_model.safetensors"):
+        before, after = load_file(str(fresh / "mask_learn" / file)), load_file(str(killed / "mask_learn" / file))
+        assert before.keys() == after.keys()
+        for name in before:
+            assert torch.equal(before[name], after[name]), (file, name)
