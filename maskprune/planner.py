@@ -229,6 +229,7 @@ class PlanSettings:
     attn_mode: str = "auto"
     ffn_alignment: int = 64
     architecture: str = "auto"
+    reconstruction: bool = False  # mask_learn.reconstruction
     # The stages' defaults: mask-learn distills (kl_weight 1), continued pretraining does not (0).
     mask_learn: StageSettings = field(default_factory=lambda: StageSettings(distill=True))
     continued_pretrain: StageSettings = field(default_factory=StageSettings)
@@ -424,6 +425,32 @@ def optimizer_step_item(params: int, s: PlanSettings, stage: StageSettings, back
                 f"{held / 2**30:.2f} GiB of activations and logits freed before the step")
 
 
+def reconstruction_items(shape: LlamaShape, pruned: LlamaShape, s: PlanSettings, stage: StageSettings,
+                         backward: list[Item]) -> list[Item]:
+    """mask_learn.reconstruction: its corrections (one o_proj- and one down_proj-sized bf16 matrix per
+    layer, ZeRO-3 partitioned like the frozen weights), and the least-squares pass at hardening, which
+    holds per projection H (fp32, C²), the kept block and its Cholesky factor (fp64, 2k²), the right-hand
+    side and solution (fp64, 2·k·d) and three fp32 d×C matrices (weight, residual, residual·H); counted
+    only beyond what a training step's activations and logits hold, as it runs between steps."""
+    d = shape.hidden_size
+    widths = {"attn": (shape.num_attention_heads * shape.head_dim, pruned.num_attention_heads * shape.head_dim),
+              "ffn": (shape.intermediate_size, pruned.intermediate_size)}
+    corrections = BF16 * shape.num_hidden_layers * d * sum(width for width, _ in widths.values()) // s.gpus
+    offload = stage.offload == "param"
+
+    def pass_bytes(width: int, kept: int) -> int:
+        return FP32 * width * width + 8 * 2 * kept * kept + 8 * 2 * kept * d + FP32 * 3 * d * width
+
+    peak = max(pass_bytes(*w) for w in widths.values())
+    held = sum(item.gpu_bytes for item in backward)
+    return [Item("reconstruction corrections (bf16, ZeRO-3 partitioned)", 0 if offload else corrections,
+                 corrections * s.gpus_per_node if offload else 0,
+                 f"2 B × {shape.num_hidden_layers} layers × {d} × (o_proj + down_proj inputs) / {s.gpus} GPUs"),
+            Item("reconstruction pass at hardening, beyond a step's", max(0, peak - held), 0,
+                 f"largest projection: {peak / 2**30:.2f} GiB (H fp32, kept block fp64, d × C fp32) less "
+                 f"the {held / 2**30:.2f} GiB of activations and logits a step holds")]
+
+
 def lora_params(config: PretrainedConfig, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
     """r·(in + out) per target projection per layer (A [r, in], B [out, r])."""
     model = meta_model(config)
@@ -453,6 +480,7 @@ def plan_memory(config: PretrainedConfig, s: PlanSettings) -> tuple[list[StagePl
         Item("masks + duals (fp32, replicated)", (mask_floats + dual_floats) * FP32, 0,
              "L·(U + I) scores and grads, 2L + 3 duals/targets"),
         *ml_backward, optimizer_step_item(lora, s, ml, ml_backward),
+        *(reconstruction_items(shape, pruned, s, ml, ml_backward) if s.reconstruction else []),
     ])
     cpt_backward = [activation_item(pruned, s, cpt, masked=False),
                     *loss_items(pruned, s, cpt, "the dense model")]
@@ -540,6 +568,7 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
                         lora_targets=tuple(cfg.mask_learn.lora.targets), lora_dropout=cfg.mask_learn.lora.dropout,
                         sparsity=cfg.target.sparsity, attn_mode=cfg.target.attn_mode,
                         ffn_alignment=cfg.target.ffn_alignment, architecture=cfg.hard_prune.architecture,
+                        reconstruction=cfg.mask_learn.reconstruction,
                         mask_learn=stage(cfg.mask_learn), continued_pretrain=stage(cfg.continued_pretrain))
 
 

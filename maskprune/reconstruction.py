@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,17 @@ class ReconstructionError(ValueError):
 class Correction(nn.Linear):
     """Δ on a projection's kept input columns: zeros until `reconstruct` fills it."""
 
+    filled = False  # set where `reconstruct` / `load_corrections` wrote a Δ (same on every rank)
+
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
 
 
 def _correction_hook(state: MaskState):
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        # The input is the masked one (the mask pre-hook ran); the teacher (masks off) never sees Δ.
-        if not (state.enabled and state.corrected):
+        # The input is the masked one (the mask pre-hook ran); the teacher (masks off) never sees Δ,
+        # and a projection with nothing cut (all its heads kept) is not gathered for a zero Δ.
+        if not (state.enabled and state.corrected and module.maskprune_correction.filled):
             return output
         return output + module.maskprune_correction(inputs[0])  # a module call: ZeRO-3 gathers Δ
     return hook
@@ -73,17 +77,15 @@ def attach_corrections(model: nn.Module, state: MaskState, ds: dict[str, Any] | 
     """A zero, frozen Correction on every o_proj and down_proj. On a ZeRO-3 model each is
     partitioned as it is built (zero.Init with the run's DeepSpeed config), so no rank ever holds
     more than one full projection's worth (70B down_proj: 470 MB in bf16) on top of its partition."""
-    import contextlib
-
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
     dtype = next(model.parameters()).dtype
     linears = masked_linears(model, state.shape)
     if partitioned:
         import deepspeed
 
-        context: contextlib.AbstractContextManager[Any] = deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype)
+        context: AbstractContextManager[Any] = deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype)
     else:
-        context = contextlib.nullcontext()
+        context = nullcontext()
     with context:
         for linear in linears["attn"] + linears["ffn"]:
             linear.maskprune_correction = Correction(linear.in_features, linear.out_features, bias=False,
@@ -93,20 +95,20 @@ def attach_corrections(model: nn.Module, state: MaskState, ds: dict[str, Any] | 
         linear.register_forward_hook(_correction_hook(state))
 
 
-def _assign(weight: nn.Parameter, columns: Tensor, value: Tensor) -> None:
-    """weight = 0 except weight[:, columns] = value; every rank calls it with the same value (rank
-    0's is the one ZeRO-3 re-partitions)."""
+def _fill(correction: Correction, columns: Tensor, value: Tensor) -> None:
+    """Δ = 0 except Δ[:, columns] = value; every rank calls it with the same value (rank 0's is the
+    one ZeRO-3 re-partitions)."""
+    weight = correction.weight
     if hasattr(weight, "ds_id"):
         import deepspeed
 
-        context: Any = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+        context: AbstractContextManager[Any] = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
     else:
-        import contextlib
-
-        context = contextlib.nullcontext()
+        context = nullcontext()
     with context, torch.no_grad():
         weight.zero_()
         weight[:, columns.to(weight.device)] = value.to(weight.device, weight.dtype)
+    correction.filled = True
 
 
 def solve(gram: Tensor, weight: Tensor, kept: Tensor, damping: float) -> tuple[Tensor, dict[str, float]]:
@@ -186,7 +188,7 @@ def reconstruct(model: nn.Module, state: MaskState, batches: Iterable[Tensor], d
                     delta, error = solve(gram, linear.weight.detach(), columns, damping)
                 del gram
                 errors[kind].append({"layer": index, **error})
-                _assign(linear.maskprune_correction.weight, columns, delta)
+                _fill(linear.maskprune_correction, columns, delta)
                 name = names[id(linear)]
                 tensors[f"{name}.weight"] = delta.to(linear.maskprune_correction.weight.dtype).cpu()
                 tensors[f"{name}.columns"] = columns
@@ -253,7 +255,7 @@ def load_corrections(model: nn.Module, state: MaskState, folder: Path) -> None:
     for stored in read_corrections(folder):
         delta, columns = stored.read()
         _check_columns(stored, columns, kept, folder)
-        _assign(linears[stored.kind][stored.layer].maskprune_correction.weight, columns, delta)
+        _fill(linears[stored.kind][stored.layer].maskprune_correction, columns, delta)
     state.corrected = True
 
 
