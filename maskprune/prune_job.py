@@ -83,7 +83,8 @@ def job_from_checkpoint(path: str | Path, tag: str | None = None) -> PruneJob:
     return PruneJob(source=source, config=config, keep=keep, lora=lora,
                     files_dir=meta.model_dir,
                     origin={"checkpoint": str(tag_dir), "stage": meta.stage, "step": meta.step,
-                            "model_dir": str(meta.model_dir)})
+                            "model_dir": str(meta.model_dir),
+                            "reconstruction": str(meta.reconstruction) if meta.reconstruction else None})
 
 
 def build_pruned_model(job: PruneJob, final: Path, cfg: HardPruneConfig, progress: bool = True) -> dict:

@@ -158,6 +158,13 @@ def test_two_rank_zero3_hardening_resumes_bit_identical_and_prunes_to_the_one_pr
     report = RunDir(fresh).state("hard_prune").outputs
     prune_report = json.loads(Path(report["report"]).read_text())
     assert prune_report["reconstruction"] and prune_report["max_abs_diff"] <= 1e-4
+    # A hardening checkpoint points at the folder too, for hard_prune.checkpoint.
+    from maskprune.prune_job import job_from_checkpoint
+    from maskprune.reconstruction import CorrectedSource
+
+    checkpoints = fresh / "mask_learn" / "checkpoints"
+    job = job_from_checkpoint(checkpoints, "step00000012")
+    assert isinstance(job.source, CorrectedSource) and job.origin["reconstruction"] == str(folder.resolve())
     events = EventAccumulator(str(fresh / "tb" / "mask_learn"))
     events.Reload()
     (cut,) = events.Scalars("reconstruction/error_cut/ffn")
