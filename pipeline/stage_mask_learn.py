@@ -15,7 +15,8 @@ from maskprune.arch import LlamaShape
 from maskprune.baselines import one_shot_keep
 from maskprune.data import BatchIterator, TokenShards
 from maskprune.dev_texts import dev_windows
-from maskprune.dist import PREEMPTED_EXIT_CODE, StopFlag, log, stage_argv_parser
+from maskprune.config import MaskLearnConfig
+from maskprune.dist import PREEMPTED_EXIT_CODE, DistInfo, StopFlag, log, stage_argv_parser
 from maskprune.importance import unit_scores
 from maskprune.lora import lora_state_dict, save_adapter
 from maskprune.mask_learn import assemble_learner, write_summary
@@ -24,6 +25,14 @@ from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.targets import check_target, resolve_target
 from maskprune.training import build_zero3_model, load_ds_config
 from maskprune.universal import grad_accum_for_resume
+
+
+def reconstruction_batches(data_dir: str, ml: MaskLearnConfig, dist: DistInfo) -> list[torch.Tensor]:
+    """This rank's share of the first `reconstruction_batches` global batches of the training stream,
+    from a stream of their own: the same on every start and resume, and training's is not shifted."""
+    stream = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
+                           dist.world_size, ml.train.seed)
+    return [next(stream) for _ in range(ml.reconstruction_batches * ml.train.grad_accum)]
 
 
 def main() -> int:
@@ -53,8 +62,7 @@ def main() -> int:
     model.requires_grad_(False)
     train_iter = BatchIterator(TokenShards(data_dir, "train"), ml.train.micro_batch_size, dist.rank,
                                dist.world_size, ml.train.seed)
-    calibration = None
-    if ml.method != "maskprune" or ml.init != "ones" or ml.reconstruction:
+    if ml.method != "maskprune" or ml.init != "ones":
         # Whole global batches: the same sequences on any rank count that keeps the global batch, and
         # training starts on a global-batch boundary, so its checkpoints resume on each such count.
         calibration = [next(train_iter) for _ in range(ml.calibration_batches * ml.train.grad_accum)]
@@ -73,7 +81,7 @@ def main() -> int:
         cfg, dist, model, ds, train_iter, valid, scores, run.dir, run.tb_dir,
         meta={"stage": "mask_learn", "model_dir": model_dir, "frozen_excluded": True,
               "lora": {"r": ml.lora.rank, "alpha": ml.lora.alpha, "targets": ml.lora.targets}}, dev=dev,
-        calibration=calibration if ml.reconstruction else None)
+        calibration=reconstruction_batches(data_dir, ml, dist) if ml.reconstruction else None)
     if not learner.run(StopFlag(run.run.root / "STOP")):
         return PREEMPTED_EXIT_CODE
     keep = learner.final_keep()

@@ -117,6 +117,9 @@ def test_reconstruction_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="hardening_fraction 0.1 of 3 steps never reaches; raise "
                                           "mask_learn.hardening_fraction or set reconstruction = false"):
         MaskLearnConfig(train=TrainLoopConfig(steps=3), hardening_fraction=0.1, reconstruction=True).validate()
+    with pytest.raises(ConfigError, match="reconstruction_batches: the fit reads that many global batches; "
+                                          "set it >= 1"):
+        MaskLearnConfig(reconstruction=True, reconstruction_batches=0).validate()
     with pytest.raises(ConfigError, match="reconstruction_damping: must be >= 0, got -1"):
         MaskLearnConfig(reconstruction_damping=-1).validate()
 
@@ -172,7 +175,8 @@ def test_two_rank_zero3_hardening_resumes_bit_identical_and_prunes_to_the_one_pr
     assert cut.step == fixed.step == 6 and fixed.value < cut.value
     assert "reconstruction/error_cut/attn" not in events.Tags()["scalars"]
 
-    # The same fit in one process, on both ranks' calibration batches (tiny.toml: 8 global batches).
+    # The same fit in one process, on both ranks' share of the first 16 global batches (the default
+    # reconstruction_batches) of the training stream.
     run = RunDir(fresh)
     model = AutoModelForCausalLM.from_pretrained(run.state("prepare").outputs["model"], dtype=torch.float32)
     keep = load_keep_indices(fresh / "mask_learn" / "masks.safetensors")
@@ -185,7 +189,7 @@ def test_two_rank_zero3_hardening_resumes_bit_identical_and_prunes_to_the_one_pr
     batches = []
     for rank in range(2):
         stream = BatchIterator(shards, 4, rank, 2, 0)
-        batches += [next(stream) for _ in range(8)]
+        batches += [next(stream) for _ in range(16)]
     reconstruct(model, state, batches, damping=0.01, out_dir=tmp_path / "one_process")
     two_ranks, one_process = stored_corrections(folder), stored_corrections(tmp_path / "one_process")
     assert two_ranks.keys() == one_process.keys() and len(two_ranks) == 4 * 2  # Δ and columns per layer
