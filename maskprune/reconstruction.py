@@ -8,8 +8,8 @@ W x are W'_S = W H[:, S] (H[S, S] + λI)⁻¹ (λ = damping · mean diag H[S, S]
 The dense self-teacher shares the student's weights, so the change lives beside them: a frozen
 `maskprune_correction` Linear child of every o_proj / down_proj holding Δ = W'_S − W_S on the kept
 columns (zeros elsewhere), whose output is added only while the masks are on. It is created
-zero, partitioned by ZeRO-3 like any frozen weight (Llama-3-70B: 0.59 GB per GPU in bf16 on 64
-GPUs), and used only from hardening on. `reconstruct` fills it sequentially, as FLAP computes its
+zero, partitioned by ZeRO-3 like any frozen weight (Llama-3-70B, o_proj + down_proj: 0.70 GB per
+GPU in bf16 on 64 GPUs), and used only from hardening on. `reconstruct` fills it sequentially, as FLAP computes its
 means: a layer's H is measured in the model whose earlier layers are already cut and corrected, so
 each correction also absorbs the shift of the earlier ones. LoRA is off during the pass: Δ depends
 only on the frozen weights, the hardening masks and the calibration batches.
