@@ -28,7 +28,7 @@ from maskprune.arch import LlamaShape, ShapeError, check_loadable, written_archi
 from maskprune.families import ATTN_PROJ, FAMILIES, MLP_PROJ, Architecture, family_of
 from maskprune.families.llama import compensation_config
 from maskprune.lora_merge import LoraAdapter
-from maskprune.masks_io import KeepIndices
+from maskprune.masks_io import KeepIndices, head_channels
 from maskprune.safetensors_io import ShardedWriter
 from maskprune.watchdog import WATCHDOG
 
@@ -92,10 +92,6 @@ def keep_digest(keep: KeepIndices) -> str:
     for name, value in sorted(keep.bias.items()):  # compensation changes the weights written too
         digest.update(f"bias.{name}".encode() + value.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _blocks(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return (heads.long().unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
 
 
 def _check_keep(keep: KeepIndices, shape: LlamaShape) -> None:
@@ -163,7 +159,7 @@ def plan_export(config: dict[str, Any], keep: KeepIndices | None, architecture: 
     add("model.embed_tokens.weight", "model.embed_tokens.weight", None, hidden, (src.vocab_size, d))
     for new, old in enumerate(layers):
         p, s = f"model.layers.{new}.", f"model.layers.{old}."
-        q, kv, ffn = _blocks(keep.q_heads[old], hd), _blocks(keep.kv_heads[old], hd), keep.ffn[old].long()
+        q, kv, ffn = head_channels(keep.q_heads[old], hd), head_channels(keep.kv_heads[old], hd), keep.ffn[old].long()
         # (weight rows, weight cols, full shape) per projection; a bias is sliced like the rows.
         cuts = {"q_proj": (q, hidden, (n_q * hd, d)), "k_proj": (kv, hidden, (n_kv * hd, d)),
                 "v_proj": (kv, hidden, (n_kv * hd, d)), "o_proj": (hidden, q, (d, n_q * hd)),

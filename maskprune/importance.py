@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from maskprune.arch import LlamaShape, attn_unit_count
 from maskprune.dist import gathered
 from maskprune.families import family_of
-from maskprune.masks_io import KeepIndices
+from maskprune.masks_io import KeepIndices, head_channels
 
 METHODS = ("magnitude", "wanda_sp", "flap", "taylor", "random")
 
@@ -285,7 +285,7 @@ def _removed_channels(model: nn.Module, keep: KeepIndices) -> dict[str, list[Ten
     removed: dict[str, list[Tensor]] = {"attn": [], "ffn": []}
     for index, (sa, mlp) in enumerate(blocks):
         attn = torch.ones(sa.o_proj.in_features, dtype=torch.bool)
-        attn[(keep.q_heads[index].unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()] = False
+        attn[head_channels(keep.q_heads[index], head_dim)] = False
         ffn = torch.ones(mlp.down_proj.in_features, dtype=torch.bool)
         ffn[keep.ffn[index]] = False
         removed["attn"].append(attn)

@@ -58,6 +58,11 @@ class KeepIndices:
                                  f"shaped [{self.q_heads.shape[0]}, hidden], got {tuple(value.shape)}")
 
 
+def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The channels of these heads in the concatenated head outputs (q_proj's rows, o_proj's inputs)."""
+    return (heads.long().unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
 def save_keep_indices(path: Path, keep: KeepIndices) -> None:
     keep.validate()
     tensors = {"keep.q_heads": keep.q_heads, "keep.kv_heads": keep.kv_heads, "keep.ffn": keep.ffn}

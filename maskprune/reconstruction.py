@@ -42,7 +42,7 @@ from maskprune.dist import gathered
 from maskprune.importance import (_all_reduce_, _batch_list, _decoder_inputs, _eval_mode, _hidden_states,
                                   _layers, _world, _zero3_gathering)
 from maskprune.masking import MaskState, masked_linears
-from maskprune.masks_io import KeepIndices
+from maskprune.masks_io import KeepIndices, head_channels
 from maskprune.watchdog import WATCHDOG
 
 FORMAT = "maskprune.reconstruction/1"
@@ -222,6 +222,11 @@ class StoredCorrection:
         with safe_open(str(self.path), framework="pt") as handle:
             return handle.get_tensor(f"{self.name}.weight"), handle.get_tensor(f"{self.name}.columns")
 
+    def columns(self) -> Tensor:
+        """The kept columns alone, without reading Δ (at 70B down_proj, 235 MB a layer)."""
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(f"{self.name}.columns")
+
 
 def read_corrections(folder: Path) -> list[StoredCorrection]:
     """What a complete reconstruction folder holds, projection by projection."""
@@ -261,8 +266,7 @@ def load_corrections(model: nn.Module, state: MaskState, folder: Path) -> None:
 
 def kept_columns(keep: KeepIndices, head_dim: int) -> dict[str, list[Tensor]]:
     """Per kind and layer, the input columns of o_proj / down_proj that `keep` keeps."""
-    attn = [(heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten() for heads in keep.q_heads]
-    return {"attn": attn, "ffn": list(keep.ffn)}
+    return {"attn": [head_channels(heads, head_dim) for heads in keep.q_heads], "ffn": list(keep.ffn)}
 
 
 class CorrectedSource:
@@ -278,7 +282,7 @@ class CorrectedSource:
             if name not in names:
                 raise ReconstructionError(f"{folder}: corrects {name}, which the source weights lack; "
                                           f"prune the model mask_learn started from")
-            _check_columns(stored, stored.read()[1], kept, folder)
+            _check_columns(stored, stored.columns(), kept, folder)
 
     def names(self) -> list[str]:
         return self.source.names()
