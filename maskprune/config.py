@@ -331,7 +331,8 @@ class MaskLearnConfig(TrainingStageConfig):
     # (calibration_batches): the demo's 16 are 8,192 tokens for 1,536 FFN channels; with 8 the
     # probe's one-shot dev perplexity was 40 % worse (docs/method.md, "Least-squares reconstruction").
     reconstruction_batches: int = 16
-    # Ridge λ = reconstruction_damping x the mean input power of the kept channels.
+    # Ridge on the correction Δ (not the kept weights), λ = reconstruction_damping x the kept channels'
+    # mean input power: 0 is the plain least-squares fit, a large value no correction.
     reconstruction_damping: float = 0.01
 
     def validate(self) -> None:

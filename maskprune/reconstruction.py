@@ -2,7 +2,9 @@
 
 Cutting the input channels R of o_proj / down_proj loses W[:, R] x_R. Per layer and projection,
 with H = Σ x xᵀ over calibration inputs, the kept columns S that best reproduce the dense output
-W x are W'_S = W H[:, S] (H[S, S] + λI)⁻¹ (λ = damping · mean diag H[S, S]); docs/method.md,
+W x are W'_S = W_S + Δ, Δ = W_R H[R, S] (H[S, S] + λI)⁻¹: the removed channels' contribution
+predicted from the kept ones, with a ridge λ = damping · mean diag H[S, S] on Δ (so the corrected
+cut is never worse than the plain cut on the fit's inputs, and a large damping means no Δ); docs/method.md,
 "Least-squares reconstruction of the kept channels", has the probe that measured it.
 
 The dense self-teacher shares the student's weights, so the change lives beside them: a frozen
@@ -116,14 +118,19 @@ def solve(gram: Tensor, weight: Tensor, kept: Tensor, damping: float) -> tuple[T
     without and with it on `gram`'s inputs (‖(W − W')x‖² / ‖Wx‖², summed over them). The solve is
     float64 on the kept block only; the rest stays float32 (70B down_proj: ~8 GB transient)."""
     weight = weight.float()
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    removed = removed.nonzero().flatten().to(gram.device)
     block = gram[kept][:, kept].double()
     block.diagonal().add_(damping * block.diagonal().mean().clamp_min(1e-30))
     chol, info = torch.linalg.cholesky_ex(block)
     if int(info) != 0:  # only with damping 0 and a kept channel that never fired
         raise ReconstructionError("mask_learn.reconstruction: the kept channels' input covariance is "
                                   "singular; raise mask_learn.reconstruction_damping above 0")
-    rhs = (gram[kept] @ weight.T).double()               # H[S, :] Wᵀ, [|S|, out]
-    rebuilt = torch.cholesky_solve(rhs, chol).T.float()  # W'_S = W H[:, S] (H[S, S] + λI)⁻¹
+    # The ridge term penalises Δ, not W'_S: a ridge on W'_S would shrink weak kept channels towards
+    # zero and could end worse than no correction (measured: layers whose cut lost almost nothing).
+    rhs = (gram[kept][:, removed] @ weight[:, removed].T).double()  # H[S, R] W_Rᵀ, [|S|, out]
+    delta = torch.cholesky_solve(rhs, chol).T.float()               # Δ = W_R H[R, S] (H[S, S] + λI)⁻¹
     del block, chol, rhs
     dense = float(((weight @ gram) * weight).sum().clamp_min(1e-30))
 
@@ -132,7 +139,8 @@ def solve(gram: Tensor, weight: Tensor, kept: Tensor, damping: float) -> tuple[T
         diff[:, kept] -= kept_weight
         return float(((diff @ gram) * diff).sum()) / dense
 
-    return rebuilt - weight[:, kept], {"cut": error(weight[:, kept]), "corrected": error(rebuilt)}
+    kept_weight = weight[:, kept]
+    return delta, {"cut": error(kept_weight), "corrected": error(kept_weight + delta)}
 
 
 def _kept_columns(state: MaskState) -> dict[str, list[Tensor]]:

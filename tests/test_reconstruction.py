@@ -15,7 +15,7 @@ from maskprune.lora import attach_lora, lora_state_dict, save_adapter
 from maskprune.masking import MaskState, attach_masks, fixed_masks_from_keep
 from maskprune.masks_io import KeepIndices, save_keep_indices
 from maskprune.prune_job import build_pruned_model, job_from_model_dir
-from maskprune.reconstruction import ReconstructionError, attach_corrections, reconstruct
+from maskprune.reconstruction import ReconstructionError, attach_corrections, reconstruct, solve
 from maskprune.teacher import switched_off
 from test_export import BASE, logits, make_llama, random_keep
 
@@ -68,6 +68,31 @@ def test_removed_copies_of_kept_channels_are_reconstructed_exactly(tmp_path: Pat
     for kind in ("attn", "ffn"):
         assert [e["layer"] for e in errors[kind]] == [0, 1, 2, 3]
         assert all(e["cut"] > 1e-2 and e["corrected"] < 1e-8 for e in errors[kind]), errors[kind]
+
+
+def test_the_ridge_shrinks_the_correction_not_the_kept_weights() -> None:
+    """A kept channel with little input power and no removed channel correlated with it needs no
+    change: a ridge on W'_S would halve its weight (measured in the product: layers whose cut lost
+    almost nothing ended worse corrected). On Δ the corrected cut is never worse than the plain cut
+    on the fit's inputs, at any damping, and a large damping leaves no correction."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4096, 12, generator=gen, dtype=torch.float64)
+    inputs[:, 1] *= 0.01                      # a weak kept channel
+    inputs[:, 8] = inputs[:, 0] + 0.1 * inputs[:, 8]  # a removed channel the kept channel 0 predicts
+    gram = (inputs.T @ inputs).float()
+    weight = torch.randn(5, 12, generator=gen)
+    kept = torch.tensor([0, 1, 2, 3, 4, 5])
+    for damping in (0.0, 0.01, 1.0):
+        delta, error = solve(gram, weight, kept, damping)
+        assert error["corrected"] <= error["cut"], (damping, error)
+    for damping in (0.01, 1.0):  # weak and uncorrelated with what was removed: (almost) untouched,
+        delta, _ = solve(gram, weight, kept, damping)  # where W'_S's ridge scaled it by ~1 %
+        assert delta[:, 1].abs().max() < 0.02 * weight[:, 1].abs().max()
+    delta, error = solve(gram, weight, kept, 0.01)
+    assert torch.allclose(delta[:, 0], weight[:, 8], atol=0.1)  # channel 8 ≈ channel 0
+    assert error["corrected"] < 0.8 * error["cut"]  # one of six removed channels is predictable
+    delta, error = solve(gram, weight, kept, 1e9)
+    assert delta.abs().max() < 1e-6 and error["corrected"] == pytest.approx(error["cut"], rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["query_per_group", "kv_group"])
