@@ -94,12 +94,15 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: RunDir, lock: RunLock) -
                            f"{', '.join(missing)} would run; run with --until {missing[-1]} first")
         selected = decisions[index:index + 1]
     refused = [d for d in decisions if d.action == "refuse"]
-    if refused:
+    changed = [d for d in refused if d.changes]
+    if changed:
         # Stages that read the same section report the same change once.
-        changes = dict.fromkeys(c for d in refused for c in d.changes)
-        raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(d.stage for d in refused)} "
+        changes = dict.fromkeys(c for d in changed for c in d.changes)
+        raise CliError(f"{run_dir.root}: the config of finished stage(s) {', '.join(d.stage for d in changed)} "
                        f"differs from the one this run was started with ({'; '.join(changes)}); pass --force "
                        "to re-run them, or use a new --run-dir")
+    if refused:  # not a config change (--force cannot help): the stage's own reason names the way out
+        raise CliError(f"{run_dir.root}: {refused[0].stage}: {refused[0].reason}")
     preflight(cfg, [d.stage for d in selected if d.action == "run"])
     run_dir.write_config(cfg)
     stop_file = stop_file_path(run_dir.root)

@@ -310,6 +310,7 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
             action, reason = "refuse", ("continued_pretrain's final checkpoint, which export reads, was removed by "
                                         f"`maskprune clean --final`; re-run it first: maskprune reset {run_dir.root} "
                                         "continued_pretrain")
+            changes = []  # --force cannot help here: the refusal must not read as a config change
         if added and action != "refuse":
             reason += f" (ran before {', '.join(added)} existed; taken at this version's default)"
         if action == "run":

@@ -57,6 +57,10 @@ def test_clean_final_is_refused_before_export_and_then_blocks_a_re_export(tmp_pa
     assert (export.action, export.reason) == (
         "refuse", "continued_pretrain's final checkpoint, which export reads, was removed by `maskprune clean "
         f"--final`; re-run it first: maskprune reset {run.root} continued_pretrain")
+    # The command line says why, not that a config changed (a benchmark re-running with --force met that).
+    assert main(["run", str(REPO / "configs" / "tiny.toml"), "--run-dir", str(run.root), "--set",
+                 "export.shard_size_mb=100", "--force"]) == 2
+    assert capsys.readouterr().err.strip() == f"maskprune: error: {run.root}: export: {export.reason}"
     # Once continued_pretrain runs again, export may follow it.
     run.reset("continued_pretrain")
     assert {d.stage: d.action for d in plan(run, cfg, force=True)}["export"] == "run"
