@@ -201,7 +201,7 @@ def test_two_rank_zero3_hardening_resumes_bit_identical_and_prunes_to_the_one_pr
     assert "reconstruction/error_cut/attn" not in events.Tags()["scalars"]
 
     # The same fit in one process, on both ranks' share of the first 16 global batches (the default
-    # reconstruction_batches) of the training stream.
+    # reconstruction_batches) of the training stream, at the default damping.
     run = RunDir(fresh)
     model = AutoModelForCausalLM.from_pretrained(run.state("prepare").outputs["model"], dtype=torch.float32)
     keep = load_keep_indices(fresh / "mask_learn" / "masks.safetensors")
@@ -215,7 +215,8 @@ def test_two_rank_zero3_hardening_resumes_bit_identical_and_prunes_to_the_one_pr
     for rank in range(2):
         stream = BatchIterator(shards, 4, rank, 2, 0)
         batches += [next(stream) for _ in range(16)]
-    reconstruct(model, state, batches, damping=0.01, out_dir=tmp_path / "one_process")
+    reconstruct(model, state, batches, damping=MaskLearnConfig().reconstruction_damping,
+                out_dir=tmp_path / "one_process")
     two_ranks, one_process = stored_corrections(folder), stored_corrections(tmp_path / "one_process")
     assert two_ranks.keys() == one_process.keys() and len(two_ranks) == 4 * 2  # Δ and columns per layer
     for name, value in two_ranks.items():
