@@ -291,7 +291,7 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
     report: dict[str, Any] = {"mode": args.mode, "config": args.config, "settings": mode, "dense": None,
                               "dense_trained": None, "targets": {},
                               "bias_compensation": cfg.mask_learn.bias_compensation,
-                              "reconstruction": cfg.mask_learn.reconstruction and cfg.mask_learn.reconstruction_damping,
+                              "reconstruction": cfg.mask_learn.reconstruction_damping if cfg.mask_learn.reconstruction else False,
                               "learning_rates": rates,
                               "budget": {name: {"mask_steps": p.mask_steps, "recovery_steps": p.recovery_steps,
                                                 "train_tokens": p.train_tokens} for name, p in plans.items()}}
@@ -398,7 +398,7 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
         + ("" if report.get("bias_compensation") else "; MaskPrune's `mask_learn.bias_compensation` is off"),
         "- least-squares refit of the kept columns when the masks harden (`mask_learn.reconstruction`): "
         + (f"MaskPrune{' and ' + FROZEN if FROZEN in baselines else ''}, damping {report['reconstruction']:g}"
-           if report.get("reconstruction") else "off")]
+           if report.get("reconstruction", False) is not False else "off")]
     rates = report.get("learning_rates")
     if rates:  # how recovery rates were set is part of the comparison
         recovery = (f"recovery, every model {rates['recovery']:g}" if "recovery" in rates else

@@ -162,6 +162,10 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "biases): MaskPrune\n" in bench.markdown(rep, ["128"])
     rep["reconstruction"] = 0.01
     assert "(`mask_learn.reconstruction`): MaskPrune, damping 0.01\n" in bench.markdown(rep, ["128"])
+    rep["reconstruction"] = 0.0  # plain least squares is on, not off
+    assert "(`mask_learn.reconstruction`): MaskPrune, damping 0\n" in bench.markdown(rep, ["128"])
+    rep["reconstruction"] = False
+    assert "(`mask_learn.reconstruction`): off\n" in bench.markdown(rep, ["128"])
     # The learner's ablation is not a one-shot baseline: the goal's "best baseline" leaves it out, and it
     # gets lines of its own; a metric it wins is listed like any baseline's.
     rep["budget"][bench.FROZEN] = rep["budget"]["maskprune"]
