@@ -333,8 +333,7 @@ class MaskLearnConfig(TrainingStageConfig):
     reconstruction_batches: int = 16
     # Ridge on the correction Δ (not the kept weights), λ = reconstruction_damping x the kept channels'
     # mean input power: 0 is the plain least-squares fit, a large value no correction. 0.1: better
-    # than 0.01 on the benchmark's dev texts at 20 % and 50 % (1.0 better still at 20 %, 50 % not
-    # measured; docs/method.md, "The ridge on Δ").
+    # than 0.01 on the benchmark's dev texts at 20 % and 50 % (docs/method.md, "The ridge on Δ").
     reconstruction_damping: float = 0.1
 
     def validate(self) -> None:
