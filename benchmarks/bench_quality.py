@@ -291,7 +291,8 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
     report: dict[str, Any] = {"mode": args.mode, "config": args.config, "settings": mode, "dense": None,
                               "dense_trained": None, "targets": {},
                               "bias_compensation": cfg.mask_learn.bias_compensation,
-                              "reconstruction": cfg.mask_learn.reconstruction_damping if cfg.mask_learn.reconstruction else False,
+                              "reconstruction": (cfg.mask_learn.reconstruction_damping
+                                                 if cfg.mask_learn.reconstruction else False),
                               "learning_rates": rates,
                               "budget": {name: {"mask_steps": p.mask_steps, "recovery_steps": p.recovery_steps,
                                                 "train_tokens": p.train_tokens} for name, p in plans.items()}}

@@ -120,8 +120,9 @@ def solve(gram: Tensor, weight: Tensor, kept: Tensor, damping: float) -> tuple[T
     weight = weight.float()
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[kept] = False
-    removed = removed.nonzero().flatten().to(gram.device)
-    block = gram[kept][:, kept].double()
+    # Index both axes at once: gram[kept][:, …] would first copy H[S, :] (70B down_proj: 1.6 GB).
+    rows, removed = kept.to(gram.device).unsqueeze(1), removed.nonzero().flatten().to(gram.device)
+    block = gram[rows, rows.T].double()
     block.diagonal().add_(damping * block.diagonal().mean().clamp_min(1e-30))
     chol, info = torch.linalg.cholesky_ex(block)
     if int(info) != 0:  # only with damping 0 and a kept channel that never fired
@@ -129,8 +130,8 @@ def solve(gram: Tensor, weight: Tensor, kept: Tensor, damping: float) -> tuple[T
                                   "singular; raise mask_learn.reconstruction_damping above 0")
     # The ridge term penalises Δ, not W'_S: a ridge on W'_S would shrink weak kept channels towards
     # zero and could end worse than no correction (measured: layers whose cut lost almost nothing).
-    rhs = (gram[kept][:, removed] @ weight[:, removed].T).double()  # H[S, R] W_Rᵀ, [|S|, out]
-    delta = torch.cholesky_solve(rhs, chol).T.float()               # Δ = W_R H[R, S] (H[S, S] + λI)⁻¹
+    rhs = (gram[rows, removed] @ weight[:, removed].T).double()  # H[S, R] W_Rᵀ, [|S|, out]
+    delta = torch.cholesky_solve(rhs, chol).T.float()           # Δ = W_R H[R, S] (H[S, S] + λI)⁻¹
     del block, chol, rhs
     dense = float(((weight @ gram) * weight).sum().clamp_min(1e-30))
 
