@@ -230,6 +230,9 @@ class PlanSettings:
     ffn_alignment: int = 64
     architecture: str = "auto"
     reconstruction: bool = False  # mask_learn.reconstruction
+    # Sequences of calibration hidden states its pass holds per rank: mask_learn.reconstruction_batches
+    # × grad_accum × micro-batch (the default's 16 global batches at the stage's micro-batch).
+    reconstruction_sequences: int = 16
     # The stages' defaults: mask-learn distills (kl_weight 1), continued pretraining does not (0).
     mask_learn: StageSettings = field(default_factory=lambda: StageSettings(distill=True))
     continued_pretrain: StageSettings = field(default_factory=StageSettings)
@@ -429,10 +432,12 @@ def reconstruction_items(shape: LlamaShape, pruned: LlamaShape, s: PlanSettings,
                          backward: list[Item]) -> list[Item]:
     """mask_learn.reconstruction: its corrections (one o_proj- and one down_proj-sized bf16 matrix per
     layer, ZeRO-3 partitioned like the frozen weights), and the least-squares pass at hardening, which
-    holds per projection H (fp32, C²), the kept block and its Cholesky factor (fp64, 2k²), the right-hand
-    side and solution (fp64, 2·k·d) and three fp32 d×C matrices (weight, residual, residual·H); counted
-    only beyond what a training step's activations and logits hold, as it runs between steps."""
+    holds this rank's calibration hidden states (bf16, one copy: importance._advance) and per projection
+    H (fp32, C²), the kept block and its Cholesky factor (fp64, 2k²), the right-hand side and solution
+    (fp64, 2·k·d) and three fp32 d×C matrices (weight, residual, residual·H); counted only beyond what
+    a training step's activations and logits hold, as it runs between steps."""
     d = shape.hidden_size
+    hidden = BF16 * s.reconstruction_sequences * s.seq_len * d
     widths = {"attn": (shape.num_attention_heads * shape.head_dim, pruned.num_attention_heads * shape.head_dim),
               "ffn": (shape.intermediate_size, pruned.intermediate_size)}
     corrections = BF16 * shape.num_hidden_layers * d * sum(width for width, _ in widths.values()) // s.gpus
@@ -441,14 +446,17 @@ def reconstruction_items(shape: LlamaShape, pruned: LlamaShape, s: PlanSettings,
     def pass_bytes(width: int, kept: int) -> int:
         return FP32 * width * width + 8 * 2 * kept * kept + 8 * 2 * kept * d + FP32 * 3 * d * width
 
-    peak = max(pass_bytes(*w) for w in widths.values())
+    projection = max(pass_bytes(*w) for w in widths.values())
+    peak = projection + hidden
     held = sum(item.gpu_bytes for item in backward)
     return [Item("reconstruction corrections (bf16, ZeRO-3 partitioned)", 0 if offload else corrections,
                  corrections * s.gpus_per_node if offload else 0,
                  f"2 B × {shape.num_hidden_layers} layers × {d} × (o_proj + down_proj inputs) / {s.gpus} GPUs"),
             Item("reconstruction pass at hardening, beyond a step's", max(0, peak - held), 0,
-                 f"largest projection: {peak / 2**30:.2f} GiB (H fp32, kept block fp64, d × C fp32) less "
-                 f"the {held / 2**30:.2f} GiB of activations and logits a step holds")]
+                 f"largest projection: {projection / 2**30:.2f} GiB (H fp32, kept block fp64, d × C fp32) "
+                 f"+ {hidden / 2**30:.2f} GiB of calibration hidden states ({s.reconstruction_sequences} × "
+                 f"{s.seq_len} tokens × {d} × 2 B) less the {held / 2**30:.2f} GiB of activations and "
+                 "logits a step holds")]
 
 
 def lora_params(config: PretrainedConfig, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
@@ -569,6 +577,8 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
                         sparsity=cfg.target.sparsity, attn_mode=cfg.target.attn_mode,
                         ffn_alignment=cfg.target.ffn_alignment, architecture=cfg.hard_prune.architecture,
                         reconstruction=cfg.mask_learn.reconstruction,
+                        reconstruction_sequences=(cfg.mask_learn.reconstruction_batches * cfg.mask_learn.train.grad_accum
+                                                  * cfg.mask_learn.train.micro_batch_size),
                         mask_learn=stage(cfg.mask_learn), continued_pretrain=stage(cfg.continued_pretrain))
 
 

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from maskprune.dist import gathered
-from maskprune.importance import (_all_reduce_, _batch_list, _decoder_inputs, _eval_mode, _hidden_states,
+from maskprune.importance import (_advance, _all_reduce_, _batch_list, _decoder_inputs, _eval_mode,
                                   _layers, _world, _zero3_gathering)
 from maskprune.masking import MaskState, masked_linears
 from maskprune.masks_io import KeepIndices, head_channels
@@ -169,8 +169,7 @@ def reconstruct(model: nn.Module, state: MaskState, batches: Iterable[Tensor], d
         staging.mkdir(parents=True)
     state.corrected = True  # the layers done so far act corrected; the rest still hold zeros
     with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
-        inputs = _decoder_inputs(model, batches)
-        hidden = [h for h, _ in inputs]
+        hidden, layer_kwargs = _decoder_inputs(model, batches)
         for index, layer in enumerate(_layers(model)):
             WATCHDOG.pet(f"reconstruction: layer {index}")  # a 70B pass outlasts any hang timeout
             tensors: dict[str, Tensor] = {}
@@ -188,7 +187,7 @@ def reconstruct(model: nn.Module, state: MaskState, batches: Iterable[Tensor], d
                 # Before the mask's own pre-hook: H needs the removed channels' values too.
                 handle = linear.register_forward_pre_hook(accumulate, prepend=True)
                 try:
-                    for h, (_, kwargs) in zip(hidden, inputs):
+                    for h, kwargs in zip(hidden, layer_kwargs):
                         layer(h, **kwargs)
                 finally:
                     handle.remove()
@@ -204,7 +203,7 @@ def reconstruct(model: nn.Module, state: MaskState, batches: Iterable[Tensor], d
                 written[kind] = name
             if staging is not None:
                 save_file(tensors, str(staging / f"layer{index:05d}.safetensors"), metadata=written)
-            hidden = [_hidden_states(layer(h, **kwargs)) for h, (_, kwargs) in zip(hidden, inputs)]
+            _advance(layer, hidden, layer_kwargs)
     if staging is not None:
         tokens = sum(int(b.numel()) for b in batches) * _world()  # every rank has as many batches
         (staging / MANIFEST).write_text(json.dumps({

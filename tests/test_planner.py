@@ -487,8 +487,10 @@ def test_reconstruction_on_the_shipped_70b_config_adds_its_corrections_and_pass(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """mask_learn.reconstruction on Llama-3-70B over 64 GPUs: one o_proj- and one down_proj-sized bf16
     matrix per layer, partitioned (2·80·8192·(8192 + 28672) / 64 B); its hardening pass on down_proj
-    (C = 28,672 inputs, k = 13,952 kept, d = 8,192: 4C² + 16k² + 16kd + 12dC B = 10.29 GiB) fits in what
-    a training step's activations already take, and the stage still fits 80 GB."""
+    (C = 28,672 inputs, k = 13,952 kept, d = 8,192: 4C² + 16k² + 16kd + 12dC B = 10.29 GiB) plus the
+    calibration hidden states it carries from layer to layer (16 global batches × grad_accum 2 × micro 1
+    = 32 sequences of 4,096 tokens × 8,192 × 2 B = 2 GiB per GPU) fits in what a training step's
+    activations already take, and the stage still fits 80 GB."""
     monkeypatch.chdir(REPO)
     base = plan_json(capsys, "--config", "configs/llama3-70b.toml")["stages"]["mask_learn"]
     report = plan_json(capsys, "--config", "configs/llama3-70b.toml", "--set", "mask_learn.reconstruction=true")
@@ -497,6 +499,8 @@ def test_reconstruction_on_the_shipped_70b_config_adds_its_corrections_and_pass(
     corrections = items["reconstruction corrections (bf16, ZeRO-3 partitioned)"]
     assert corrections["gpu_bytes"] == 2 * 80 * 8192 * (8192 + 28672) // 64 and corrections["cpu_node_bytes"] == 0
     extra = items["reconstruction pass at hardening, beyond a step's"]
-    assert extra["formula"].startswith("largest projection: 10.29 GiB (H fp32, kept block fp64, d × C fp32)")
+    assert extra["formula"].startswith("largest projection: 10.29 GiB (H fp32, kept block fp64, d × C fp32) "
+                                       "+ 2.00 GiB of calibration hidden states (32 × 4096 tokens × 8192 × 2 B)")
+    assert report["settings"]["reconstruction_sequences"] == 32
     assert stage["gpu_bytes_per_gpu"] == base["gpu_bytes_per_gpu"] + corrections["gpu_bytes"] + extra["gpu_bytes"]
     assert stage["gpu_bytes_per_gpu"] < GB80
