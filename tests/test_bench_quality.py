@@ -166,6 +166,10 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "(`mask_learn.reconstruction`): MaskPrune, damping 0\n" in bench.markdown(rep, ["128"])
     rep["reconstruction"] = False
     assert "(`mask_learn.reconstruction`): off\n" in bench.markdown(rep, ["128"])
+    assert "- calibration:" not in bench.markdown(rep, ["128"])  # reports written before it was recorded
+    rep["calibration_batches"] = 16
+    assert "- calibration: MaskPrune and the one-shot baselines read at most the first 16 global batches of " \
+        "the training stream besides training (the baselines' scores; MaskPrune's start)\n" in bench.markdown(rep, ["128"])
     # The learner's ablation is not a one-shot baseline: the goal's "best baseline" leaves it out, and it
     # gets lines of its own; a metric it wins is listed like any baseline's.
     rep["budget"][bench.FROZEN] = rep["budget"]["maskprune"]
@@ -214,3 +218,29 @@ def test_dev_scores_stay_in_bench_dev_json_and_never_in_the_runs_evaluate_result
     assert json.loads((run.root / "bench_dev.json").read_text())["heldout"] == scores
     assert not (run.root / "evaluate" / "results.json").exists() and run.state("evaluate").status == "pending"
     assert run.state("export").status == "done"
+
+
+def test_the_baselines_calibrate_on_as_much_text_as_the_refit_reads() -> None:
+    """With mask_learn.reconstruction MaskPrune reads reconstruction_batches (16) global batches of
+    training text, the one-shot baselines calibration_batches (8): FLAP with 4x the calibration text
+    measured 2-6 % lower perplexity, so the benchmark gives the baselines the refit's count (and leaves
+    MaskPrune, its ablation and the dense reference as the config sets them)."""
+    bench = bench_quality()
+    plain = load_config(REPO / "configs" / "demo.toml")
+    assert bench.calibration_batches(plain) == plain.mask_learn.calibration_batches == 8
+    refit = load_config(REPO / "configs" / "demo.toml", ["mask_learn.reconstruction=true",
+                                                          "mask_learn.reconstruction_batches=32"])
+    assert bench.calibration_batches(refit) == 32
+    assert bench.calibration_batches(load_config(REPO / "configs" / "demo.toml", [
+        "mask_learn.reconstruction=true", "mask_learn.reconstruction_batches=4"])) == 8  # the start reads more
+    plans = {p.name: p for p in bench.budget_plan(refit, bench.METHODS, mask_steps=40, cpt_steps=20)}
+    mode, shape = bench.MODES["standard"], {"num_attention_heads": 9, "intermediate_size": 1088}
+    flap = bench.run_overrides(plans["flap"], mode, 0.2, shape, [], 32)
+    assert "mask_learn.calibration_batches=32" in flap
+    assert load_config(REPO / "configs" / "demo.toml", flap).mask_learn.calibration_batches == 32
+    for name in ("maskprune", bench.FROZEN, bench.DENSE_TRAINED):
+        overrides = bench.run_overrides(plans[name], mode, 0.2, shape, [], 32)
+        assert not any(o.startswith("mask_learn.calibration_batches") for o in overrides), name
+    # A config whose baselines already read as much is told nothing, so their cached runs still serve.
+    assert not any(o.startswith("mask_learn.calibration_batches")
+                   for o in bench.run_overrides(plans["flap"], mode, 0.2, shape, [], None))
