@@ -230,9 +230,9 @@ class PlanSettings:
     ffn_alignment: int = 64
     architecture: str = "auto"
     reconstruction: bool = False  # mask_learn.reconstruction
-    # Sequences of calibration hidden states its pass holds per rank: mask_learn.reconstruction_batches
-    # × grad_accum × micro-batch (the default's 16 global batches at the stage's micro-batch).
-    reconstruction_sequences: int = 16
+    # Micro-batches of calibration hidden states its pass holds per rank (each of mask_learn's
+    # micro-batch): mask_learn.reconstruction_batches × grad_accum.
+    reconstruction_micro_batches: int = MaskLearnConfig.reconstruction_batches
     # The stages' defaults: mask-learn distills (kl_weight 1), continued pretraining does not (0).
     mask_learn: StageSettings = field(default_factory=lambda: StageSettings(distill=True))
     continued_pretrain: StageSettings = field(default_factory=StageSettings)
@@ -437,7 +437,8 @@ def reconstruction_items(shape: LlamaShape, pruned: LlamaShape, s: PlanSettings,
     (fp64, 2·k·d) and three fp32 d×C matrices (weight, residual, residual·H); counted only beyond what
     a training step's activations and logits hold, as it runs between steps."""
     d = shape.hidden_size
-    hidden = BF16 * s.reconstruction_sequences * s.seq_len * d
+    sequences = s.reconstruction_micro_batches * stage.micro_batch
+    hidden = BF16 * sequences * s.seq_len * d
     widths = {"attn": (shape.num_attention_heads * shape.head_dim, pruned.num_attention_heads * shape.head_dim),
               "ffn": (shape.intermediate_size, pruned.intermediate_size)}
     corrections = BF16 * shape.num_hidden_layers * d * sum(width for width, _ in widths.values()) // s.gpus
@@ -454,7 +455,7 @@ def reconstruction_items(shape: LlamaShape, pruned: LlamaShape, s: PlanSettings,
                  f"2 B × {shape.num_hidden_layers} layers × {d} × (o_proj + down_proj inputs) / {s.gpus} GPUs"),
             Item("reconstruction pass at hardening, beyond a step's", max(0, peak - held), 0,
                  f"largest projection: {projection / 2**30:.2f} GiB (H fp32, kept block fp64, d × C fp32) "
-                 f"+ {hidden / 2**30:.2f} GiB of calibration hidden states ({s.reconstruction_sequences} × "
+                 f"+ {hidden / 2**30:.2f} GiB of calibration hidden states ({sequences} × "
                  f"{s.seq_len} tokens × {d} × 2 B) less the {held / 2**30:.2f} GiB of activations and "
                  "logits a step holds")]
 
@@ -577,8 +578,7 @@ def settings_from_config(cfg: ExperimentConfig) -> PlanSettings:
                         sparsity=cfg.target.sparsity, attn_mode=cfg.target.attn_mode,
                         ffn_alignment=cfg.target.ffn_alignment, architecture=cfg.hard_prune.architecture,
                         reconstruction=cfg.mask_learn.reconstruction,
-                        reconstruction_sequences=(cfg.mask_learn.reconstruction_batches * cfg.mask_learn.train.grad_accum
-                                                  * cfg.mask_learn.train.micro_batch_size),
+                        reconstruction_micro_batches=cfg.mask_learn.reconstruction_batches * cfg.mask_learn.train.grad_accum,
                         mask_learn=stage(cfg.mask_learn), continued_pretrain=stage(cfg.continued_pretrain))
 
 

@@ -501,6 +501,11 @@ def test_reconstruction_on_the_shipped_70b_config_adds_its_corrections_and_pass(
     extra = items["reconstruction pass at hardening, beyond a step's"]
     assert extra["formula"].startswith("largest projection: 10.29 GiB (H fp32, kept block fp64, d × C fp32) "
                                        "+ 2.00 GiB of calibration hidden states (32 × 4096 tokens × 8192 × 2 B)")
-    assert report["settings"]["reconstruction_sequences"] == 32
+    assert report["settings"]["reconstruction_micro_batches"] == 32
+    # Each held micro-batch is mask_learn's: at micro-batch 2 the pass holds twice the sequences.
+    doubled = plan_json(capsys, "--config", "configs/llama3-70b.toml", "--set", "mask_learn.reconstruction=true",
+                        "--set", "mask_learn.train.micro_batch_size=2")["stages"]["mask_learn"]["items"]
+    assert "+ 4.00 GiB of calibration hidden states (64 × 4096 tokens" in next(
+        i["formula"] for i in doubled if i["name"] == "reconstruction pass at hardening, beyond a step's")
     assert stage["gpu_bytes_per_gpu"] == base["gpu_bytes_per_gpu"] + corrections["gpu_bytes"] + extra["gpu_bytes"]
     assert stage["gpu_bytes_per_gpu"] < GB80
