@@ -41,7 +41,9 @@ its model is exported (`maskprune clean --final`; --keep-checkpoints keeps them)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -375,9 +377,17 @@ def recovery_rate_table(report: dict[str, Any], target: dict[str, Any]) -> list[
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, choice in [("dense, trained (equal budget)", report["dense_trained_recovery_lr"]),
                          *[(m, r["recovery_lr"]) for m, r in target["methods"].items()]]:
+        chosen = choice["chosen"] if isinstance(choice["chosen"], list) else [choice["chosen"]]  # one per seed
         lines.append(f"| {name} | " + " | ".join(fmt(choice["dev"].get(lr), 2) for lr in grid)
-                     + f" | {choice['chosen']:g} |")
+                     + f" | {', '.join(f'{lr:g}' for lr in chosen)} |")
     return lines
+
+
+def seed_text(seed: int | list[int]) -> str:
+    if not isinstance(seed, list):
+        return f"training seed {seed}"
+    return (f"training seeds {', '.join(map(str, seed))}, each a full run of every model; every figure is the "
+            "geometric mean of the seeds' perplexities (the mean of their accuracies)")
 
 
 def markdown(report: dict[str, Any], lengths: list[str]) -> str:
@@ -388,7 +398,7 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              f"Training data: the config's general-domain mixture. Every model trains on the same number of "
              f"tokens: MaskPrune {mp['mask_steps']} mask-learn + {mp['recovery_steps']} recovery steps; the "
              f"one-shot baselines and the dense reference {budget[DENSE_TRAINED]['recovery_steps']} recovery "
-             f"steps ({mp['train_tokens']:,} tokens each), training seed {mode.get('seed', 0)}. Held-out: {', '.join(texts) or 'none'} "
+             f"steps ({mp['train_tokens']:,} tokens each), {seed_text(mode.get('seed', 0))}. Held-out: {', '.join(texts) or 'none'} "
              f"(text no stage trains on), {mode['heldout_tokens']:,} tokens per text and chunk length as "
              "windows spread through each text; geometric mean over texts. Penn Treebank test (first "
              f"{mode['eval_tokens']:,} tokens)" + (f" and the zero-shot suite ({mode['limit']} examples per "
@@ -491,6 +501,22 @@ def not_best(report: dict[str, Any], lengths: list[str]) -> list[str]:
     return found
 
 
+GOAL_STAGES = (("one_shot", "after mask-learn vs one-shot"), ("recovered", "after recovery"))
+
+
+def goal_ratios(target: dict[str, Any], length: str, stage: str) -> tuple[float, str, float] | None:
+    """(MaskPrune's held-out geomean, the best one-shot baseline, its geomean) at one target, length
+    and stage; None where either is missing."""
+    methods = target["methods"]
+    ours = methods["maskprune"][stage]["heldout"].get(length)
+    scored = {m: r[stage]["heldout"].get(length) for m, r in methods.items()
+              if m not in LEARNED and r[stage]["heldout"].get(length) is not None}
+    if ours is None or not scored:
+        return None
+    best = min(scored, key=scored.get)
+    return ours, best, scored[best]
+
+
 def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
     """Issue 13's goal per target and convention: MaskPrune's held-out geomean / the best one-shot
     baseline's (<= 0.90 meets it), right after mask-learn vs one-shot and after recovery; MaskPrune's
@@ -499,18 +525,15 @@ def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
     lines = []
     for key, target in report["targets"].items():
         methods = target["methods"]
-        baselines = {m: r for m, r in methods.items() if m not in LEARNED}
         for n in lengths:
-            for stage, label in (("one_shot", "after mask-learn vs one-shot"), ("recovered", "after recovery")):
-                ours = methods["maskprune"][stage]["heldout"].get(n)
-                scored = {m: r[stage]["heldout"].get(n) for m, r in baselines.items()
-                          if r[stage]["heldout"].get(n) is not None}
-                if ours is None or not scored:
+            for stage, label in GOAL_STAGES:
+                found = goal_ratios(target, n, stage)
+                if found is None:
                     continue
-                best = min(scored, key=scored.get)
-                r = ours / scored[best]
+                ours, best, theirs = found
+                r = ours / theirs
                 lines.append(f"at {key}, held-out geomean @{n}, {label}: MaskPrune {ours:,.2f} vs best baseline "
-                             f"{best} {scored[best]:,.2f} = {r:.3f}x ({'meets' if r <= GOAL else 'MISSES'} the "
+                             f"{best} {theirs:,.2f} = {r:.3f}x ({'meets' if r <= GOAL else 'MISSES'} the "
                              f"<= {GOAL:.2f}x goal)")
             for stage, label in (("one_shot", "after mask-learn"), ("recovered", "after recovery")):
                 ours, frozen = (methods[m][stage]["heldout"].get(n) if m in methods else None
@@ -523,6 +546,96 @@ def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
             if ours is not None and trained:
                 lines.append(f"at {key}, held-out geomean @{n}: MaskPrune after recovery is {ours / trained:.2f}x "
                              f"the equal-budget dense reference ({ours:,.2f} vs {trained:,.2f})")
+    return lines
+
+
+def _geomean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else math.exp(sum(map(math.log, values)) / len(values))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's `row` over seeds: perplexities by their geometric mean, accuracies by their mean."""
+    first = rows[0]
+    return {**first,  # params: the same model in every seed
+            "ppl": {n: _geomean([r["ppl"].get(n) for r in rows]) for n in first["ppl"]},
+            "heldout": {n: _geomean([r["heldout"].get(n) for r in rows]) for n in first["heldout"]},
+            "heldout_texts": {text: {n: _geomean([r["heldout_texts"].get(text, {}).get(n) for r in rows])
+                                     for n in by_len} for text, by_len in first["heldout_texts"].items()},
+            "acc": {task: _mean([r["acc"].get(task) for r in rows]) for task in first["acc"]},
+            "mean_acc": _mean([r["mean_acc"] for r in rows])}
+
+
+def _mean_choice(choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """Recovery rates over seeds: each seed's choice, the dev scores' geometric mean per rate."""
+    return {"chosen": [c["chosen"] for c in choices],
+            "dev": {lr: _geomean([c["dev"].get(lr) for c in choices]) for lr in choices[0]["dev"]}}
+
+
+# What must agree for reports to be seeds of one comparison (everything but the seed).
+SAME_ACROSS_SEEDS = ("mode", "config", "budget", "bias_compensation", "reconstruction", "calibration_batches",
+                     "learning_rates")
+
+
+def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report over several seeds of the same comparison, in the single-seed schema (so the same
+    tables, goal and chart apply): every perplexity the geometric mean over seeds, every accuracy the
+    mean, each seed's recovery-rate choice listed. A seed is noise the goal must clear on average: at
+    20 % two seeds moved MaskPrune's held-out ppl by 2 %. Refuses reports that differ in anything but
+    the seed, or whose learners chose different shapes (their baselines were cut to different models)."""
+    first = reports[0]
+    seeds = [r["settings"].get("seed", 0) for r in reports]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the reports repeat a seed ({seeds}): give each seed's report once")
+    strip = {k: v for k, v in first["settings"].items() if k != "seed"}
+    for seed, other in zip(seeds[1:], reports[1:]):
+        differs = [k for k in SAME_ACROSS_SEEDS if other.get(k) != first.get(k)]
+        differs += ["settings"] * ({k: v for k, v in other["settings"].items() if k != "seed"} != strip)
+        differs += ["targets"] * (list(other["targets"]) != list(first["targets"]))
+        if differs:
+            raise ValueError(f"seed {seed}'s report differs from seed {seeds[0]}'s in {', '.join(differs)}: "
+                             "combine the seeds of one bench_quality command (same config, mode and flags)")
+        for key, target in other["targets"].items():
+            ours = first["targets"][key]
+            if target["shape"] != ours["shape"] or list(target["methods"]) != list(ours["methods"]):
+                raise ValueError(f"at {key} seed {seed} learned {target['shape']} with methods "
+                                 f"{list(target['methods'])}, seed {seeds[0]} {ours['shape']} with "
+                                 f"{list(ours['methods'])}: the baselines were cut to different shapes or not "
+                                 "run alike, so the seeds are not one comparison; read their reports apart")
+    out = copy.deepcopy(first)
+    out["settings"]["seed"] = seeds
+    out["dense"], out["dense_trained"] = (mean_row([r[k] for r in reports]) for k in ("dense", "dense_trained"))
+    if "dense_trained_recovery_lr" in first:
+        out["dense_trained_recovery_lr"] = _mean_choice([r["dense_trained_recovery_lr"] for r in reports])
+    for key, target in out["targets"].items():
+        for method, res in target["methods"].items():
+            per_seed = [r["targets"][key]["methods"][method] for r in reports]
+            res["one_shot"], res["recovered"] = (mean_row([p[stage] for p in per_seed])
+                                                 for stage in ("one_shot", "recovered"))
+            if "recovery_lr" in res:
+                res["recovery_lr"] = _mean_choice([p["recovery_lr"] for p in per_seed])
+    return out
+
+
+def seed_spread(reports: list[dict[str, Any]], lengths: list[str]) -> list[str]:
+    """The goal's ratio seed by seed (each against that seed's best baseline), beside how many seeds
+    meet it: a mean that meets the goal while a seed misses it is not a margin to rely on."""
+    lines = []
+    first = reports[0]
+    for key in first["targets"]:
+        for n in lengths:
+            for stage, label in GOAL_STAGES:
+                found = [(r["settings"].get("seed", 0), goal_ratios(r["targets"][key], n, stage)) for r in reports]
+                if any(f is None for _, f in found):
+                    continue
+                ratios = [(seed, ours / theirs, best) for seed, (ours, best, theirs) in found]
+                meets = sum(r <= GOAL for _, r, _ in ratios)
+                lines.append(f"at {key}, held-out geomean @{n}, {label}: "
+                             + ", ".join(f"seed {seed} {r:.3f}x ({best})" for seed, r, best in ratios)
+                             + f"; {meets} of {len(ratios)} seeds meet the <= {GOAL:.2f}x goal")
     return lines
 
 
@@ -592,8 +705,10 @@ def main() -> None:
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep every run's training "
                         "checkpoints (by default `maskprune clean --final` removes them once the run is exported)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--seed", type=int, default=0, help="training seed of every run (data order, LoRA "
-                        "init, calibration batches); a nonzero seed adds _seedN to the default --name")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="training seed of every run (data "
+                        "order, LoRA init, calibration batches); a nonzero seed adds _seedN to the name. Several: "
+                        "the whole comparison once per seed, each seed's report, and quality_NAME_seeds0-1 with "
+                        "their geometric mean and the goal seed by seed (seeds already run are read from the cache)")
     args = parser.parse_args()
     if "maskprune" not in args.methods:
         parser.error("--methods: maskprune learns the shape every baseline is cut to; keep it")
@@ -606,11 +721,12 @@ def main() -> None:
     flags = {"sparsity": args.sparsity, "mask_steps": args.mask_steps,
              "cpt_steps": args.cpt_steps, "heldout_tokens": args.heldout_tokens,
              "eval_tokens": args.eval_tokens, "limit": args.limit, "recovery_lrs": args.recovery_lrs}
-    mode = {**MODES[args.mode], **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed}
+    mode = {**MODES[args.mode], **{k: v for k, v in flags.items() if v is not None}}
     custom = any(v is not None for k, v in flags.items() if k != "sparsity")
     args.recovery_lrs = mode["recovery_lrs"]
-    name = args.name or f"{Path(args.config).stem}_{args.mode}" + ("_custom" if custom else "") + (
-        f"_seed{args.seed}" if args.seed else "")
+    seeds = list(dict.fromkeys(args.seed))
+    name = args.name or f"{Path(args.config).stem}_{args.mode}" + ("_custom" if custom else "")
+    names = seed_names(name, args.name is not None, seeds)
     cache = args.cache or asset_cache() / ("bench_quality" + ("" if args.config == "configs/demo.toml"
                                                               else f"-{Path(args.config).stem}"))
     base = cache / "base"
@@ -627,21 +743,49 @@ def main() -> None:
         args.methods.remove("flap")
     fetch_eval_data()  # the olmo7 data and held-out texts, once: evaluate only reads the cache
     fetch_all()
-    report = collect(args, mode, base, cache / f"runs-{name}")
+    reports = []
+    for seed in seeds:  # each seed's report as soon as it is measured
+        reports.append(collect(args, {**mode, "seed": seed}, base, cache / f"runs-{names[seed]}"))
+        write_report(reports[-1], args.out, names[seed])
+    if len(reports) > 1:
+        try:
+            write_combined(reports, args.out, name)
+        except ValueError as error:  # e.g. seeds that learned different shapes; their own reports stand
+            sys.exit(f"bench_quality: the seeds' reports are written, the combined one is not: {error}")
+
+
+def seed_names(name: str, explicit: bool, seeds: list[int]) -> dict[int, str]:
+    """Each seed's report (and run-cache) name: a nonzero seed adds _seedN, except to an explicit --name
+    measured at one seed, which is kept as given (as earlier versions wrote and cached it)."""
+    return {seed: name + (f"_seed{seed}" if seed and (not explicit or len(seeds) > 1) else "") for seed in seeds}
+
+
+def write_combined(reports: list[dict[str, Any]], out: Path, name: str) -> None:
+    """quality_NAME_seedsA-B: the seeds' geometric mean (`combine`) and the goal seed by seed."""
+    combined = combine(reports)
+    combined["goal_per_seed"] = seed_spread(reports, list(combined["dense"]["ppl"]))
+    seeds = "-".join(str(seed) for seed in combined["settings"]["seed"])
+    write_report(combined, out, f"{name}_seeds{seeds}",
+                 "\n## The goal seed by seed (each against that seed's best baseline)\n\n"
+                 + "\n".join(f"- {x}" for x in combined["goal_per_seed"]) + "\n")
+
+
+def write_report(report: dict[str, Any], out: Path, name: str, extra: str = "") -> None:
+    """quality_NAME.{json,md,png}: the report with the verdicts, its tables and its chart."""
     lengths = list(report["dense"]["ppl"])
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     losses = not_best(report, lengths)
     report["maskprune_not_best"], report["goal"] = losses, goal(report, lengths)
-    (args.out / f"quality_{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"quality_{name}.json").write_text(json.dumps(report, indent=2))
     text = markdown(report, lengths)
     text += "\n## Where MaskPrune is not the best\n\n" + ("\n".join(f"- {x}" for x in losses) or "- nowhere") + "\n"
     text += "\n## Issue 13's goal (held-out geomean >= 10% below the best baseline)\n\n" + \
-        "\n".join(f"- {x}" for x in report["goal"]) + "\n"
+        "\n".join(f"- {x}" for x in report["goal"]) + "\n" + extra
     text += f"\n![chart](quality_{name}.png)\n"
-    (args.out / f"quality_{name}.md").write_text(text)
-    chart(report, lengths, args.out / f"quality_{name}.png")
+    (out / f"quality_{name}.md").write_text(text)
+    chart(report, lengths, out / f"quality_{name}.png")
     print(text)
-    print(f"wrote {args.out}/quality_{name}.md, .json, .png")
+    print(f"wrote {out}/quality_{name}.md, .json, .png")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ tables, the verdict naming every metric a baseline wins, and issue 13's goal lin
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import sys
@@ -244,3 +245,66 @@ def test_the_baselines_calibrate_on_as_much_text_as_the_refit_reads() -> None:
     # A config whose baselines already read as much is told nothing, so their cached runs still serve.
     assert not any(o.startswith("mask_learn.calibration_batches")
                    for o in bench.run_overrides(plans["flap"], mode, 0.2, shape, [], None))
+
+
+def test_seeds_combine_into_one_report_by_geometric_mean_and_the_goal_is_shown_seed_by_seed(tmp_path: Path) -> None:
+    """Seeds moved MaskPrune's held-out ppl by 2 % at 20 %, as much as the goal's margin there: a
+    result is read over seeds, the mean against the goal and each seed's own ratio beside it."""
+    bench = bench_quality()
+    seed0, seed1 = report(bench), report(bench)
+    seed1["settings"] = {**seed1["settings"], "seed": 1}
+    seed1["targets"]["50%"]["methods"]["maskprune"] = seed1_maskprune = result(120.0, 40.0, 150.0, 120.0, 0.50)
+    seed1["targets"]["50%"]["methods"]["wanda_sp"]["recovered"]["heldout"]["128"] = 40.0
+    seed1["dense"]["heldout_texts"] = {"sotu": {"128": 30.0 * 4}}
+    seed0["dense"]["heldout_texts"] = {"sotu": {"128": 30.0}}
+    combined = bench.combine([seed0, seed1])
+    assert combined["settings"]["seed"] == [0, 1]
+    mp, wanda = (combined["targets"]["50%"]["methods"][m]["recovered"] for m in ("maskprune", "wanda_sp"))
+    assert mp["heldout"]["128"] == pytest.approx((60.0 * 40.0) ** 0.5)  # geometric, not arithmetic
+    assert wanda["heldout"]["128"] == pytest.approx((50.0 * 40.0) ** 0.5)
+    assert mp["mean_acc"] == pytest.approx(0.45) and mp["acc"]["boolq"] == pytest.approx(0.45)
+    assert combined["dense"]["heldout_texts"]["sotu"]["128"] == pytest.approx(60.0)
+    assert seed1_maskprune["recovered"]["heldout"]["128"] == 40.0 and seed0["targets"]["50%"]["methods"][
+        "maskprune"]["recovered"]["heldout"]["128"] == 60.0  # the seeds' own reports are left as they were
+    assert bench.goal(combined, ["128"])[1] == (
+        "at 50%, held-out geomean @128, after recovery: MaskPrune 48.99 vs best baseline wanda_sp 44.72 = "
+        "1.095x (MISSES the <= 0.90x goal)")
+    assert bench.seed_spread([seed0, seed1], ["128"]) == [
+        "at 50%, held-out geomean @128, after mask-learn vs one-shot: seed 0 0.800x (wanda_sp), "
+        "seed 1 0.800x (wanda_sp); 2 of 2 seeds meet the <= 0.90x goal",
+        "at 50%, held-out geomean @128, after recovery: seed 0 1.200x (wanda_sp), seed 1 1.000x (wanda_sp); "
+        "0 of 2 seeds meet the <= 0.90x goal"]
+    assert "training seeds 0, 1, each a full run of every model; every figure is the geometric mean" \
+        in bench.markdown(combined, ["128"])
+    # Each seed's recovery-rate choice is listed; the dev scores are their geometric mean.
+    for rep, chosen, dev in ((seed0, 5e-5, 64.0), (seed1, 2e-4, 100.0)):
+        rep["learning_rates"] = {"mask_learn": 2e-3, "lora_rank": 64, "recovery_grid": [5e-5, 2e-4],
+                                 "dev_texts": ["britannica:dev"], "dev_length": 128, "dev_tokens": 6144}
+        rep["dense_trained_recovery_lr"] = {"chosen": 5e-5, "dev": {"5e-05": 40.0, "0.0002": 41.5}}
+        for res in rep["targets"]["50%"]["methods"].values():
+            res["recovery_lr"] = {"chosen": chosen, "dev": {"5e-05": dev, "0.0002": dev}}
+    table = bench.markdown(bench.combine([seed0, seed1]), ["128"])
+    assert "| wanda_sp | 80.00 | 80.00 | 5e-05, 0.0002 |" in table
+    bench.write_combined([seed0, seed1], tmp_path, "demo_standard")
+    written = json.loads((tmp_path / "quality_demo_standard_seeds0-1.json").read_text())
+    assert written["goal"][1].endswith("= 1.095x (MISSES the <= 0.90x goal)")
+    assert written["goal_per_seed"] == bench.seed_spread([seed0, seed1], ["128"])
+    assert "## The goal seed by seed (each against that seed's best baseline)\n\n- at 50%, held-out geomean " \
+        "@128, after mask-learn vs one-shot: seed 0 0.800x" in (tmp_path / "quality_demo_standard_seeds0-1.md").read_text()
+    assert (tmp_path / "quality_demo_standard_seeds0-1.png").stat().st_size > 0
+    # Report names: seed 0 keeps the plain name; an explicit --name at one seed is kept as given.
+    assert bench.seed_names("demo_standard", False, [0, 1]) == {0: "demo_standard", 1: "demo_standard_seed1"}
+    assert bench.seed_names("mine", True, [1]) == {1: "mine"}
+    assert bench.seed_names("mine", True, [1, 2]) == {1: "mine_seed1", 2: "mine_seed2"}
+    # Not one comparison: refused, naming what differs.
+    with pytest.raises(ValueError, match="repeat a seed"):
+        bench.combine([seed0, seed0])
+    other_shape = copy.deepcopy(seed0)
+    other_shape["settings"] = {**other_shape["settings"], "seed": 2}
+    other_shape["targets"]["50%"]["shape"] = {**other_shape["targets"]["50%"]["shape"], "intermediate_size": 704}
+    with pytest.raises(ValueError, match="at 50% seed 2 learned .*704.*cut to different shapes"):
+        bench.combine([seed0, other_shape])
+    other_budget = copy.deepcopy(seed0)
+    other_budget["settings"] = {**other_budget["settings"], "seed": 3, "mask_steps": 12}
+    with pytest.raises(ValueError, match="seed 3's report differs from seed 0's in settings: combine the seeds of one"):
+        bench.combine([seed0, other_budget])
