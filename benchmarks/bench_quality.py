@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -550,7 +549,9 @@ def goal(report: dict[str, Any], lengths: list[str]) -> list[str]:
 
 
 def _geomean(values: list[float | None]) -> float | None:
-    return None if any(v is None for v in values) else math.exp(sum(map(math.log, values)) / len(values))
+    from maskprune.heldout import geometric_mean
+
+    return None if any(v is None for v in values) else geometric_mean(values)
 
 
 def _mean(values: list[float | None]) -> float | None:
