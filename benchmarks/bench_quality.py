@@ -9,8 +9,8 @@ training-token budget, on a real model, measured on general-domain text no stage
 
 SmolLM2-135M and the general-domain training mixture of configs/demo.toml (encyclopedic, speeches,
 drama, technical docs, code: maskprune/text_corpora.py) are prepared and tokenized once into a cache
-run directory; every method then runs in a copy of it (finished stages are shared through
-state.json, as tests/conftest.py:copy_run does) through the real pipeline (`maskprune run`).
+run directory; every method then runs in a branch of it (`maskprune.rundir.branch_run`: finished
+stages are read where they are, not copied) through the real pipeline (`maskprune run`).
 Per target sparsity (fraction of head+FFN parameters removed):
 1. MaskPrune learns masks and the shape in M mask-learn steps, then R recovery steps;
 2. every baseline (wanda_sp, flap, taylor, magnitude, random) is cut to exactly that shape
@@ -44,7 +44,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -130,11 +129,13 @@ def maskprune_cli(config: str, run_dir: Path, overrides: list[str], *extra: str,
 
 
 def copy_run(source: Path, dest: Path) -> Path:
-    """tests/conftest.py:copy_run: a run dir whose finished stages are the source's, their outputs
-    read where they are; the models and checkpoints themselves are not copied (a stage that re-runs
+    """A run dir whose finished stages are the source's, their outputs read where they are
+    (`rundir.branch_run`); the models and checkpoints themselves are not copied (a stage that re-runs
     in the copy starts afresh: rundir.clear_stage)."""
+    from maskprune.rundir import branch_run
+
     if not dest.exists():
-        shutil.copytree(source, dest, ignore=shutil.ignore_patterns("model", "*.bin", "tb", "checkpoints"))
+        branch_run(source, dest, skip=("model", "*.bin", "tb", "checkpoints"))
     return dest
 
 

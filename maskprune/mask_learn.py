@@ -10,7 +10,6 @@ refitting the kept columns by least squares first (maskprune/reconstruction.py).
 """
 from __future__ import annotations
 
-import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from maskprune.rundir import atomic_write_json
 from maskprune.targets import explicit_units, resolve_target
 from maskprune.teacher import ShadowTeacher, switched_off
 from maskprune.training import (Checkpointer, TrainingLoop, init_engine, mean_over_ranks,
-                                prepare_for_training, tag_for)
+                                prepare_for_training)
 
 
 @dataclass
@@ -230,8 +229,8 @@ class MaskLearner(TrainingLoop):
 
         keep = self.current_keep() if self.masks.fixed_attn is None else self.final_keep()
         meta = {**self.checkpoint_meta(), "masks": "maskprune_masks.safetensors"}
-        if self.masks.corrected:  # relative: the run directory may move
-            meta["reconstruction"] = os.path.relpath(self.reconstruction_dir, self.checkpointer.root / tag_for(self.step))
+        if self.masks.corrected:
+            meta["reconstruction"] = self.reconstruction_dir
         # The masks file is part of the checkpoint (zero_to_hf reads it): written before COMPLETE, or
         # a rank killed right after the save (srun --kill-on-bad-exit once another rank has exited
         # on a stop request) leaves a "complete" checkpoint without it.
@@ -360,7 +359,8 @@ def assemble_learner(cfg: ExperimentConfig, dist: DistInfo, model: torch.nn.Modu
                               for t in ("attn", "ffn")})
     learner = MaskLearner(cfg=cfg, dist=dist, engine=engine, masks=masks, lora=lora_switch,
                           minimax=minimax, budget=budget, train_iter=train_iter, valid=valid, dev=dev or {},
-                          checkpointer=Checkpointer(work_dir / "checkpoints", ml.train.keep_last),
+                          checkpointer=Checkpointer(work_dir / "checkpoints", ml.train.keep_last,
+                                                    run_root=work_dir.parent),  # work_dir: RUN/mask_learn
                           meta=meta, tb_dir=tb_dir, progress_path=work_dir / "progress.json",
                           explicit_units=explicit, calibration=calibration,
                           reconstruction_dir=work_dir / "reconstruction" if ml.reconstruction else None)

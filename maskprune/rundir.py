@@ -1,7 +1,7 @@
 """The run directory: frozen config, one folder and one state record per stage, fingerprints.
 
     RUN/config.toml              resolved experiment, frozen at first start
-    RUN/<stage>/state.json       pending | running | done | failed, config hash, input ids
+    RUN/<stage>/state.json       pending | running | done | failed, config hash, input ids, outputs
     RUN/<stage>/...              the stage's outputs (written atomically by the stage)
     RUN/tb/<stage>/              TensorBoard events, rank 0
 
@@ -9,6 +9,10 @@ A stage's fingerprint has two parts: the hash of the config sections it reads, a
 ids of the stages it reads from. A changed config is refused unless --force (the user must mean
 it), naming each changed field from the sections the record keeps; a field an upgrade added, at its
 default, is not a change. A re-run upstream stage simply makes the stages after it run again.
+
+Outputs inside the run directory are recorded relative to it, so a run directory moved or copied as
+a whole (off a purged scratch file system, onto another mount) reads its own files; `branch_run`
+makes a light copy that reads a finished run's outputs where they are.
 """
 from __future__ import annotations
 
@@ -43,6 +47,10 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # Set in continued_pretrain's outputs by `maskprune clean --final` (maskprune.cleanup): export reads
 # that checkpoint, so it cannot run again from this record.
 FINAL_CHECKPOINT_REMOVED = "final_checkpoint_removed"
+
+
+# state.json's list of the outputs recorded relative to the run directory.
+RELATIVE_OUTPUTS = "relative_outputs"
 
 
 class RunDirError(RuntimeError):
@@ -166,7 +174,7 @@ class StageState:
     started_at: float = 0.0
     finished_at: float = 0.0
     attempts: int = 0
-    outputs: dict[str, Any] | None = None
+    outputs: dict[str, Any] | None = None  # paths absolute in memory (RunDir.state resolves them)
     error: str = ""
 
 
@@ -203,12 +211,25 @@ class RunDir:
         path = self.stage_dir(stage) / "state.json"
         if not path.is_file():
             return StageState(stage=stage)
-        return StageState(**json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        relative = record.pop(RELATIVE_OUTPUTS, [])
+        state = StageState(**record)
+        if state.outputs:  # records written before relative outputs hold absolute paths, read as they are
+            state.outputs = {key: str(self.root / value) if key in relative else value
+                             for key, value in state.outputs.items()}
+        return state
 
     def save_state(self, state: StageState) -> None:
         folder = self.stage_dir(state.stage)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "state.json", state.__dict__)
+        record, relative = dict(state.__dict__), []
+        if state.outputs:
+            record["outputs"] = dict(state.outputs)
+            for key, value in state.outputs.items():
+                if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(self.root):
+                    record["outputs"][key] = Path(value).relative_to(self.root).as_posix()
+                    relative.append(key)
+        atomic_write_json(folder / "state.json", {**record, RELATIVE_OUTPUTS: relative})
 
     def input_ids(self, stage: str) -> dict[str, str]:
         _, upstream = STAGE_INPUTS[stage]
@@ -317,6 +338,20 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
             rerun.add(stage)
         decisions.append(StageDecision(stage, action, reason, tuple(changes)))
     return decisions
+
+
+def branch_run(source: str | Path, dest: str | Path, skip: tuple[str, ...] = ()) -> RunDir:
+    """A new run directory `dest` whose finished stages are `source`'s, read where they are: its
+    records name `source`'s outputs by absolute path, so the files matching `skip` (shutil patterns:
+    models, token shards, checkpoints) need not be copied. A stage that runs in the branch writes
+    into it (`clear_stage` first); the branch must not outlive the outputs it reads."""
+    origin = RunDir(source)
+    shutil.copytree(origin.root, dest, ignore=shutil.ignore_patterns(*skip))
+    branch = RunDir(dest)
+    for stage in STAGES:
+        if (origin.stage_dir(stage) / "state.json").is_file():
+            branch.save_state(origin.state(stage))
+    return branch
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -188,10 +188,22 @@ class Checkpointer:
     """DeepSpeed checkpoints under `root`, with per-rank RNG, our metadata and a completeness marker.
     With `keep_best`, rotation also keeps the checkpoint with the lowest dev score (`best`)."""
 
-    def __init__(self, root: Path, keep_last: int, keep_best: bool = False):
+    def __init__(self, root: Path, keep_last: int, keep_best: bool = False, run_root: Path | None = None):
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
         self.keep_best = keep_best
+        self.run_root = Path(run_root) if run_root is not None else None
+
+    def _portable(self, meta: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """`meta` as a checkpoint records it: paths inside the run directory relative to the
+        checkpoint (zero_checkpoint.read_meta joins them to it), so the run directory can move as a
+        whole; paths outside it (a source model elsewhere) stay absolute."""
+        def record(value: Any) -> Any:
+            if isinstance(value, (str, Path)) and Path(value).is_absolute() and self.run_root is not None \
+                    and Path(value).is_relative_to(self.run_root):
+                return os.path.relpath(value, folder)
+            return str(value) if isinstance(value, Path) else value
+        return {key: record(value) for key, value in meta.items()}
 
     def complete_tags(self) -> list[str]:
         if not self.root.is_dir():
@@ -284,7 +296,7 @@ class Checkpointer:
             if tensors:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                           str(folder / "maskprune_state.safetensors"))
-            atomic_write_json(folder / META_FILE, {**meta, "step": step, "world_size": _world(),
+            atomic_write_json(folder / META_FILE, {**self._portable(meta, folder), "step": step, "world_size": _world(),
                                                    "train_batch_size": engine.train_batch_size()})
             if rank0_extra is not None:
                 rank0_extra(folder)

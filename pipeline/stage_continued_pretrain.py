@@ -44,7 +44,8 @@ def main() -> int:
         train_iter=BatchIterator(TokenShards(data, "train"), cpt.train.micro_batch_size, dist.rank,
                                  dist.world_size, cpt.train.seed),
         valid=valid, dev=dev,
-        checkpointer=Checkpointer(run.dir / "checkpoints", cpt.train.keep_last, keep_best=cpt.select == "best_dev"),
+        checkpointer=Checkpointer(run.dir / "checkpoints", cpt.train.keep_last, keep_best=cpt.select == "best_dev",
+                                  run_root=run.run.root),
         meta={"stage": "continued_pretrain", "model_dir": model_dir, "lora": None, "masks": None,
               "frozen_excluded": False},
         tb_dir=run.tb_dir, progress_path=run.dir / "progress.json")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli
+from maskprune.rundir import branch_run
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +28,10 @@ def tiny_tokenized(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def copy_run(source: Path, dest: Path) -> Path:
-    """A run directory whose finished stages are those of `source`; their outputs stay where they
-    are (state.json records absolute paths), so later stages read them and write into `dest`."""
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("model", "*.bin", "tb"))
-    return dest
+    """A run directory whose finished stages are those of `source` (`rundir.branch_run`): later
+    stages read the token shards, which are not copied, in `source` and write into `dest`. The tiny
+    models are copied, since the copied checkpoints name theirs relative to themselves."""
+    return branch_run(source, dest, skip=("*.bin", "tb")).root
 
 
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")  # shutil.disk_usage's fields

@@ -3,10 +3,12 @@ CPU ranks and out as a plain, uniform Hugging Face checkpoint; reruns, resets an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import copy_run
@@ -94,3 +96,25 @@ def test_reset_reruns_that_stage_and_the_ones_after_it(finished: Path) -> None:
     for stage in ("hard_prune", "continued_pretrain", "export", "evaluate"):
         assert f"{stage}: running" in out
         assert after[stage]["attempts"] == before[stage]["attempts"] + 1
+
+
+def test_a_moved_run_directory_reruns_from_its_own_files(finished: Path, tmp_path: Path) -> None:
+    """Moved as a whole (copied, the original then out of reach), a run directory's records and
+    checkpoints name its own files: export re-runs from the moved recovery checkpoint, whose model
+    is the moved hard_prune/model, and writes the same weights as before the move."""
+    moved = Path(shutil.copytree(finished, tmp_path / "moved"))
+    out_of_reach = finished.rename(finished.with_name("out_of_reach"))
+    try:
+        run_cli("reset", str(moved), "export")
+        out = run_cli("run", "configs/tiny.toml", "--run-dir", str(moved), *SHORT, timeout=900).stdout
+    finally:
+        out_of_reach.rename(finished)
+    assert "continued_pretrain: done, skipped" in out and "export: running" in out
+    info = status(moved)
+    assert info["final_checkpoint"] == str(moved / "export" / "model")
+    for stage in ("hard_prune", "continued_pretrain", "export", "evaluate"):
+        paths = [v for v in info["stages"][stage]["outputs"].values() if isinstance(v, str) and v.startswith("/")]
+        assert paths and all(Path(v).is_relative_to(moved) for v in paths), (stage, paths)
+    before, after = ({k: v for shard in sorted((run / "export" / "model").glob("*.safetensors"))
+                      for k, v in load_file(str(shard)).items()} for run in (finished, moved))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

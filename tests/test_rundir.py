@@ -107,7 +107,7 @@ def test_a_record_without_its_config_is_refused_saying_so(tmp_path: Path) -> Non
     run, _ = finished(tmp_path)
     path = run.stage_dir("export") / "state.json"
     record = json.loads(path.read_text())
-    del record["config"]
+    del record["config"], record["relative_outputs"]  # as an older version wrote it
     record["config_hash"] = "0123456789abcdef"  # an older version's hash of an older config
     path.write_text(json.dumps(record))
     assert run.state("export") == StageState(**record)

@@ -49,8 +49,7 @@ def make_run(base: Path, prepared: Path, **data) -> Path:
     for key, value in data.items():
         setattr(cfg.data, key, value)
     RunDir(base).write_config(cfg)
-    (base / "prepare").mkdir(parents=True, exist_ok=True)
-    shutil.copy(prepared / "prepare" / "state.json", base / "prepare" / "state.json")
+    RunDir(base).save_state(RunDir(prepared).state("prepare"))  # its model read where it is
     return base
 
 
