@@ -343,8 +343,9 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
 def branch_run(source: str | Path, dest: str | Path, skip: tuple[str, ...] = ()) -> RunDir:
     """A new run directory `dest` whose finished stages are `source`'s, read where they are: its
     records name `source`'s outputs by absolute path, so the files matching `skip` (shutil patterns:
-    models, token shards, checkpoints) need not be copied. A stage that runs in the branch writes
-    into it (`clear_stage` first); the branch must not outlive the outputs it reads."""
+    models, token shards, checkpoints) need not be copied. Checkpoints copied along name their model
+    relative to themselves: skip them, or copy the models with them. A stage that runs in the branch
+    writes into it (`clear_stage` first); the branch must not outlive the outputs it reads."""
     origin = RunDir(source)
     shutil.copytree(origin.root, dest, ignore=shutil.ignore_patterns(*skip))
     branch = RunDir(dest)
