@@ -85,13 +85,22 @@ def attach_corrections(model: nn.Module, state: MaskState, ds: dict[str, Any] | 
     if partitioned:
         import deepspeed
 
-        context: AbstractContextManager[Any] = deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype)
+        # No dtype= here: DeepSpeed 0.19.8's zero.Init honours an explicit dtype only where the
+        # accelerator reports fp16 support (GPUs; CPUs whose oneDNN has fp16) and elsewhere (an AMD
+        # EPYC) builds bf16 whatever is asked, so an fp32 run's Δ met fp32 inputs as bf16 and the
+        # refit died. Without one it takes the config's precision: the one the model was built in.
+        context: AbstractContextManager[Any] = deepspeed.zero.Init(config_dict_or_path=ds)
     else:
         context = nullcontext()
     with context:
         for linear in linears["attn"] + linears["ffn"]:
             linear.maskprune_correction = Correction(linear.in_features, linear.out_features, bias=False,
                                                      dtype=dtype, device=linear.weight.device)
+    built = {linear.maskprune_correction.weight.dtype for linear in linears["attn"] + linears["ffn"]}
+    if built != {dtype}:
+        raise ReconstructionError(f"the corrections were built in {', '.join(map(str, built))} where the model's "
+                                  f"weights are {dtype}; the DeepSpeed config's precision (bf16 / fp16) must be "
+                                  "the one the model was built with")
     for linear in linears["attn"] + linears["ffn"]:
         linear.maskprune_correction.requires_grad_(False)
         linear.register_forward_hook(_correction_hook(state))

@@ -149,6 +149,48 @@ def test_reconstruction_options_are_checked() -> None:
         MaskLearnConfig(reconstruction_damping=-1).validate()
 
 
+def _refit_under_zero3(rank: int, model_dir: Path, keep: KeepIndices, out: Path) -> None:
+    """One ZeRO-3 CPU rank: the model built as the stage builds it, the corrections attached and
+    filled for `keep`'s cut; what DeepSpeed built them as goes to out/dtypes.json."""
+    import os
+
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="1")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=1)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from maskprune.training import build_zero3_model
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    # As on a CPU without oneDNN fp16 (an AMD EPYC), where DeepSpeed 0.19.8's zero.Init ignores an
+    # explicit dtype and builds bf16: the fp32 run's corrections must still be fp32.
+    get_accelerator().is_fp16_supported = lambda: False
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
+    model, _ = build_zero3_model(model_dir, ds)
+    state = MaskState(SHAPE, "query_per_group")
+    attach_masks(model, state)
+    attach_corrections(model, state, ds)
+    dtypes = sorted({str(module.weight.dtype) for module in model.modules() if type(module).__name__ == "Correction"})
+    (out / "dtypes.json").write_text(json.dumps(dtypes))
+    state.fixed_attn, state.fixed_ffn = fixed_masks_from_keep(keep.q_heads, keep.ffn, SHAPE, "query_per_group")
+    reconstruct(model, state, calibration(), damping=0.1, out_dir=out / "zero3")
+    torch.distributed.destroy_process_group()
+
+
+def test_zero3_corrections_are_built_in_the_models_precision(tmp_path: Path) -> None:
+    """Under ZeRO-3 on a CPU rank the corrections are the model's fp32 (the refit of an fp32 run
+    died on bf16 ones on an AMD EPYC) and the refit equals the one-process fit."""
+    keep = random_keep(SHAPE, "query_per_group", 6, 40)
+    model, state = masked_model(tmp_path, keep)
+    reconstruct(model, state, calibration(), damping=0.1, out_dir=tmp_path / "one_process")
+    torch.multiprocessing.spawn(_refit_under_zero3, args=(tmp_path / "src", keep, tmp_path), nprocs=1)
+    assert json.loads((tmp_path / "dtypes.json").read_text()) == ["torch.float32"]
+    zero3, one_process = stored_corrections(tmp_path / "zero3"), stored_corrections(tmp_path / "one_process")
+    assert zero3.keys() == one_process.keys() and len(zero3) == 4 * 4  # Δ and columns, o_proj and down_proj
+    for name, value in zero3.items():
+        assert value.dtype == one_process[name].dtype and torch.allclose(value, one_process[name], atol=1e-5), name
+
+
 STEPS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
          "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.hardening_fraction=0.5",
          "--set", "mask_learn.reconstruction=true"]
