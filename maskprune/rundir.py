@@ -53,6 +53,14 @@ FINAL_CHECKPOINT_REMOVED = "final_checkpoint_removed"
 RELATIVE_OUTPUTS = "relative_outputs"
 
 
+def path_inside(value: Any, root: Path) -> Path | None:
+    """`value` as a Path when it is an absolute path (str or Path) inside `root`: what a record
+    names relative to the run directory, so the directory can move as a whole; else None."""
+    if isinstance(value, (str, Path)) and Path(value).is_absolute() and Path(value).is_relative_to(root):
+        return Path(value)
+    return None
+
+
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
 
@@ -226,8 +234,8 @@ class RunDir:
         if state.outputs:
             record["outputs"] = dict(state.outputs)
             for key, value in state.outputs.items():
-                if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(self.root):
-                    record["outputs"][key] = Path(value).relative_to(self.root).as_posix()
+                if (path := path_inside(value, self.root)) is not None:
+                    record["outputs"][key] = path.relative_to(self.root).as_posix()
                     relative.append(key)
         atomic_write_json(folder / "state.json", {**record, RELATIVE_OUTPUTS: relative})
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from maskprune.config import TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards, eval_batches
 from maskprune.dist import DistInfo, barrier, broadcast_from_rank0, log, rank
-from maskprune.rundir import atomic_write_json, atomic_write_text, disk_bytes, human_bytes
+from maskprune.rundir import atomic_write_json, atomic_write_text, disk_bytes, human_bytes, path_inside
 from maskprune.safe_load import refusal_explained, tensors_only
 from maskprune.watchdog import WATCHDOG
 
@@ -199,8 +199,7 @@ class Checkpointer:
         checkpoint (zero_checkpoint.read_meta joins them to it), so the run directory can move as a
         whole; paths outside it (a source model elsewhere) stay absolute."""
         def record(value: Any) -> Any:
-            if isinstance(value, (str, Path)) and Path(value).is_absolute() and self.run_root is not None \
-                    and Path(value).is_relative_to(self.run_root):
+            if self.run_root is not None and path_inside(value, self.run_root) is not None:
                 return os.path.relpath(value, folder)
             return str(value) if isinstance(value, Path) else value
         return {key: record(value) for key, value in meta.items()}
