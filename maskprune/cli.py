@@ -103,7 +103,7 @@ def _run_locked(args: argparse.Namespace, cfg, run_dir: RunDir, lock: RunLock) -
                        "to re-run them, or use a new --run-dir")
     if refused:  # not a config change (--force cannot help): the stage's own reason names the way out
         raise CliError(f"{run_dir.root}: {refused[0].stage}: {refused[0].reason}")
-    preflight(cfg, [d.stage for d in selected if d.action == "run"])
+    preflight(cfg, run_dir, [d for d in selected if d.action == "run"])
     run_dir.write_config(cfg)
     stop_file = stop_file_path(run_dir.root)
     stop_file.unlink(missing_ok=True)  # a stop request is for a running invocation, not the next one

@@ -692,6 +692,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested table as `a.b.c` keys (`a.list[0].b` inside lists of tables): what two versions of a
+    config differ by, key by key."""
+    if isinstance(value, dict):
+        return {k: v for key, child in value.items()
+                for k, v in flatten(child, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(value, list) and any(isinstance(child, dict) for child in value):
+        return {k: v for i, child in enumerate(value) for k, v in flatten(child, f"{prefix}[{i}]").items()}
+    return {prefix: value}
+
+
 def _strip_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _strip_none(v) for k, v in value.items() if v is not None}

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from maskprune.config import (LEARNER_ONLY_FIELDS, ConfigError, ExperimentConfig, config_from_dict, config_to_dict,
-                              dump_config, load_config)
+                              dump_config, flatten, load_config)
+from maskprune.ds_json import DsConfigError, settle
 
 STAGES = ("prepare", "tokenize", "mask_learn", "hard_prune", "continued_pretrain", "export", "evaluate")
 
@@ -114,15 +115,6 @@ def config_hash(cfg: ExperimentConfig, stage: str) -> str:
 _UNSET = object()
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, child in value.items()
-                for k, v in _flatten(child, f"{prefix}.{key}" if prefix else key).items()}
-    if isinstance(value, list) and any(isinstance(child, dict) for child in value):
-        return {k: v for i, child in enumerate(value) for k, v in _flatten(child, f"{prefix}[{i}]").items()}
-    return {prefix: value}
-
-
 def _as_read_now(recorded: dict[str, Any], cfg: ExperimentConfig, stage: str) -> dict[str, Any] | None:
     """A recorded stage config as this version reads it: fields added since get their defaults. None
     when this version cannot read it (a field since removed or renamed)."""
@@ -148,10 +140,10 @@ def config_changes(state: StageState, cfg: ExperimentConfig, stage: str) -> tupl
         return [], []
     if state.config is None:
         return ["not listed (the stage was recorded by a maskprune that did not keep its config)"], []
-    recorded = _flatten(state.config)
+    recorded = flatten(state.config)
     as_now = _as_read_now(state.config, cfg, stage)
-    before = recorded if as_now is None else _flatten(as_now)
-    after = _flatten(stage_config(cfg, stage))
+    before = recorded if as_now is None else flatten(as_now)
+    after = flatten(stage_config(cfg, stage))
 
     # A key only one side has: a list entry added or removed, or (when this version cannot read
     # the record) a field it no longer has.
@@ -313,6 +305,18 @@ class StageDecision:
     changes: tuple[str, ...] = ()  # each changed config field, `key: old -> new`
 
 
+def resume_refusal(run_dir: RunDir, cfg: ExperimentConfig, stage: str) -> str:
+    """Why a training stage cannot resume: its ds_config changes what its checkpoints were trained
+    under (maskprune.ds_json). A file that cannot be read at all is preflight's to report."""
+    section = getattr(cfg, stage, None)
+    if not hasattr(section, "ds_config"):
+        return ""
+    try:
+        return settle(stage, run_dir.stage_dir(stage), section.ds_config).refusal
+    except DsConfigError:
+        return ""
+
+
 def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecision]:
     """Decide per stage, in order, before anything runs: skip, run (and why), or refuse."""
     decisions: list[StageDecision] = []
@@ -324,6 +328,11 @@ def plan(run_dir: RunDir, cfg: ExperimentConfig, force: bool) -> list[StageDecis
         changes: list[str] = []
         if state.status != "done":
             action, reason = "run", ("resume" if state.status in ("running", "failed") else "new")
+            refusal = resume_refusal(run_dir, cfg, stage) if reason == "resume" else ""
+            if refusal and force:
+                reason = "ds_config changed (--force)"
+            elif refusal:
+                action, reason = "refuse", refusal
         else:
             changes, added = config_changes(state, cfg, stage)
             if changes and force:

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from maskprune.config import ConfigError, ExperimentConfig
+from maskprune.config import ConfigError, ContinuedPretrainConfig, ExperimentConfig, MaskLearnConfig
+from maskprune.ds_json import DsConfigError, frozen_path, read, resolve, settle
 from maskprune.lifeline import follow_launchers
-from maskprune.rundir import RunDir, RunDirError
+from maskprune.rundir import RunDir, RunDirError, StageDecision, atomic_write_json
 from maskprune.runlock import RunLock, RunLockError, acquire_run_lock
 
 if TYPE_CHECKING:
@@ -41,21 +42,27 @@ def lock_run_dir(root: Path, stage: str, is_rank0: bool) -> RunLock | None:
             lock = acquire_run_lock(root, f"stage {stage}")
         except RunLockError as err:
             error = err
+    raise_on_every_rank(error, RunLockError(f"{root}: rank 0 could not lock it (see its message)"))
+    if lock is not None:
+        atexit.register(lock.release)
+    return lock
+
+
+def raise_on_every_rank(error: Exception | None, elsewhere: Exception) -> None:
+    """Every rank of the job raises when any rank met `error` (a rank that did not raises
+    `elsewhere`), rather than waiting for it in the next collective."""
     distributed = _distributed()
     if distributed is not None:
         import torch
 
         from maskprune.dist import on_gpu
 
-        refused = torch.tensor([1.0 if error else 0.0], device="cuda" if on_gpu() else "cpu")
-        distributed.all_reduce(refused, op=distributed.ReduceOp.MAX)
-        if refused.item() > 0 and error is None:
-            error = RunLockError(f"{root}: rank 0 could not lock it (see its message)")
+        failed = torch.tensor([1.0 if error else 0.0], device="cuda" if on_gpu() else "cpu")
+        distributed.all_reduce(failed, op=distributed.ReduceOp.MAX)
+        if failed.item() > 0 and error is None:
+            error = elsewhere
     if error is not None:
         raise error
-    if lock is not None:
-        atexit.register(lock.release)
-    return lock
 
 
 class StageRun:
@@ -77,6 +84,30 @@ class StageRun:
             raise RunDirError(f"stage {self.stage} needs {key!r} from stage {stage}, which is "
                               f"{state.status}; run `maskprune run` to finish it first")
         return state.outputs[key]
+
+    def ds_config(self, section: MaskLearnConfig | ContinuedPretrainConfig) -> dict[str, Any]:
+        """The stage's DeepSpeed JSON as rank 0 settles it into the stage folder (maskprune.ds_json),
+        sent to every rank (no rank on another node reads a file just written on a shared file
+        system), with the experiment file's batch and optimizer numbers."""
+        from maskprune.dist import broadcast_from_rank0, log
+        from maskprune.training import with_experiment_numbers
+
+        ds, error = None, None
+        if self.is_rank0:
+            try:
+                settled = settle(self.stage, self.dir, section.ds_config)
+                if settled.refusal:
+                    raise DsConfigError(settled.refusal)
+                if not frozen_path(self.dir).is_file() or settled.notes:
+                    atomic_write_json(frozen_path(self.dir), settled.ds)
+                for note in settled.notes:
+                    log(note)
+                ds = settled.ds
+            except DsConfigError as err:
+                error = err
+        raise_on_every_rank(error, DsConfigError(f"{self.stage}.ds_config: rank 0 could not settle it (see its "
+                                                 "message)"))
+        return with_experiment_numbers(broadcast_from_rank0(ds), section.train)
 
     @property
     def tb_dir(self) -> Path:
@@ -106,14 +137,15 @@ def warn_if_fp32_on_gpu(stage: str, ds: dict[str, Any]) -> None:
         log(warning)
 
 
-def preflight(cfg: ExperimentConfig, stages: list[str]) -> None:
+def preflight(cfg: ExperimentConfig, run_dir: RunDir, runs: list[StageDecision]) -> None:
     """What `maskprune run` checks before it starts anything (no stage, no rank): the DeepSpeed
-    config of each training stage that will run and, when evaluate will run, its task data on disk,
-    so a missing or unusable one is one line up front rather than an error hours later."""
+    config of each training stage that will run (on a resume, as the stage will settle it:
+    maskprune.ds_json) and, when evaluate will run, its task data on disk, so a missing or unusable
+    one is one line up front rather than an error hours later."""
     from maskprune.text_corpora import require_on_disk
-    from maskprune.training import load_ds_config  # torch: only when a run is about to start
     from maskprune.zero_shot import require_task_data
 
+    stages = {decision.stage: decision for decision in runs}
     if "evaluate" in stages:  # hours of pruning should not end in "task data missing"
         require_task_data(cfg.evaluate.tasks)
         require_on_disk(cfg.evaluate.heldout_texts)
@@ -122,8 +154,11 @@ def preflight(cfg: ExperimentConfig, stages: list[str]) -> None:
         if stage in stages:
             section = getattr(cfg, stage)
             try:
-                load_ds_config(section.ds_config, section.train)
-            except (FileNotFoundError, ValueError) as err:
+                if stages[stage].reason == "resume":
+                    settle(stage, run_dir.stage_dir(stage), section.ds_config)
+                else:
+                    read(resolve(section.ds_config))
+            except DsConfigError as err:
                 raise ConfigError(f"{stage}.ds_config: {err}") from None
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from maskprune.config import TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards, eval_batches
+from maskprune.ds_json import read as read_ds_json, resolve as resolve_ds_json
 from maskprune.dist import DistInfo, barrier, broadcast_from_rank0, log, rank
 from maskprune.rundir import atomic_write_json, atomic_write_text, disk_bytes, human_bytes, path_inside
 from maskprune.safe_load import refusal_explained, tensors_only
@@ -58,23 +59,14 @@ def trainable_parameters(engine: Any) -> int:
 
 
 def load_ds_config(path: str | Path, train: TrainLoopConfig) -> dict[str, Any]:
-    """The stage's DeepSpeed JSON with the batch, clipping and optimizer numbers of the experiment
-    file written in, so the TOML is the one place a user sets them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ds_config {path}: not found; use one of ds_configs/*.json")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"ds_config {path}: not valid JSON ({err})") from None
-    zero = ds.get("zero_optimization", {})
-    if zero.get("stage") != 3:
-        raise ValueError(f"ds_config {path}: zero_optimization.stage must be 3 (got {zero.get('stage')}); "
-                         "maskprune partitions every model with ZeRO-3")
-    autos = [k for k, v in _flatten(ds).items() if v == "auto"]
-    if autos:
-        raise ValueError(f"ds_config {path}: 'auto' values ({', '.join(autos)}) need the HF Trainer; "
-                         "give concrete numbers")
+    """The DeepSpeed JSON at `path` (ds_json.resolve), with_experiment_numbers."""
+    return with_experiment_numbers(read_ds_json(resolve_ds_json(path)), train)
+
+
+def with_experiment_numbers(ds: dict[str, Any], train: TrainLoopConfig) -> dict[str, Any]:
+    """A DeepSpeed JSON with the batch, clipping and optimizer numbers of the experiment file written
+    in, so the TOML is the one place a user sets them."""
+    ds = json.loads(json.dumps(ds))
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     ds["gradient_accumulation_steps"] = train.grad_accum
@@ -84,16 +76,6 @@ def load_ds_config(path: str | Path, train: TrainLoopConfig) -> dict[str, Any]:
     # DeepSpeed's fused / CPU Adam JIT-compile for minutes; torch's AdamW is what runs everywhere.
     optimizer["params"].setdefault("torch_adam", True)
     return ds
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def model_dtype(ds: dict[str, Any]) -> torch.dtype:

@@ -5,8 +5,9 @@
 Trains hard_prune's model on the tokenize stage's train split (optionally distilling from prepare's
 dense model), validates on the valid split (and on continued_pretrain.dev_texts, by which select =
 "best_dev" chooses the checkpoint to export) and checkpoints to RUN/continued_pretrain/checkpoints/
-(resumable with resume = "auto"). Outputs the checkpoint root and the final tag; the export stage
-turns that tag into a plain HF model once this job (and every rank and GPU of it) has exited.
+(resumable with resume = "auto"), under the DeepSpeed JSON frozen in RUN/continued_pretrain/
+ds_config.json. Outputs the checkpoint root and the final tag; the export stage turns that tag into
+a plain HF model once this job (and every rank and GPU of it) has exited.
 """
 
 import torch
@@ -16,8 +17,7 @@ from maskprune.dev_texts import dev_windows
 from maskprune.dist import PREEMPTED_EXIT_CODE, StopFlag, log, stage_argv_parser
 from maskprune.pretrain import Pretrainer, build_teacher
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
-from maskprune.training import (Checkpointer, build_zero3_model, init_engine, load_ds_config,
-                                prepare_for_training)
+from maskprune.training import Checkpointer, build_zero3_model, init_engine, prepare_for_training
 from maskprune.universal import grad_accum_for_resume
 
 
@@ -27,7 +27,7 @@ def main() -> int:
     cpt = run.cfg.continued_pretrain
     torch.manual_seed(cpt.train.seed)
     cpt.train.grad_accum = grad_accum_for_resume(run.dir / "checkpoints", cpt.train, dist.world_size)
-    ds = load_ds_config(cpt.ds_config, cpt.train)
+    ds = run.ds_config(cpt)
     warn_if_fp32_on_gpu("continued_pretrain", ds)
     data = run.upstream("tokenize", "data")
     valid = TokenShards(data, "valid")

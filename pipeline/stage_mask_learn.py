@@ -4,7 +4,7 @@
 
 Writes RUN/mask_learn/masks.safetensors (keep indices + scores), lora/ (PEFT adapter, MaskPrune
 only), reconstruction/ (with mask_learn.reconstruction), summary.json, checkpoints/ (DeepSpeed
-ZeRO-3, resumable with resume = "auto").
+ZeRO-3, resumable with resume = "auto"), ds_config.json (the DeepSpeed JSON it trains under).
 """
 import json
 from pathlib import Path
@@ -23,7 +23,7 @@ from maskprune.mask_learn import assemble_learner, write_summary
 from maskprune.masks_io import save_keep_indices
 from maskprune.stage import run_stage, start_distributed, warn_if_fp32_on_gpu
 from maskprune.targets import check_target, resolve_target
-from maskprune.training import build_zero3_model, load_ds_config
+from maskprune.training import build_zero3_model
 from maskprune.universal import grad_accum_for_resume
 
 
@@ -41,7 +41,7 @@ def main() -> int:
     ml = run.cfg.mask_learn
     torch.manual_seed(ml.train.seed)
     ml.train.grad_accum = grad_accum_for_resume(run.dir / "checkpoints", ml.train, dist.world_size)
-    ds = load_ds_config(ml.ds_config, ml.train)
+    ds = run.ds_config(ml)
     warn_if_fp32_on_gpu("mask_learn", ds)
     model_dir = run.upstream("prepare", "model")
     source = LlamaShape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))

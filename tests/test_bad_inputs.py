@@ -26,7 +26,7 @@ from conftest import copy_run
 from helpers import BIN, REPO, cpu_env
 from maskprune.arch import LlamaShape
 from maskprune.masks_io import keep_from_scores, save_keep_indices
-from maskprune.rundir import STAGES, RunDir
+from maskprune.rundir import STAGES, RunDir, StageState
 
 
 @dataclass
@@ -67,10 +67,16 @@ def existing_run(ctx: Ctx) -> None:
     copy_run(ctx.base, ctx.run)
 
 
-def ds_config(text: str) -> Callable[[Ctx], list[str]]:
+def ds_config(text: str, interrupted: bool = False) -> Callable[[Ctx], list[str]]:
+    """mask_learn.ds_config = this text; `interrupted`: mask_learn was started under a bf16 version of
+    it (its frozen copy), then stopped."""
     def write(ctx: Ctx) -> None:
         existing_run(ctx)
         (ctx.tmp / "ds.json").write_text(text)
+        if interrupted:
+            run = RunDir(ctx.run)
+            run.save_state(StageState(stage=ML, status="running", attempts=1))
+            (run.stage_dir(ML) / "ds_config.json").write_text(json.dumps({**ZERO3, "bf16": {"enabled": True}}))
     return tiny("mask_learn.ds_config='{tmp}/ds.json'", until="mask_learn", run=write)
 
 
@@ -200,7 +206,7 @@ GEMMA3_MULTIMODAL = {"model_type": "gemma3", "architectures": ["Gemma3ForConditi
 ML = "mask_learn"
 slow = pytest.mark.slow
 
-# (id, setup -> argv tail, command, fragment of the one error line)
+# (id, setup -> argv tail, command, fragment of the one error line, {tmp}: the case's folder)
 #   command "run": `maskprune run` refuses before starting anything (stderr is exactly one line);
 #   "stage": a stage started by `maskprune run` fails (its line, then the orchestrator's);
 #   "zero_to_hf": tools/zero_to_hf.py CHECKPOINT OUT.
@@ -226,7 +232,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str, str]] = [
      "(data.seq_len: 128 -> 64); pass --force"),
     # ds_configs (checked by `maskprune run` before any rank starts)
     ("ds_config_missing", tiny("mask_learn.ds_config='ds_configs/nope.json'", until=ML, run=existing_run), "run",
-     "mask_learn.ds_config: ds_config ds_configs/nope.json: not found; use one of ds_configs/*.json"),
+     f"mask_learn.ds_config: ds_config ds_configs/nope.json: not found (looked in {REPO}); "
+     "use one of ds_configs/*.json"),
+    ("ds_config_changed_on_resume", ds_config(json.dumps(ZERO3), interrupted=True), "run",
+     "mask_learn: ds_config {tmp}/ds.json changed since the stage started (bf16.enabled: true -> false); its "
+     "checkpoints were trained under the copy in {tmp}/run/mask_learn/ds_config.json: restore the file, or pass "
+     "--force to start mask_learn over with the new one"),
     ("ds_config_not_json", ds_config("{\"zero_optimization\": {\"stage\": 3,}"), "run", "not valid JSON"),
     ("ds_config_stage2", ds_config(json.dumps({**ZERO3, "zero_optimization": {"stage": 2}})), "run",
      "zero_optimization.stage must be 3 (got 2)"),
@@ -340,7 +351,7 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(name: str, setup: Callab
     else:
         assert len(lines) == 1, shown
     assert errors[0].startswith("maskprune: error: "), shown
-    assert fragment in errors[0], shown
+    assert fragment.format(tmp=tmp_path) in errors[0], shown
 
     # Nothing that existed changed, except `maskprune run`'s frozen config and the state record of
     # a stage that was not done (now running/failed); no stage became done.

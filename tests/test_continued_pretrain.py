@@ -90,8 +90,8 @@ def stage_argv(run_dir: Path) -> list[str]:
             "--run-dir", str(run_dir)]
 
 
-def run_stage(run_dir: Path, timeout: float = 900) -> str:
-    proc = subprocess.run(stage_argv(run_dir), cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+def run_stage(run_dir: Path, timeout: float = 900, cwd: Path = REPO) -> str:
+    proc = subprocess.run(stage_argv(run_dir), cwd=cwd, env=cpu_env(), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"stage failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
@@ -161,8 +161,13 @@ def test_loss_falls_and_the_export_is_the_trained_model(uninterrupted: tuple[Pat
 
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_uninterrupted_weights(
-        base_run: Path, uninterrupted: tuple[Path, str]) -> None:
-    run_dir = fresh_run(base_run, base_run.parent / "killed")
+        base_run: Path, uninterrupted: tuple[Path, str], tmp_path: Path) -> None:
+    """The killed run trains under its own copy of the CPU ds_config; before the resume, which starts
+    from another working directory, that file's buckets change (placement, maskprune.ds_json): the
+    resume takes them and still ends in the uninterrupted run's weights."""
+    own = tmp_path / "ds.json"
+    shutil.copy(REPO / "ds_configs" / "zero3_cpu_fp32.json", own)
+    run_dir = fresh_run(base_run, base_run.parent / "killed", f"continued_pretrain.ds_config='{own}'")
     progress = run_dir / "continued_pretrain" / "progress.json"
     proc = subprocess.Popen(stage_argv(run_dir), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -178,8 +183,16 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_weights(
         proc.wait()
     killed_at = json.loads(progress.read_text())["step"]
     assert killed_at < STEPS
-    stdout = run_stage(run_dir)
+    frozen = run_dir / "continued_pretrain" / "ds_config.json"
+    assert json.loads(frozen.read_text()) == json.loads(own.read_text())
+    ds = json.loads(own.read_text())
+    ds["zero_optimization"].update(reduce_bucket_size=250000, stage3_prefetch_bucket_size=0)
+    own.write_text(json.dumps(ds))
+    stdout = run_stage(run_dir, cwd=tmp_path)
     assert "resumed from" in stdout
+    assert ("continued_pretrain: resuming with the ds_config's new placement (zero_optimization.reduce_bucket_size: "
+            "500000 -> 250000; zero_optimization.stage3_prefetch_bucket_size: 500000 -> 0)") in stdout
+    assert json.loads(frozen.read_text()) == ds
     assert run_export(run_dir).returncode == 0
 
     expected = weights(Path(RunDir(uninterrupted[0]).state("export").outputs["model"]))
@@ -192,6 +205,27 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_weights(
     train = scalars(run_dir, "loss/train")
     assert [s for s, _ in train] == list(range(1, STEPS + 1))
     assert [v for _, v in train] == [v for _, v in scalars(uninterrupted[0], "loss/train")]
+
+
+@pytest.mark.slow
+def test_a_stage_started_by_hand_refuses_to_resume_under_another_precision(base_run: Path, tmp_path: Path) -> None:
+    """Without `maskprune run` to refuse first, rank 0 of the stage does, and every rank stops before
+    the model is built; the frozen copy is kept."""
+    own = tmp_path / "ds.json"
+    shutil.copy(REPO / "ds_configs" / "zero3_cpu_fp32.json", own)
+    run_dir = fresh_run(base_run, tmp_path / "run", f"continued_pretrain.ds_config='{own}'")
+    frozen = run_dir / "continued_pretrain" / "ds_config.json"
+    frozen.parent.mkdir()
+    frozen.write_text(json.dumps({**json.loads(own.read_text()), "bf16": {"enabled": True}}))
+    proc = subprocess.run(stage_argv(run_dir), cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert (f"maskprune: error: ds_config {own} changed since the stage started (bf16.enabled: true -> false); its "
+            f"checkpoints were trained under the copy in {frozen}: restore the file, or pass --force") in output
+    assert output.count("changed since the stage started") == 1  # rank 1 does not repeat it
+    assert "built LlamaForCausalLM" not in output
+    assert not (run_dir / "continued_pretrain" / "checkpoints").exists()
+    assert json.loads(frozen.read_text())["bf16"] == {"enabled": True}
 
 
 @pytest.mark.slow
