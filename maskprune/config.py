@@ -201,10 +201,20 @@ class LauncherConfig:
     # for this long dumps every thread's stack and exits non-zero; also the collective timeout
     # (plus a minute). Keep it above the longest single step, checkpoint save or model load.
     hang_timeout_minutes: float = 30.0
+    # Processes the evaluate stage shares its models' parts between (maskprune.eval_parts): under
+    # kind srun / srun_tasks one per node, each spreading a model over its node's GPUs, so a 70B's
+    # hours of zero-shot questions are split over the allocation's nodes instead of one; otherwise
+    # processes on this machine (CPU only: they would share its GPUs). 1: one process.
+    evaluate_workers: int = 1
 
     def validate(self) -> None:
         if self.num_gpus < 1 or self.num_nodes < 1:
             raise ConfigError("launcher.num_gpus / launcher.num_nodes: must be >= 1")
+        if self.evaluate_workers < 1:
+            raise ConfigError(f"launcher.evaluate_workers: must be >= 1, got {self.evaluate_workers}")
+        if self.kind in ("srun", "srun_tasks") and self.evaluate_workers > self.num_nodes:
+            raise ConfigError(f"launcher.evaluate_workers: {self.evaluate_workers} is more than launcher.num_nodes "
+                              f"({self.num_nodes}); under srun each worker takes a whole node")
         if not 0 < self.hang_timeout_minutes < float("inf"):
             raise ConfigError(f"launcher.hang_timeout_minutes: must be a number of minutes > 0, got "
                               f"{self.hang_timeout_minutes}; set it above your longest step, checkpoint "

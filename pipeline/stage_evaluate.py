@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from maskprune.heldout import (heldout_from_streams, spread_windows, text_label,
                                training_token_streams)
 from maskprune.launcher import stop_file_path
 from maskprune.overlap import NGRAM, windows_in_training
-from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text, digest_file
+from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text, digest_file, read_json
 from maskprune.stage import StageRun, run_stage
 from maskprune.text_corpora import CorpusFetchError, require_on_disk
 from maskprune.zero_shot import (TaskSpecError, accuracy, correct_counts, question_counts,
@@ -46,6 +48,7 @@ from maskprune.zero_shot import (TaskSpecError, accuracy, correct_counts, questi
 # (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
 MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "export"))
 PARTS_DIR = "parts"  # RUN/evaluate/parts/<model>/<part>.json: what an interrupted attempt measured
+SHARES_FILE = "shares.json"  # RUN/evaluate/parts/shares.json: which missing parts each worker measures
 
 
 # {task: {part: (the task's lm-eval config, the part's question range)}}
@@ -67,13 +70,11 @@ def model_parts(zero_shot_by_task: ZeroShotParts, cfg: EvaluateConfig) -> list[s
             *(part for by_part in zero_shot_by_task.values() for part in by_part), "throughput"]
 
 
-def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,
-                   shard_stream: torch.Tensor | None, zero_shot_by_task: ZeroShotParts,
-                   throughput_shape: tuple[int, int], parts: PartStore,
-                   stop: StopFlag | None = None) -> dict[str, Any] | None:
-    """Every figure of one model, measured while it alone is loaded, part by part into `parts` (a
-    part already there is not measured again; the model is not loaded when every part is there).
-    None when `stop` asked to stop between two parts. Only plain data leaves this function, so the
+def measure_parts(path: str, todo: list[str], lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,
+                  shard_stream: torch.Tensor | None, zero_shot_by_task: ZeroShotParts,
+                  throughput_shape: tuple[int, int], parts: PartStore, stop: StopFlag | None = None) -> bool:
+    """Measure the parts `todo` of one model into `parts`, loading it only if there is one to measure.
+    False when `stop` asked to stop between two parts. Only plain data leaves this function, so the
     model is garbage once it returns."""
     vocab, seq_len = throughput_shape
     questions = {part: question for by_part in zero_shot_by_task.values() for part, question in by_part.items()}
@@ -96,18 +97,31 @@ def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval
         return forward_tokens_per_s(model, vocab, seq_len, cfg.batch_size, cfg.throughput_steps) \
             if cfg.throughput_steps else None
 
+    model = tokenizer = None
+    for part in todo:
+        if stop is not None and stop.should_stop():
+            return False
+        if model is None:
+            model, tokenizer = load_model(path)
+        parts.put(part, measure(part, model, tokenizer))
+    return True
+
+
+def evaluate_model(path: str, lengths: dict[int, str], cfg: EvaluateConfig, eval_text: DataSource,
+                   shard_stream: torch.Tensor | None, zero_shot_by_task: ZeroShotParts,
+                   throughput_shape: tuple[int, int], parts: PartStore,
+                   stop: StopFlag | None = None) -> dict[str, Any] | None:
+    """Every figure of one model, measured while it alone is loaded, part by part into `parts` (a
+    part already there is not measured again; the model is not loaded when every part is there).
+    None when `stop` asked to stop between two parts."""
     every = model_parts(zero_shot_by_task, cfg)
     missing = [part for part in every if part not in parts]
     if 0 < len(missing) < len(every):
         log(f"evaluate: {path}: {len(every) - len(missing)} part(s) measured by an earlier attempt are "
             f"kept; measuring {', '.join(missing)}")
-    model = tokenizer = None
-    for part in missing:
-        if stop is not None and stop.should_stop():
-            return None
-        if model is None:
-            model, tokenizer = load_model(path)
-        parts.put(part, measure(part, model, tokenizer))
+    if not measure_parts(path, missing, lengths, cfg, eval_text, shard_stream, zero_shot_by_task, throughput_shape,
+                         parts, stop):
+        return None
     return {"path": path, **parts["model"], **parts["ppl"],
             "heldout": parts["heldout"] if cfg.heldout_texts else None,
             "zero_shot": {task: accuracy([parts[part] for part in by_part])
@@ -120,9 +134,12 @@ def device_description() -> str:
     return f"{gpus} x {torch.cuda.get_device_name()}" if gpus else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def evaluate_run(run: StageRun, stop: StopFlag | None = None) -> dict[str, Any] | None:
+def evaluate_run(run: StageRun, stop: StopFlag | None = None, worker: int | None = None,
+                 spread: Callable[[list[tuple[str, str]]], bool] | None = None) -> dict[str, Any] | None:
     """The report of every model in `evaluate.models`; None when `stop` asked to stop between two
-    parts (those measured are kept under RUN/evaluate/parts for the next attempt)."""
+    parts (those measured are kept under RUN/evaluate/parts for the next attempt). `spread` hands
+    the missing (model, part) pairs to the workers first (False: they were stopped). As `worker`:
+    only that worker's share of them (RUN/evaluate/parts/shares.json), and the report is {}."""
     from transformers import AutoConfig
 
     cfg = run.cfg.evaluate
@@ -163,12 +180,29 @@ def evaluate_run(run: StageRun, stop: StopFlag | None = None) -> dict[str, Any] 
                      "task_files": {spec: digest_file(Path(spec).expanduser())
                                     for spec in cfg.tasks if spec != "olmo7"}}
     stages = dict(MODELS)
+    stores = {name: PartStore(run.dir / PARTS_DIR / name, {**measured_from, "model": path,
+                                                           "completion": run.run.state(stages[name]).completion_id})
+              for name, path in paths.items()}
+    if worker is not None:
+        shares = read_json(run.dir / PARTS_DIR / SHARES_FILE)["shares"]
+        mine = [(name, part) for name, part in shares[worker] if part not in stores[name]]
+        log(f"evaluate: worker {worker + 1} of {len(shares)}: {len(mine)} part(s)")
+        for name, path in paths.items():
+            todo = [part for owner, part in mine if owner == name]
+            if not measure_parts(path, todo, lengths[name], cfg, run.cfg.data.eval_text, shard_stream,
+                                 zero_shot_by_task, (vocab, seq_len), stores[name], stop):
+                return None
+            release_memory()
+        return {}
+    if spread is not None:
+        every = model_parts(zero_shot_by_task, cfg)
+        missing = [(name, part) for name in paths for part in every if part not in stores[name]]
+        if missing and not spread(missing):
+            return None
     for name, path in paths.items():
         report["conventions"].update({str(k): v for k, v in lengths[name].items()})
-        parts = PartStore(run.dir / PARTS_DIR / name, {**measured_from, "model": path,
-                                                        "completion": run.run.state(stages[name]).completion_id})
         row = evaluate_model(path, lengths[name], cfg, run.cfg.data.eval_text, shard_stream,
-                             zero_shot_by_task, (vocab, seq_len), parts, stop)
+                             zero_shot_by_task, (vocab, seq_len), stores[name], stop)
         release_memory()
         if row is None:
             return None
@@ -285,14 +319,54 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(["# Evaluation", "", *lines, "", *notes, ""])
 
 
+def spread_over_workers(run: StageRun, missing: list[tuple[str, str]], workers: int) -> bool:
+    """The missing parts dealt round-robin to `workers` processes of this script (--worker K), which
+    measure them while this one waits: under srun one task per node (each spreads a model over its
+    node's GPUs), otherwise processes on this machine. A worker that fails or is stopped leaves the
+    others to finish their shares (every part is kept as it is measured). False when one was
+    stopped on request; an EvaluationError naming the worker when one failed."""
+    launcher = run.cfg.launcher
+    workers = min(workers, len(missing))
+    (run.dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.dir / PARTS_DIR / SHARES_FILE, {"shares": [missing[k::workers] for k in range(workers)]})
+    own = [sys.executable, str(Path(__file__).resolve()), "--run-dir", str(run.run.root), *run.lock.child_args()]
+    if launcher.kind in ("srun", "srun_tasks"):
+        argvs = [[shutil.which("srun") or "srun", f"--nodes={workers}", f"--ntasks={workers}",
+                  "--ntasks-per-node=1", *own, "--worker", "slurm"]]
+    elif torch.cuda.is_available():
+        raise EvaluationError(f"launcher.evaluate_workers = {workers}: workers on one machine would share its "
+                              "GPUs; set launcher.kind = \"srun\" (one worker per node) or evaluate_workers = 1")
+    else:
+        argvs = [[*own, "--worker", str(k)] for k in range(workers)]
+    log(f"evaluate: {len(missing)} part(s) over {workers} workers" + (" (srun, one per node)" if len(argvs) == 1 else ""))
+    env = {**os.environ, **run.lock.child_env()}
+    codes = [job.wait() for job in [subprocess.Popen(argv, env=env) for argv in argvs]]
+    failed = [(k, code) for k, code in enumerate(codes) if code not in (0, PREEMPTED_EXIT_CODE)]
+    if failed:
+        which = "srun" if len(argvs) == 1 else f"worker {failed[0][0] + 1} of {workers}"
+        raise EvaluationError(f"evaluate: {which} failed (exit code {failed[0][1]}); the parts measured so far "
+                              "are kept, run again to measure the rest")
+    return not any(codes)
+
+
+def worker_index(value: str) -> int:
+    """--worker K, or "slurm": this srun task's index."""
+    return int(os.environ["SLURM_PROCID"]) if value == "slurm" else int(value)
+
+
 def main() -> int:
     # Compute nodes are usually offline: a hub or dataset look-up must fail at once, not wait on a
     # network. Set before transformers, datasets and lm_eval are first imported (inside evaluate_run).
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    args = stage_argv_parser(__doc__).parse_args()
+    parser = stage_argv_parser(__doc__)
+    parser.add_argument("--worker", type=worker_index, help="measure this worker's share of the missing parts "
+                        "only (started by the stage itself when launcher.evaluate_workers > 1)")
+    args = parser.parse_args()
     run = StageRun("evaluate", args.run_dir)
+    workers = run.cfg.launcher.evaluate_workers
+    spread = (lambda missing: spread_over_workers(run, missing, workers)) if workers > 1 else None
     try:
-        report = evaluate_run(run, StopFlag(stop_file_path(run.run.root)))
+        report = evaluate_run(run, StopFlag(stop_file_path(run.run.root)), args.worker, spread)
     except (EvaluationError, TaskSpecError, CorpusError, CorpusFetchError) as err:
         print(f"maskprune: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -300,6 +374,8 @@ def main() -> int:
         log(f"evaluate: stopped on request; the parts measured so far are kept in {run.dir / PARTS_DIR}, "
             "run again to measure the rest")
         return PREEMPTED_EXIT_CODE
+    if args.worker is not None:
+        return 0
     atomic_write_json(run.dir / "results.json", report)
     atomic_write_text(run.dir / "results.md", markdown(report))
     log(f"evaluate: wrote {run.dir / 'results.md'}")

@@ -227,6 +227,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str, str]] = [
      "model.path: required when model.source = 'hf'; set it to the model's directory or file"),
     ("set_without_value", lambda ctx: ["configs/tiny.toml", "--run-dir", str(ctx.run), "--set", "target.sparsity"],
      "run", "--set target.sparsity: expected KEY=VALUE"),
+    ("evaluate_workers_over_nodes", tiny("launcher.kind='srun'", "launcher.evaluate_workers=3"), "run",
+     "launcher.evaluate_workers: 3 is more than launcher.num_nodes (1); under srun each worker takes a whole node"),
     ("finished_stage_config_changed", tiny("data.seq_len=64", until="tokenize", run=existing_run), "run",
      "the config of finished stage(s) prepare, tokenize differs from the one this run was started with "
      "(data.seq_len: 128 -> 64); pass --force"),

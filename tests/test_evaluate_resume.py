@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers import REPO, cpu_env
@@ -13,9 +14,10 @@ from maskprune.dist import PREEMPTED_EXIT_CODE
 from maskprune.rundir import RunDir
 from test_evaluate_memory import random_llama, tokenizer_dir, write_run  # noqa: F401 (a fixture)
 
-# Loaded by the stage's process (first on PYTHONPATH): after every part it writes down which one, and
-# after the AFTER_PARTS-th of this attempt it writes the stop file or kills the process, so the
-# interruption falls between two known parts instead of wherever a timer would put it.
+# Loaded by the stage's processes (first on PYTHONPATH): after every part it writes down which one
+# (WITH_PID: and which process), and from the AFTER_PARTS-th of this attempt on it writes the stop
+# file, or at that part kills the process, so the interruption falls between two known parts
+# instead of wherever a timer would put it.
 PART_WATCH = '''import os, signal
 from pathlib import Path
 from maskprune import eval_parts
@@ -24,12 +26,12 @@ def put(self, part, value):
     _put(self, part, value)
     log = Path(os.environ["PARTS_LOG"])
     with log.open("a") as handle:
-        handle.write(f"{self.folder.name}/{part}\\n")
-    if len(log.read_text().splitlines()) == int(os.environ.get("AFTER_PARTS", "0")):
-        if os.environ["THEN"] == "stop":
-            Path(os.environ["STOP_FILE"]).touch()
-        else:
-            os.kill(os.getpid(), signal.SIGKILL)
+        handle.write((f"{os.getpid()} " if os.environ.get("WITH_PID") else "") + f"{self.folder.name}/{part}\\n")
+    written, after = len(log.read_text().splitlines()), int(os.environ.get("AFTER_PARTS", "0"))
+    if os.environ["THEN"] == "stop" and 0 < after <= written:  # >=: two workers may append at once
+        Path(os.environ["STOP_FILE"]).touch()
+    elif os.environ["THEN"] == "kill" and written == after:
+        os.kill(os.getpid(), signal.SIGKILL)
 eval_parts.PartStore.put = put
 '''
 
@@ -59,7 +61,17 @@ def figures(run_dir: Path) -> dict:
     return results
 
 
-def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, tmp_path: Path):  # noqa: F811
+# Per model: model, ppl, heldout, two zero-shot tasks (one question per part), throughput; then the
+# run's overlap count.
+PER_MODEL = ["model", "ppl", "heldout", "zero_shot.capitals.0-1", "zero_shot.verbs.0-1", "zero_shot.verbs.1-2",
+             "throughput"]
+MODEL_PARTS = [f"{name}/{part}" for name in ("dense", "pruned", "pruned+cpt") for part in PER_MODEL]
+EVERY_PART = [*MODEL_PARTS, "run/heldout_in_training"]
+
+
+def three_models(tmp_path: Path, tokenizer_dir: Path) -> Callable[..., Path]:  # noqa: F811
+    """Three small random Llamas recorded as prepare's, hard_prune's and export's models, two task
+    files and a held-out text; returns new_run(root, evaluate_workers) making a run directory of them."""
     models = {"prepare": tmp_path / "dense", "hard_prune": tmp_path / "pruned", "export": tmp_path / "cpt"}
     for seed, (stage, folder) in enumerate(models.items()):
         random_llama(folder, tokenizer_dir, 64, 2, 2, 1, 128 if stage == "prepare" else 64, seed=seed)
@@ -70,7 +82,7 @@ def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, 
     held = tmp_path / "held.txt"
     held.write_text(" ".join(f"line {i} of a text that no stage trains on." for i in range(600)))
 
-    def new_run(root: Path) -> Path:
+    def new_run(root: Path, evaluate_workers: int = 1) -> Path:
         root.mkdir()
         run_dir = write_run(root, models, [str(t) for t in tasks])
         run = RunDir(run_dir)
@@ -78,15 +90,16 @@ def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, 
         cfg.evaluate.heldout_texts, cfg.evaluate.heldout_tokens = [
             type(cfg.data.eval_text)(kind="text", path=str(held))], 512
         cfg.evaluate.zero_shot_part_questions = 1  # "verbs" in two parts: a kill can fall inside a task
+        cfg.launcher.evaluate_workers = evaluate_workers
         run.write_config(cfg)
         return run_dir
 
-    # Per model: model, ppl, heldout, two zero-shot tasks (one question per part), throughput; then
-    # the run's overlap count.
-    per_model = ["model", "ppl", "heldout", "zero_shot.capitals.0-1", "zero_shot.verbs.0-1",
-                 "zero_shot.verbs.1-2", "throughput"]
-    every_part = [f"{name}/{part}" for name in ("dense", "pruned", "pruned+cpt") for part in per_model]
-    every_part.append("run/heldout_in_training")
+    return new_run
+
+
+def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, tmp_path: Path):  # noqa: F811
+    new_run = three_models(tmp_path, tokenizer_dir)
+    per_model, every_part = PER_MODEL, EVERY_PART
 
     reference = new_run(tmp_path / "a")
     proc, written = evaluate(reference, tmp_path, "reference")
@@ -142,3 +155,45 @@ def test_an_interrupted_evaluation_measures_each_part_once(tokenizer_dir: Path, 
         {k: v for k, v in before["models"]["dense"].items() if k != "zero_shot"}
     assert results["models"]["pruned"]["path"] == str(tmp_path / "pruned2")
     assert results["models"]["pruned"]["params"] != before["models"]["pruned"]["params"]
+
+
+def by_process(lines: list[str]) -> dict[str, list[str]]:
+    """WITH_PID parts-log lines, grouped by the process that wrote them, in order."""
+    parts: dict[str, list[str]] = {}
+    for line in lines:
+        pid, part = line.split(" ", 1)
+        parts.setdefault(pid, []).append(part)
+    return parts
+
+
+def test_workers_share_the_parts_and_the_report_is_one_process(tokenizer_dir: Path, tmp_path: Path):  # noqa: F811
+    """launcher.evaluate_workers = 2 on CPU: the stage deals the missing parts round-robin to two
+    processes of itself and assembles their parts into the same figures as one process; a stop
+    request reaches both, and the next attempt deals out only what is still missing."""
+    new_run = three_models(tmp_path, tokenizer_dir)
+    reference = new_run(tmp_path / "one")
+    proc, _ = evaluate(reference, tmp_path, "one")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    run_dir = new_run(tmp_path / "two", evaluate_workers=2)
+    proc, written = evaluate(run_dir, tmp_path, "two", WITH_PID="1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "evaluate: 21 part(s) over 2 workers" in proc.stdout
+    assert sorted(by_process(written).values()) == sorted([MODEL_PARTS[0::2], MODEL_PARTS[1::2],
+                                                           ["run/heldout_in_training"]])
+    assert figures(run_dir) == figures(reference)
+    assert not (run_dir / "evaluate" / "parts").exists()
+
+    run_dir = new_run(tmp_path / "stopped", evaluate_workers=2)
+    proc, first = evaluate(run_dir, tmp_path, "stopped_first", WITH_PID="1", AFTER_PARTS="6", THEN="stop")
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-4000:]
+    assert "evaluate: stopped on request" in proc.stdout
+    assert len(by_process(first)) == 2 and 6 <= len(first) <= 7  # the other worker ends the part it is in
+    (run_dir / "STOP").unlink()
+    proc, rest = evaluate(run_dir, tmp_path, "stopped_rest", WITH_PID="1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"evaluate: {21 - len(first)} part(s) over 2 workers" in proc.stdout
+    done = [part for parts in by_process(first).values() for part in parts]
+    again = [part for parts in by_process(rest).values() for part in parts]
+    assert sorted(done + again) == sorted(EVERY_PART)  # each part once over both attempts
+    assert figures(run_dir) == figures(reference)

@@ -2,7 +2,8 @@
 start_slurm.sh: munged, slurmctld, two `slurmd -N n1/n2`). `launch/pipeline.sbatch` runs `maskprune
 run` on the batch host; mask_learn and continued_pretrain start through `srun` (launcher.kind = srun),
 one deepspeed launcher per node, one CPU rank per node: a world of 2 ranks across the two "nodes";
-the export stage runs afterwards as one process on the batch host.
+the export stage runs afterwards as one process on the batch host, and evaluate shares its parts over
+both nodes (launcher.evaluate_workers = 2: one srun task per node).
 The job is preempted once through the USR1 path (`scancel --batch --signal=USR1`, what `#SBATCH
 --signal=B:USR1@300` does before the time limit) during mask_learn: the trap writes RUN/STOP, every
 rank stops at the same step boundary with a checkpoint, the driver exits 3, the job requeues itself,
@@ -33,7 +34,7 @@ pytestmark = [pytest.mark.slow,
 SETS = ["--set", "mask_learn.train.steps=12", "--set", "mask_learn.train.checkpoint_every=4",
         "--set", "mask_learn.budget_warmup_fraction=0.33", "--set", "mask_learn.train.eval_every=6",
         "--set", "continued_pretrain.train.steps=8", "--set", "continued_pretrain.train.checkpoint_every=4",
-        "--set", "continued_pretrain.train.eval_every=4"]
+        "--set", "continued_pretrain.train.eval_every=4", "--set", "launcher.evaluate_workers=2"]
 PREEMPT_AFTER_STEP = 5
 JOB_TIMEOUT_S = 900
 
@@ -135,6 +136,11 @@ def test_pipeline_job_preempted_by_usr1_requeues_resumes_and_ends_bit_identical(
     assert "mask_learn: running (resume)" in log
     assert f"mask_learn/checkpoints/step{stops[0]:08d} at step {stops[0]}" in log  # resumed there
     assert "final checkpoint:" in log and not (run / "STOP").exists()
+    # evaluate shared its parts over both nodes (one srun task each) and assembled one report.
+    assert re.search(r"evaluate: \d+ part\(s\) over 2 workers \(srun, one per node\)", log), tail(out)
+    assert "evaluate: worker 1 of 2:" in log and "evaluate: worker 2 of 2:" in log
+    assert set(json.loads((run / "evaluate" / "results.json").read_text())["models"]) == {"dense", "pruned",
+                                                                                       "pruned+cpt"}
     info = json.loads(run_cli("status", str(run), "--json").stdout)
     assert {stage: s["status"] for stage, s in info["stages"].items()} == dict.fromkeys(info["stages"], "done")
     assert info["stages"]["mask_learn"]["attempts"] == 2
