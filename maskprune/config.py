@@ -279,6 +279,9 @@ class TrainLoopConfig:
 class TrainingStageConfig:
     """What both training stages (mask_learn, continued_pretrain) set the same way."""
 
+    # The DeepSpeed JSON; a relative path is looked up in the working directory, then the checkout.
+    # Frozen into RUN/<stage>/ds_config.json, which a resume compares it with (maskprune/ds_json.py).
+    ds_config: str = "ds_configs/zero3_cpu_fp32.json"
     # Recompute each decoder layer's activations in backward (non-reentrant) instead of keeping
     # them: the layer inputs alone stay (L·B·T·h), what makes 4,096-token 70B steps fit.
     activation_checkpointing: bool = False
@@ -297,7 +300,6 @@ class TrainingStageConfig:
 @dataclass
 class MaskLearnConfig(TrainingStageConfig):
     method: Literal["maskprune", "magnitude", "wanda_sp", "flap", "taylor", "random"] = "maskprune"
-    ds_config: str = "ds_configs/zero3_cpu_fp32.json"
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4))
     lora: LoraConfig = field(default_factory=LoraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -415,7 +417,6 @@ class HardPruneConfig:
 
 @dataclass
 class ContinuedPretrainConfig(TrainingStageConfig):
-    ds_config: str = "ds_configs/zero3_cpu_fp32.json"
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(lr=2e-4, weight_decay=0.01))
     # kl_weight > 0: distil from the dense source model (prepare's), itself partitioned by ZeRO-3.
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(kl_weight=0.0))
