@@ -330,6 +330,8 @@ def collect(args: argparse.Namespace, mode: dict[str, Any], base: Path, runs: Pa
         summary = json.loads((runs / learner / "mask_learn" / "summary.json").read_text())
         shape = summary["final_shape"]
         report["dense"] = report["dense"] or row(learned, "dense")
+        # The same questions in every run: what always picking the most common answer scores on them.
+        report["zero_shot_majority"] = learned.get("zero_shot_majority", {})
         target = {"shape": shape, "params": summary["params"], "methods": {}}
         for method in args.methods:
             # The dense model is the same in every run: evaluated once, in MaskPrune's.
@@ -410,7 +412,9 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              "- *x equal-budget dense*: against the dense model trained on the same tokens of the same data, so "
              "adapting to the training data is not read as pruning quality.",
              f"- {mode['limit']} examples per task: one example moves a task's accuracy by "
-             f"{1 / max(mode['limit'], 1):.3f} and the 7-task mean by {1 / max(mode['limit'], 1) / 7:.3f}."
+             f"{1 / max(mode['limit'], 1):.3f} and the 7-task mean by {1 / max(mode['limit'], 1) / 7:.3f}; "
+             "*always the answer most often right*: the accuracy of picking, in every question of a task, the "
+             "answer position most often right in it (no model): a model near it shows no knowledge there."
              if mode["limit"] else "- zero-shot suite not run (--limit 0).", ""]
     baselines = [m for m in next(iter(report["targets"].values()))["methods"] if m != "maskprune"]
     left_out = [m for m in METHODS if m != "maskprune" and m not in baselines]
@@ -468,6 +472,11 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
                 [fmt(after["ppl"].get(n), 2) for n in lengths] + \
                 [fmt(after["acc"].get(t), 3) for t in TASKS] + [fmt(after["mean_acc"], 3)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        majority = report.get("zero_shot_majority")
+        if majority:
+            cells = ["-"] * 2 * len(lengths) + [fmt(majority.get(t), 3) for t in TASKS]
+            lines.append("| always the answer most often right (no model) | " + " | ".join(cells)
+                         + f" | {fmt(sum(majority.values()) / len(majority), 3)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -673,6 +682,10 @@ def chart(report: dict[str, Any], lengths: list[str], path: Path) -> None:
         axes[-1].axhline(report["dense"]["mean_acc"], color="grey", linestyle="--", label="dense")
         axes[-1].axhline(report["dense_trained"]["mean_acc"] or 0, color="black", linestyle=":",
                          label="dense, trained (equal budget)")
+        majority = report.get("zero_shot_majority")
+        if majority:
+            axes[-1].axhline(sum(majority.values()) / len(majority), color="red", linestyle="-.",
+                             label="always the answer most often right (no model)")
         axes[-1].set_title("mean zero-shot accuracy (7 tasks) after recovery", fontsize=9)
     for ax in axes:
         ax.set_xticks(range(len(targets)), [f"{k} removed" for k in targets])

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,30 @@ def question_counts(configs: list[dict[str, Any]], limit: int = 0) -> dict[str, 
         total = len(ConfigurableTask(config=dict(cfg)).eval_docs)
         counts[cfg["task"]] = min(total, limit) if limit else total
     return counts
+
+
+def majority_accuracy(configs: list[dict[str, Any]], limit: int = 0) -> dict[str, float]:
+    """{task: the accuracy of always picking the answer position most often right among the questions
+    scored (the first `limit`; 0 = all)}, no model involved. A model's accuracy near it says nothing
+    of the model: BoolQ's first 100 validation questions are 70 % "yes", so a small model that
+    leans "yes" outscores one that leans "no" by 40 points there, whatever either knows."""
+    from lm_eval.api.task import ConfigurableTask
+
+    majority = {}
+    for cfg in configs:
+        task = ConfigurableTask(config=dict(cfg))
+        docs = task.eval_docs
+        count = min(len(docs), limit) if limit else len(docs)
+        golds = Counter(_gold_index(task, docs[i]) for i in range(count))
+        majority[cfg["task"]] = max(golds.values()) / count
+    return majority
+
+
+def _gold_index(task: Any, doc: dict[str, Any]) -> int:
+    # As lm-eval's multiple-choice scoring reads it: Winogrande-style tasks (several contexts, one
+    # continuation) keep the right context's index in doc_to_text; a gold given as text is its choice's index.
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    return task.doc_to_choice(doc).index(gold) if isinstance(gold, str) else int(gold)
 
 
 def question_ranges(count: int, per_part: int) -> list[range]:

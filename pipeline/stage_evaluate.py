@@ -42,8 +42,8 @@ from maskprune.overlap import NGRAM, windows_in_training
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text, digest_file, read_json
 from maskprune.stage import StageRun, run_stage
 from maskprune.text_corpora import CorpusFetchError, require_on_disk
-from maskprune.zero_shot import (TaskSpecError, accuracy, correct_counts, question_counts,
-                                 question_ranges, task_configs)
+from maskprune.zero_shot import (TaskSpecError, accuracy, correct_counts, majority_accuracy,
+                                 question_counts, question_ranges, task_configs)
 
 # (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
 MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "export"))
@@ -220,6 +220,7 @@ def evaluate_run(run: StageRun, stop: StopFlag | None = None, worker: int | None
                            "joined by a newline into one stream, tokenized without special tokens, "
                            f"first {cfg.eval_text_max_tokens or 'all'} tokens")
     report["limit"] = cfg.limit
+    report["zero_shot_majority"] = majority_accuracy(tasks, cfg.limit) if tasks else {}
     report["heldout_tokens"] = cfg.heldout_tokens
     if cfg.heldout_texts:
         lengths_measured = sorted(report["conventions"], key=int)
@@ -258,6 +259,16 @@ def heldout_in_training(run: StageRun, cfg: EvaluateConfig, lengths: list[str]) 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def majority_note(majority: dict[str, float]) -> str:
+    """What a model with no knowledge scores on the questions asked (zero_shot.majority_accuracy)."""
+    if not majority:
+        return ""
+    mean = sum(majority.values()) / len(majority)
+    return ("; always picking the answer position most often right scores "
+            + ", ".join(f"{task} {_fmt(acc)}" for task, acc in majority.items())
+            + f" (mean {_fmt(mean)}): an accuracy near that says nothing of the model")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -302,7 +313,8 @@ def markdown(report: dict[str, Any]) -> str:
               "- ppl = exp(sum NLL / predicted tokens); each chunk's first token is not predicted; "
               "a trailing partial chunk is dropped; a family trained with BOS opening every sequence "
               "(Gemma) gets it in front of each chunk as unscored context",
-              f"- zero-shot: lm-evaluation-harness, 0-shot, limit {report['limit'] or 'none'} per task",
+              f"- zero-shot: lm-evaluation-harness, 0-shot, limit {report['limit'] or 'none'} per task"
+              + majority_note(report.get("zero_shot_majority") or {}),
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
               f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"
               if tp["steps"] else "- forward tokens/s: not timed (evaluate.throughput_steps = 0)"]

@@ -133,6 +133,10 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
     assert "| dense, trained (equal budget) | 30,720 | - | - | - | 25.00 | 0.83x | 1.00x |" in table
     # PTB before / after, then boolq and the six tasks this report lacks, then the mean
     assert "| random | 900.00 | 300.00 | 0.300 | - | - | - | - | - | - | 0.300 |" in table
+    assert "always the answer most often right (no model)" not in table  # reports from before it was kept
+    rep["zero_shot_majority"] = {"boolq": 0.7, "piqa": 0.54}
+    assert "| always the answer most often right (no model) | - | - | 0.700 | 0.540 | - | - | - | - | - | 0.620 |" \
+        in bench.markdown(rep, ["128"])
     # which baselines ran is part of the result: a table without FLAP must not read as "FLAP lost"
     assert "- baselines: wanda_sp, random; not run here: maskprune_frozen, flap, taylor, magnitude (`--methods`)" in table
     assert "- bias compensation (removed channels' means folded into o_proj / down_proj biases): none; " \

@@ -117,8 +117,9 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_prepared, run_dir, ignore=shutil.ignore_patterns("evaluate"))
     task = tmp_path / "capitals.jsonl"
-    task.write_text("\n".join(json.dumps({"query": q, "choices": c, "gold": 0}) for q, c in [
-        ("The stock market", ["fell", "purple"]), ("He said the company", ["will", "banana"])]))
+    task.write_text("\n".join(json.dumps({"query": q, "choices": c, "gold": int(c[0] == "banana")}) for q, c in [
+        ("The stock market", ["fell", "purple"]), ("He said the company", ["will", "banana"]),
+        ("Prices", ["banana", "rose"])]))
     held = []
     # Local held-out texts (no network here); "leak" is training text, as a user's corpus may hold one.
     for name, split, start in (("speech", "valid", 0), ("story", "test", 0), ("leak", "train", 100_000)):
@@ -157,6 +158,10 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     assert "pruned+cpt" in results["skipped"]
     table = (run_dir / "evaluate" / "results.md").read_text()
     assert "| | dense | pruned |" in table and "capitals acc / acc_norm" in table
+    # golds 0, 0, 1: always the first answer is right in 2 of 3, whatever the model
+    assert results["zero_shot_majority"] == {"capitals": 2 / 3}
+    assert ("limit none per task; always picking the answer position most often right scores capitals "
+            "0.667 (mean 0.667): an accuracy near that says nothing of the model") in table
     assert f"| **held-out geomean ppl @512** | {heldout['geomean']['512']:.3f} |" in table
     assert (f"{held[2].path} 8 of 8 @128, 2 of 2 @512 (**WARNING**: those figures are not out-of-sample)"
             in table)

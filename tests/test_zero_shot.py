@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from maskprune.zero_shot import (OLMO7, TaskSpecError, accuracy, correct_counts, fetch_eval_data,
-                                 olmo7_configs, question_counts, question_ranges, task_configs)
+                                 majority_accuracy, olmo7_configs, question_counts, question_ranges,
+                                 task_configs)
 
 QUESTIONS = [
     ("The company said its profit", ["rose", "banana", "purple"], 0),
@@ -40,6 +41,9 @@ def test_local_multiple_choice_task_is_deterministic(tiny_model, tmp_path: Path)
     assert config["task"] == "finance"
     assert question_counts([config]) == {"finance": len(QUESTIONS)}
     assert question_counts([config], limit=2) == {"finance": 2}
+    # golds 0, 0, 1, 0, 0: always the first answer is right 4 times in 5; in the first 3, twice
+    assert majority_accuracy([config]) == {"finance": 0.8}
+    assert majority_accuracy([config], limit=3) == {"finance": 2 / 3}
     first = correct_counts(model, tokenizer, config, range(len(QUESTIONS)), batch_size=4)
     assert first == correct_counts(model, tokenizer, config, range(len(QUESTIONS)), batch_size=2)
     assert first["n"] == len(QUESTIONS) and 0 <= first["acc"] <= 5 and 0 <= first["acc_norm"] <= 5
@@ -110,6 +114,10 @@ def test_olmo7_preset_runs_offline(tiny_model):
     start = time.perf_counter()
     configs = olmo7_configs()
     assert question_counts(configs) == sizes
+    # The bench's 100 questions per task: BoolQ's are 70 % "yes", Winogrande's an even split.
+    assert majority_accuracy(configs, limit=100) == {
+        "boolq": 0.7, "piqa": 0.54, "hellaswag": 0.27, "winogrande": 0.5, "arc_easy": 0.31,
+        "arc_challenge": 0.32, "openbookqa": 0.34}
     results = {cfg["task"]: correct_counts(model, tokenizer, cfg, range(2), batch_size=4) for cfg in configs}
     print(f"olmo7 --limit 2 on the tiny model: {time.perf_counter() - start:.1f} s")
     assert set(results) == set(OLMO7)
