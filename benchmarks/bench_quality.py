@@ -70,7 +70,7 @@ GOAL = 0.9  # issue 13: MaskPrune's held-out geomean at most 0.9 x the best base
 MODES: dict[str, dict[str, Any]] = {
     "full": {"sparsity": [0.2, 0.5], "mask_steps": 100, "cpt_steps": 50,
              "eval_tokens": 20000, "heldout_tokens": 16384, "limit": 100, "recovery_lrs": [5e-5, 2e-4]},
-    "standard": {"sparsity": [0.2, 0.5], "mask_steps": 40, "cpt_steps": 20,
+    "standard": {"sparsity": [0.2, 0.5], "mask_steps": 50, "cpt_steps": 10,
                  "eval_tokens": 4096, "heldout_tokens": 8192, "limit": 20, "recovery_lrs": [5e-5, 2e-4]},
     "quick": {"sparsity": [0.5], "mask_steps": 12, "cpt_steps": 4,
               "eval_tokens": 4096, "heldout_tokens": 2048, "limit": 10, "recovery_lrs": []},
