@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -228,10 +229,15 @@ def row(results: dict[str, Any], model: str) -> dict[str, Any]:
     m = results["models"][model]
     ppl = {length: v["ppl"] for length, v in m["ppl"]["eval_text"].items()}
     heldout = m.get("heldout") or {"geomean": {}, "texts": {}}
+    from maskprune.zero_shot import mean_accuracy
+
     accs = {task: v["acc"] for task, v in m["zero_shot"].items()}
+    mean_acc, mean_acc_se = mean_accuracy(m["zero_shot"]) if accs else (None, None)
     return {"params": m["params"], "ppl": ppl, "heldout": heldout["geomean"],
             "heldout_texts": {text: {n: v["ppl"] for n, v in by_len.items()} for text, by_len in heldout["texts"].items()},
-            "acc": accs, "mean_acc": sum(accs.values()) / len(accs) if accs else None}
+            "acc": accs, "mean_acc": mean_acc, "mean_acc_se": mean_acc_se,
+            # per question, so two models' means are compared pair by pair (`zero_shot_noise`)
+            "zero_shot": m["zero_shot"]}
 
 
 def calibration_batches(cfg: Any) -> int:
@@ -352,6 +358,12 @@ def ratio(value: float | None, reference: float | None) -> str:
     return "-" if value is None or not reference else f"{value / reference:.2f}x"
 
 
+def mean_cell(res: dict[str, Any]) -> str:
+    """A mean zero-shot accuracy with its standard error where the report kept one."""
+    se = res.get("mean_acc_se")
+    return fmt(res["mean_acc"], 3) + ("" if se is None else f" ± {se:.3f}")
+
+
 def heldout_table(report: dict[str, Any], target: dict[str, Any], length: str) -> list[str]:
     """Held-out geometric-mean ppl at one convention: after mask-learn / one-shot and after recovery,
     each also as a multiple of the dense model and of the dense model trained on the same tokens."""
@@ -414,7 +426,10 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
              f"- {mode['limit']} examples per task: one example moves a task's accuracy by "
              f"{1 / max(mode['limit'], 1):.3f} and the 7-task mean by {1 / max(mode['limit'], 1) / 7:.3f}; "
              "*always the answer most often right*: the accuracy of picking, in every question of a task, the "
-             "answer position most often right in it (no model): a model near it shows no knowledge there."
+             "answer position most often right in it (no model): a model near it shows no knowledge there; "
+             "*± standard error*: the mean's, from lm-eval's per task (sqrt(p (1 - p) / (n - 1))); a zero-shot "
+             "loss below says whether it clears twice the standard error of the difference, paired question by "
+             "question where the runs kept their answers."
              if mode["limit"] else "- zero-shot suite not run (--limit 0).", ""]
     baselines = [m for m in next(iter(report["targets"].values()))["methods"] if m != "maskprune"]
     left_out = [m for m in METHODS if m != "maskprune" and m not in baselines]
@@ -463,14 +478,14 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
             cells = [fmt(res["heldout_texts"].get(t, {}).get(n), 2) for n in lengths for t in texts]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         head = ["model", *[f"PTB ppl@{n} before" for n in lengths], *[f"PTB ppl@{n} after" for n in lengths],
-                *TASKS, "mean acc"]
+                *TASKS, "mean acc ± standard error"]
         lines += ["", "### Penn Treebank test (the papers' convention) and zero-shot after recovery", "",
                   "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for name, before, after in [("dense", dense, dense), ("dense, trained (equal budget)", None, trained),
                                     *[(m, r["one_shot"], r["recovered"]) for m, r in target["methods"].items()]]:
             cells = [fmt(before["ppl"].get(n) if before else None, 2) for n in lengths] + \
                 [fmt(after["ppl"].get(n), 2) for n in lengths] + \
-                [fmt(after["acc"].get(t), 3) for t in TASKS] + [fmt(after["mean_acc"], 3)]
+                [fmt(after["acc"].get(t), 3) for t in TASKS] + [mean_cell(after)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         majority = report.get("zero_shot_majority")
         if majority:
@@ -481,13 +496,16 @@ def markdown(report: dict[str, Any], lengths: list[str]) -> str:
     return "\n".join(lines)
 
 
+ZERO_SHOT_METRIC = "mean zero-shot acc after recovery"
+
+
 def _metrics(lengths: list[str]) -> list[tuple[str, Any, Any]]:
     """(name, getter on a method's result, which of two values is better) of every compared metric."""
     out = [(f"held-out geomean ppl@{n} {stage}", lambda r, n=n, st=stage: r[st]["heldout"].get(n), min)
            for n in lengths for stage in ("one_shot", "recovered")]
     out += [(f"PTB ppl@{n} {stage}", lambda r, n=n, st=stage: r[st]["ppl"].get(n), min)
             for n in lengths for stage in ("one_shot", "recovered")]
-    out.append(("mean zero-shot acc after recovery", lambda r: r["recovered"]["mean_acc"], max))
+    out.append((ZERO_SHOT_METRIC, lambda r: r["recovered"]["mean_acc"], max))
     return out
 
 
@@ -506,8 +524,28 @@ def not_best(report: dict[str, Any], lengths: list[str]) -> list[str]:
                     continue
                 if best(ours, theirs) != ours:
                     found.append(f"at {key}: {method} beats MaskPrune on "
-                                 f"{name.replace('one_shot', 'before recovery')} ({theirs:,.3f} vs {ours:,.3f})")
+                                 f"{name.replace('one_shot', 'before recovery')} ({theirs:,.3f} vs {ours:,.3f})"
+                                 + (zero_shot_noise(methods["maskprune"]["recovered"], res["recovered"])
+                                    if name == ZERO_SHOT_METRIC else ""))
     return found
+
+
+def zero_shot_noise(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """The standard error a difference of two mean zero-shot accuracies must clear, in words: paired
+    question by question where both rows kept their outcomes, else the two means' errors combined
+    (seed means, reports from before outcomes were kept), which overstates it."""
+    from maskprune.zero_shot import paired_difference
+
+    paired = paired_difference(ours.get("zero_shot", {}), theirs.get("zero_shot", {}))
+    if paired is not None:
+        difference, error, how = abs(paired[0]), paired[1], "paired"
+    elif ours.get("mean_acc_se") is not None and theirs.get("mean_acc_se") is not None:
+        difference = abs(ours["mean_acc"] - theirs["mean_acc"])
+        error, how = math.hypot(ours["mean_acc_se"], theirs["mean_acc_se"]), "unpaired, an overestimate"
+    else:
+        return ""
+    verdict = "within" if difference < 2 * error else "beyond"
+    return f"; {verdict} 2 standard errors of the difference ({how}: {error:.3f})"
 
 
 GOAL_STAGES = (("one_shot", "after mask-learn vs one-shot"), ("recovered", "after recovery"))
@@ -577,7 +615,10 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "heldout_texts": {text: {n: _geomean([r["heldout_texts"].get(text, {}).get(n) for r in rows])
                                      for n in by_len} for text, by_len in first["heldout_texts"].items()},
             "acc": {task: _mean([r["acc"].get(task) for r in rows]) for task in first["acc"]},
-            "mean_acc": _mean([r["mean_acc"] for r in rows])}
+            "mean_acc": _mean([r["mean_acc"] for r in rows]),
+            # The seeds answered the same questions, so their mean keeps the questions' sampling
+            # error: each seed's standard error, averaged. Outcomes do not average; no pairing.
+            "mean_acc_se": _mean([r.get("mean_acc_se") for r in rows]), "zero_shot": {}}
 
 
 def _mean_choice(choices: list[dict[str, Any]]) -> dict[str, Any]:

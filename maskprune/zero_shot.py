@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -42,7 +43,8 @@ OLMO7: dict[str, tuple[str, str]] = {
     "arc_challenge": ("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge/validation"),
     "openbookqa": ("openbookqa/openbookqa.yaml", "openbookqa/main/validation"),
 }
-METRICS = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]
+ACCURACIES = ("acc", "acc_norm")
+METRICS = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ACCURACIES]
 
 
 class TaskSpecError(ValueError):
@@ -223,9 +225,11 @@ def question_ranges(count: int, per_part: int) -> list[range]:
 
 
 def correct_counts(model, tokenizer, config: dict[str, Any], questions: range,
-                   batch_size: int) -> dict[str, int]:
-    """{"n", "acc", "acc_norm"}: how many of `questions` (indices into one task's questions) lm-eval
-    scores right by each metric. Counts, not means, so the parts of a task add up (`accuracy`)."""
+                   batch_size: int) -> dict[str, Any]:
+    """{"n", "acc", "acc_norm", "outcomes"}: how many of `questions` (indices into one task's
+    questions) lm-eval scores right by each metric, and per metric the verdicts in question order
+    ("1" right, "0" wrong), so two models scored on the same questions can be compared pair by pair
+    (`paired_difference`). Counts, not means, so the parts of a task add up (`accuracy`)."""
     from lm_eval import simple_evaluate
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.models.huggingface import HFLM
@@ -236,15 +240,57 @@ def correct_counts(model, tokenizer, config: dict[str, Any], questions: range,
     task = ConfigurableTask(config=dict(config))
     # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs takes seconds, unused.
     out = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_defaults=False),
-                          samples={config["task"]: list(questions)}, bootstrap_iters=0, log_samples=False)
-    row = out["results"][config["task"]]
-    # lm-eval's mean is sum(0/1 per question) / n: times n it is that integer up to rounding.
-    return {"n": len(questions), **{metric: round(row[f"{metric},none"] * len(questions))
-                                    for metric in ("acc", "acc_norm")}}
+                          samples={config["task"]: list(questions)}, bootstrap_iters=0, log_samples=True)
+    samples = sorted(out["samples"][config["task"]], key=lambda sample: sample["doc_id"])
+    if [sample["doc_id"] for sample in samples] != list(questions):
+        raise RuntimeError(f"lm-eval scored questions {[s['doc_id'] for s in samples]} of {config['task']}, "
+                           f"asked for {list(questions)}")
+    outcomes = {metric: "".join("1" if sample[metric] else "0" for sample in samples) for metric in ACCURACIES}
+    return {"n": len(questions), **{metric: verdicts.count("1") for metric, verdicts in outcomes.items()},
+            "outcomes": outcomes}
 
 
-def accuracy(parts: list[dict[str, int]]) -> dict[str, float]:
-    """{"acc", "acc_norm", "n"} of a task from the `correct_counts` of its parts: the same floats
-    lm-eval gives for the whole task in one call (the same sum over the same n)."""
+def accuracy(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"acc", "acc_norm", "n", "outcomes"} of a task from the `correct_counts` of its parts, in
+    question order: the same floats lm-eval gives for the whole task in one call (the same sum over
+    the same n). "outcomes" only where every part kept them (parts measured before they were kept
+    did not)."""
     n = sum(part["n"] for part in parts)
-    return {**{metric: sum(part[metric] for part in parts) / n for metric in ("acc", "acc_norm")}, "n": n}
+    row: dict[str, Any] = {**{metric: sum(part[metric] for part in parts) / n for metric in ACCURACIES}, "n": n}
+    if all("outcomes" in part for part in parts):
+        row["outcomes"] = {metric: "".join(part["outcomes"][metric] for part in parts) for metric in ACCURACIES}
+    return row
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """lm-eval's standard error of an accuracy over n questions, sqrt(p (1 - p) / (n - 1))."""
+    return math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else math.nan
+
+
+def mean_accuracy(tasks: dict[str, dict[str, Any]]) -> tuple[float, float]:
+    """(the mean acc over tasks, its standard error): the tasks' questions are independent samples,
+    so the mean's variance is the sum of the tasks' over the number of tasks squared."""
+    mean = sum(task["acc"] for task in tasks.values()) / len(tasks)
+    variance = sum(standard_error(task["acc"], task["n"]) ** 2 for task in tasks.values())
+    return mean, math.sqrt(variance) / len(tasks)
+
+
+def paired_difference(ours: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]]) -> tuple[float, float] | None:
+    """(mean acc over tasks of `ours` minus `theirs`, its standard error) from the question-by-question
+    differences of two models scored on the same questions: what both get right or wrong cancels, so
+    it is usually well below the two means' standard errors combined, and it is the noise a
+    difference between them must clear. None where either lacks per-question outcomes."""
+    if not ours or set(ours) != set(theirs) or not all("outcomes" in t for t in (*ours.values(), *theirs.values())):
+        return None
+    means, variances = [], []
+    for task, row in ours.items():
+        a, b = row["outcomes"]["acc"], theirs[task]["outcomes"]["acc"]
+        if len(a) != len(b):
+            raise ValueError(f"zero-shot task {task}: {len(a)} questions against {len(b)}; a paired "
+                             "comparison needs both models scored on the same questions (same evaluate.limit)")
+        diffs = [int(x) - int(y) for x, y in zip(a, b)]
+        mean = sum(diffs) / len(diffs)
+        means.append(mean)
+        spread = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else math.nan
+        variances.append(spread / len(diffs))
+    return sum(means) / len(means), math.sqrt(sum(variances)) / len(means)

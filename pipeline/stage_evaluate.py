@@ -42,8 +42,8 @@ from maskprune.overlap import NGRAM, windows_in_training
 from maskprune.rundir import RunDirError, atomic_write_json, atomic_write_text, digest_file, read_json
 from maskprune.stage import StageRun, run_stage
 from maskprune.text_corpora import CorpusFetchError, require_on_disk
-from maskprune.zero_shot import (TaskSpecError, accuracy, correct_counts, majority_accuracy,
-                                 question_counts, question_ranges, task_configs)
+from maskprune.zero_shot import (TaskSpecError, accuracy, correct_counts, majority_accuracy, mean_accuracy,
+                                 paired_difference, question_counts, question_ranges, task_configs)
 
 # (name in the report, stage whose "model" output it is), for each of config.EVALUATED_MODELS
 MODELS = (("dense", "prepare"), ("pruned", "hard_prune"), ("pruned+cpt", "export"))
@@ -295,9 +295,13 @@ def markdown(report: dict[str, Any]) -> str:
                                                 f"{_fmt(models[n]['zero_shot'][task]['acc_norm'])}"
                                                 for n in names]))
     if tasks:
-        rows.append((f"mean acc ({len(tasks)} tasks)",
-                     [_fmt(sum(models[n]["zero_shot"][t]["acc"] for t in tasks) / len(tasks))
-                      for n in names]))
+        rows.append((f"mean acc ({len(tasks)} tasks) ± standard error",
+                     ["{} ± {}".format(*map(_fmt, mean_accuracy(models[n]["zero_shot"]))) for n in names]))
+        if "dense" in models and len(names) > 1:
+            differences = {n: paired_difference(models[n]["zero_shot"], models["dense"]["zero_shot"]) for n in names}
+            rows.append(("mean acc − dense's, paired ± standard error",
+                         ["-" if n == "dense" or d is None else f"{d[0]:+.3f} ± {_fmt(d[1])}"
+                          for n, d in differences.items()]))
     if report["throughput"]["steps"]:
         rows.append(("forward tokens/s", [f"{models[n]['forward_tokens_per_s']:,.0f}" for n in names]))
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -315,6 +319,10 @@ def markdown(report: dict[str, Any]) -> str:
               "(Gemma) gets it in front of each chunk as unscored context",
               f"- zero-shot: lm-evaluation-harness, 0-shot, limit {report['limit'] or 'none'} per task"
               + majority_note(report.get("zero_shot_majority") or {}),
+              *(["- ± one standard error: a task's is lm-eval's, sqrt(p (1 - p) / (n - 1)); the mean's combines "
+                 "the tasks'; *paired*: from the question-by-question differences against the dense model on "
+                 "the same questions, the noise a difference must clear (about twice it, to be read as one)"]
+                if tasks else []),
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
               f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"
               if tp["steps"] else "- forward tokens/s: not timed (evaluate.throughput_steps = 0)"]

@@ -6,6 +6,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -191,6 +192,32 @@ def test_verdict_names_each_metric_a_baseline_wins_and_the_goal() -> None:
         in bench.not_best(rep, ["128"])
     assert "- maskprune_frozen: the learner's ablation, MaskPrune's mask-learn with its masks frozen at their " \
         "Wanda-sp start (`mask_learn.hardening_fraction = 1`)" in bench.markdown(rep, ["128"])
+
+
+def test_a_zero_shot_loss_says_whether_it_clears_the_noise() -> None:
+    """At 100 questions per task a 7-task mean moves 0.0014 per question: a loss is listed with the
+    standard error of the difference, paired question by question where both runs kept their answers."""
+    bench = bench_quality()
+    rep = report(bench)
+    methods = rep["targets"]["50%"]["methods"]
+    ours, theirs = methods["maskprune"]["recovered"], methods["wanda_sp"]["recovered"]
+    # 20 questions; wanda_sp right on 9 (0.45), MaskPrune on 8 (0.40): the 8 shared, one more of its own
+    ours["zero_shot"] = {"boolq": {"acc": 0.40, "n": 20, "outcomes": {"acc": "1" * 8 + "0" * 12}}}
+    theirs["zero_shot"] = {"boolq": {"acc": 0.45, "n": 20, "outcomes": {"acc": "1" * 9 + "0" * 11}}}
+    ours["mean_acc_se"], theirs["mean_acc_se"] = 0.112, 0.114
+    paired = math.sqrt((0.05 ** 2 * 19 + 0.95 ** 2) / 19 / 20)  # differences: nineteen 0, one -1
+    loss = "at 50%: wanda_sp beats MaskPrune on mean zero-shot acc after recovery (0.450 vs 0.400)"
+    assert f"{loss}; within 2 standard errors of the difference (paired: {paired:.3f})" in bench.not_best(rep, ["128"])
+    # Seed means and reports from before the answers were kept: the means' own errors, combined.
+    del ours["zero_shot"]
+    assert f"{loss}; within 2 standard errors of the difference (unpaired, an overestimate: " \
+        f"{math.hypot(0.112, 0.114):.3f})" in bench.not_best(rep, ["128"])
+    # Every question wanda_sp gets right and MaskPrune wrong: a loss beyond the noise.
+    ours["zero_shot"] = {"boolq": {"acc": 0.0, "n": 20, "outcomes": {"acc": "0" * 20}}}
+    theirs["zero_shot"] = {"boolq": {"acc": 1.0, "n": 20, "outcomes": {"acc": "1" * 20}}}
+    assert f"{loss}; beyond 2 standard errors of the difference (paired: 0.000)" in bench.not_best(rep, ["128"])
+    assert "| maskprune | 150.00 | 120.00 | 0.400 | - | - | - | - | - | - | 0.400 ± 0.112 |" in bench.markdown(rep, ["128"])
+    assert bench.mean_row([ours, theirs])["mean_acc_se"] == pytest.approx(0.113)  # same questions: averaged
 
 
 def test_a_run_exported_loses_its_checkpoints_and_a_rerun_of_the_bench_still_skips_it(tmp_path: Path) -> None:

@@ -158,6 +158,11 @@ def test_stage_compares_models_in_one_table(tiny_prepared: Path, tmp_path: Path)
     assert "pruned+cpt" in results["skipped"]
     table = (run_dir / "evaluate" / "results.md").read_text()
     assert "| | dense | pruned |" in table and "capitals acc / acc_norm" in table
+    # The mean with lm-eval's standard error; the same model against itself, question by question, differs by 0.
+    acc = dense["zero_shot"]["capitals"]["acc"]
+    mean = f"{acc:.3f} ± {math.sqrt(acc * (1 - acc) / 2):.3f}"
+    assert f"| mean acc (1 tasks) ± standard error | {mean} | {mean} |" in table
+    assert "| mean acc − dense's, paired ± standard error | - | +0.000 ± 0.000 |" in table
     # golds 0, 0, 1: always the first answer is right in 2 of 3, whatever the model
     assert results["zero_shot_majority"] == {"capitals": 2 / 3}
     assert ("limit none per task; always picking the answer position most often right scores capitals "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from maskprune.zero_shot import (OLMO7, TaskSpecError, accuracy, correct_counts, fetch_eval_data,
-                                 majority_accuracy, olmo7_configs, question_counts, question_ranges,
-                                 task_configs)
+                                 majority_accuracy, mean_accuracy, olmo7_configs, paired_difference,
+                                 question_counts, question_ranges, standard_error, task_configs)
 
 QUESTIONS = [
     ("The company said its profit", ["rose", "banana", "purple"], 0),
@@ -47,8 +48,13 @@ def test_local_multiple_choice_task_is_deterministic(tiny_model, tmp_path: Path)
     first = correct_counts(model, tokenizer, config, range(len(QUESTIONS)), batch_size=4)
     assert first == correct_counts(model, tokenizer, config, range(len(QUESTIONS)), batch_size=2)
     assert first["n"] == len(QUESTIONS) and 0 <= first["acc"] <= 5 and 0 <= first["acc_norm"] <= 5
+    for metric in ("acc", "acc_norm"):  # one verdict per question, in question order
+        assert len(first["outcomes"][metric]) == 5 and first["outcomes"][metric].count("1") == first[metric]
     row = accuracy([first])
-    assert row == {"acc": first["acc"] / 5, "acc_norm": first["acc_norm"] / 5, "n": 5}
+    assert row == {"acc": first["acc"] / 5, "acc_norm": first["acc_norm"] / 5, "n": 5, "outcomes": first["outcomes"]}
+    # Parts measured before the verdicts were kept still add up; the task then has no verdicts.
+    assert accuracy([{k: v for k, v in first.items() if k != "outcomes"}]) == \
+        {"acc": first["acc"] / 5, "acc_norm": first["acc_norm"] / 5, "n": 5}
 
 
 def test_a_task_in_parts_scores_as_the_whole_task(tiny_model, tmp_path: Path):
@@ -74,13 +80,36 @@ def test_a_task_in_parts_scores_as_the_whole_task(tiny_model, tmp_path: Path):
     for per_part in (1, 3, 4, 5, 6):
         parts = [correct_counts(model, tokenizer, config, q, batch_size=1) for q in question_ranges(6, per_part)]
         for part, q in zip(parts, question_ranges(6, per_part)):
-            assert part == {"n": len(q), **{m: sum(each[i][m] for i in q) for m in ("acc", "acc_norm")}}
+            assert part == {"n": len(q), **{m: sum(each[i][m] for i in q) for m in ("acc", "acc_norm")},
+                            "outcomes": {m: "".join(each[i]["outcomes"][m] for i in q) for m in ("acc", "acc_norm")}}
         assert accuracy(parts) == accuracy(each)
     whole = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1),
                             tasks=[ConfigurableTask(config=dict(config))], bootstrap_iters=0,
                             task_manager=TaskManager(include_defaults=False), log_samples=False)
-    assert accuracy(each) == {"acc": whole["results"]["pairs"]["acc,none"],
-                              "acc_norm": whole["results"]["pairs"]["acc_norm,none"], "n": 6}
+    assert {k: v for k, v in accuracy(each).items() if k != "outcomes"} == {
+        "acc": whole["results"]["pairs"]["acc,none"], "acc_norm": whole["results"]["pairs"]["acc_norm,none"], "n": 6}
+    # Exactly one question of each pair is right, whichever way the model leans: the verdicts say which.
+    verdicts = accuracy(each)["outcomes"]["acc"]
+    assert [verdicts[i:i + 2] in ("10", "01") for i in range(0, 6, 2)] == [True] * 3
+
+
+def test_standard_errors_of_a_mean_accuracy_and_of_a_paired_difference() -> None:
+    assert standard_error(0.5, 5) == 0.25  # lm-eval's: sqrt(p (1 - p) / (n - 1))
+    assert math.isnan(standard_error(1.0, 1))
+    tasks = {"a": {"acc": 0.5, "n": 5}, "b": {"acc": 0.2, "n": 5}}
+    mean, error = mean_accuracy(tasks)
+    assert mean == pytest.approx(0.35) and error == pytest.approx(math.sqrt(0.0625 + 0.04) / 2)
+    ours = {"a": {"outcomes": {"acc": "1100"}}, "b": {"outcomes": {"acc": "10"}}}
+    theirs = {"a": {"outcomes": {"acc": "1000"}}, "b": {"outcomes": {"acc": "10"}}}
+    # a: differences 0 1 0 0, mean 0.25, sample variance 0.25, its mean's 0.0625; b: identical answers
+    assert paired_difference(ours, theirs) == (0.125, 0.125)
+    assert paired_difference(theirs, ours) == (-0.125, 0.125)
+    assert paired_difference(ours, ours) == (0.0, 0.0)
+    assert paired_difference(ours, {"a": theirs["a"], "b": {"acc": 1.0, "n": 2}}) is None  # no verdicts kept
+    assert paired_difference(ours, {"a": theirs["a"]}) is None  # not the same tasks
+    assert paired_difference({}, {}) is None  # no zero-shot suite run
+    with pytest.raises(ValueError, match="task b: 2 questions against 3; .*same questions"):
+        paired_difference(ours, {"a": theirs["a"], "b": {"outcomes": {"acc": "101"}}})
 
 
 @pytest.mark.parametrize("line, fix", [
@@ -123,3 +152,5 @@ def test_olmo7_preset_runs_offline(tiny_model):
     assert set(results) == set(OLMO7)
     for row in results.values():
         assert row["n"] == 2 and 0 <= row["acc"] <= 2 and 0 <= row["acc_norm"] <= 2
+        assert [len(row["outcomes"][m]) for m in ("acc", "acc_norm")] == [2, 2]
+        assert [row["outcomes"][m].count("1") for m in ("acc", "acc_norm")] == [row["acc"], row["acc_norm"]]
