@@ -321,7 +321,8 @@ def markdown(report: dict[str, Any]) -> str:
               + majority_note(report.get("zero_shot_majority") or {}),
               *(["- ± one standard error: a task's is lm-eval's, sqrt(p (1 - p) / (n - 1)); the mean's combines "
                  "the tasks'; *paired*: from the question-by-question differences against the dense model on "
-                 "the same questions, the noise a difference must clear (about twice it, to be read as one)"]
+                 "the same questions, the noise a difference must clear (about twice it, to be read as one); '-' where a "
+                 "stopped evaluate's part was measured by a version that did not keep the verdicts"]
                 if tasks else []),
               f"- forward tokens/s: {tp['device']}, batch {tp['batch_size']} x {tp['seq_len']} tokens, "
               f"{tp['steps']} timed passes per model, one model after the other (each alone in memory)"
