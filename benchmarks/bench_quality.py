@@ -226,11 +226,11 @@ def run_method(args: argparse.Namespace, cfg: Any, source: Path, runs: Path, nam
 
 
 def row(results: dict[str, Any], model: str) -> dict[str, Any]:
+    from maskprune.zero_shot import mean_accuracy
+
     m = results["models"][model]
     ppl = {length: v["ppl"] for length, v in m["ppl"]["eval_text"].items()}
     heldout = m.get("heldout") or {"geomean": {}, "texts": {}}
-    from maskprune.zero_shot import mean_accuracy
-
     accs = {task: v["acc"] for task, v in m["zero_shot"].items()}
     mean_acc, mean_acc_se = mean_accuracy(m["zero_shot"]) if accs else (None, None)
     return {"params": m["params"], "ppl": ppl, "heldout": heldout["geomean"],

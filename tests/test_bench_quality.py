@@ -218,6 +218,13 @@ def test_a_zero_shot_loss_says_whether_it_clears_the_noise() -> None:
     assert f"{loss}; beyond 2 standard errors of the difference (paired: 0.000)" in bench.not_best(rep, ["128"])
     assert "| maskprune | 150.00 | 120.00 | 0.400 | - | - | - | - | - | - | 0.400 ± 0.112 |" in bench.markdown(rep, ["128"])
     assert bench.mean_row([ours, theirs])["mean_acc_se"] == pytest.approx(0.113)  # same questions: averaged
+    # A row read from an evaluate report keeps the tasks' verdicts and the mean's standard error.
+    tasks = {"boolq": {"acc": 0.5, "acc_norm": 0.5, "n": 5, "outcomes": {"acc": "11000", "acc_norm": "10100"}},
+             "piqa": {"acc": 0.2, "acc_norm": 0.2, "n": 5, "outcomes": {"acc": "00001", "acc_norm": "00001"}}}
+    model = {"params": 1, "ppl": {"eval_text": {"128": {"ppl": 9.0}}}, "heldout": None, "zero_shot": tasks}
+    read = bench.row({"models": {"pruned": model}}, "pruned")
+    assert (read["mean_acc"], read["mean_acc_se"]) == (0.35, math.sqrt(0.0625 + 0.04) / 2)
+    assert read["zero_shot"] == tasks and read["acc"] == {"boolq": 0.5, "piqa": 0.2}
 
 
 def test_a_run_exported_loses_its_checkpoints_and_a_rerun_of_the_bench_still_skips_it(tmp_path: Path) -> None:
