@@ -298,10 +298,10 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append((f"mean acc ({len(tasks)} tasks) ± standard error",
                      ["{} ± {}".format(*map(_fmt, mean_accuracy(models[n]["zero_shot"]))) for n in names]))
         if "dense" in models and len(names) > 1:
-            differences = {n: paired_difference(models[n]["zero_shot"], models["dense"]["zero_shot"]) for n in names}
+            differences = [None if n == "dense" else paired_difference(models[n]["zero_shot"], models["dense"]["zero_shot"])
+                           for n in names]
             rows.append(("mean acc − dense's, paired ± standard error",
-                         ["-" if n == "dense" or d is None else f"{d[0]:+.3f} ± {_fmt(d[1])}"
-                          for n, d in differences.items()]))
+                         ["-" if d is None else f"{d[0]:+.3f} ± {_fmt(d[1])}" for d in differences]))
     if report["throughput"]["steps"]:
         rows.append(("forward tokens/s", [f"{models[n]['forward_tokens_per_s']:,.0f}" for n in names]))
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
