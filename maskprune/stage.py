@@ -216,10 +216,11 @@ def run_stage(main: Callable[[], int | None]) -> NoReturn:
               file=sys.stderr, flush=True)
         code = 2
     WATCHDOG.disarm()  # the stage's work is over: exit handlers and teardown take what they take
-    # A finished rank skips interpreter teardown (dist.exit_rank). Not on failure or preemption: the
-    # launcher kills the other ranks as soon as one exits non-zero, and a rank leaving at once
-    # would cut off rank 0's last words (the one-line error, the stop message).
-    if code == 0 and _distributed() is not None:
+    # Every rank of a job skips interpreter teardown (dist.exit_rank), whatever its code: a rank
+    # that leaves while a peer is alive can abort in the destruction of its gloo connections (-6).
+    # On a bad input that is every time (the other ranks wait BAD_INPUT_GRACE_S): rank 0's abort,
+    # when the launcher saw it first, turned "exit code 2" into 250 (CI, session 43).
+    if _distributed() is not None:
         from maskprune.dist import exit_rank
 
         exit_rank(code)
