@@ -114,7 +114,10 @@ def exit_rank(code: int) -> NoReturn:
     A rank that finishes while a peer is still working (rank 1 exits while rank 0 writes the stage's
     outputs) sometimes aborted in C++ static destruction of its live gloo connections ("terminate
     called without an active exception", exit -6), failing a stage whose work was done; destroying
-    the process group first did not prevent it. Nothing is left to do at that point, so skip it."""
+    the process group first did not prevent it. Nothing is left to do at that point, so skip it.
+    Measured with two bare gloo ranks on CPU (torch 2.13, session 43): rank 0 leaving by sys.exit(2)
+    while rank 1 still held its connections aborted in 3 of 12 runs (exit 134), by this path in 0
+    of 12; the rank left behind never aborted. Every stage rank leaves this way (stage.run_stage)."""
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()
