@@ -218,8 +218,8 @@ def run_stage(main: Callable[[], int | None]) -> NoReturn:
     WATCHDOG.disarm()  # the stage's work is over: exit handlers and teardown take what they take
     # Every rank of a job skips interpreter teardown (dist.exit_rank), whatever its code: a rank
     # that leaves while a peer is alive can abort in the destruction of its gloo connections (-6).
-    # On a bad input that is every time (the other ranks wait BAD_INPUT_GRACE_S): rank 0's abort,
-    # when the launcher saw it first, turned "exit code 2" into 250 (CI, session 43).
+    # On a bad input a peer is always alive then (the others wait BAD_INPUT_GRACE_S): rank 0's
+    # abort turned "exit code 2" into 250 (the deepspeed launcher's -6) in a suite run, session 43.
     if _distributed() is not None:
         from maskprune.dist import exit_rank
 
