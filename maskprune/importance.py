@@ -132,7 +132,7 @@ def _zero3_gathering(model: nn.Module, backward: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
@@ -188,7 +188,7 @@ def input_stats(model: nn.Module, batches: Iterable[Tensor]) -> InputStats:
         handles.append(mlp.down_proj.register_forward_pre_hook(tap("ffn", index)))
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
+        with torch.no_grad(), eval_mode(model), _zero3_gathering(model, backward=False):
             for batch in batches:
                 model(input_ids=batch, use_cache=False)
                 tokens += batch.numel()
@@ -346,7 +346,7 @@ def flap_bias(model: nn.Module, batches: Iterable[Tensor], keep: KeepIndices) ->
     batches = _batch_list(batches, device)
     removed = _removed_channels(model, keep)
     means: dict[str, list[Tensor]] = {kind: [] for kind in removed}
-    with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
+    with torch.no_grad(), eval_mode(model), _zero3_gathering(model, backward=False):
         hidden, layer_kwargs = _decoder_inputs(model, batches)
         for index, (layer, (sa, mlp)) in enumerate(zip(_layers(model), _blocks(model))):
             replace: dict[str, tuple[Tensor, Tensor]] = {}  # kind -> (removed channels, their mean)
@@ -470,7 +470,7 @@ def _taylor(model: nn.Module, batches: list[Tensor], shape: LlamaShape, mode: st
         for p, _ in flags:
             p.requires_grad_(False)
         recompute = _recomputed_layers(model) if checkpointing else contextlib.nullcontext()
-        with _eval_mode(model), torch.enable_grad(), _zero3_gathering(model, backward=True), recompute:
+        with eval_mode(model), torch.enable_grad(), _zero3_gathering(model, backward=True), recompute:
             for batch in batches:
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
     finally:

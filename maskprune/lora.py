@@ -25,12 +25,12 @@ class LoraSwitch:
         self.enabled = True
 
 
-def _lora_hook(switch: LoraSwitch, scale: float, dropout: nn.Module):
+def _lora_hook(switch: LoraSwitch, scale: float):
     def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         if not switch.enabled:
             return output
         # Read the adapters through the module: under ZeRO-3 they are gathered only when used.
-        return output + module.lora_B(module.lora_A(dropout(inputs[0]))) * scale
+        return output + module.lora_B(module.lora_A(module.lora_dropout(inputs[0]))) * scale
     return hook
 
 
@@ -50,7 +50,6 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> tuple[LoraSwitc
     """Add A (Kaiming) and B (zeros) to every target so the model starts exactly as before."""
     switch = LoraSwitch()
     generator = torch.Generator().manual_seed(seed)
-    dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
     params: list[nn.Parameter] = []
     dtype = next(model.parameters()).dtype
     for linear in target_linears(model, cfg.targets).values():
@@ -61,7 +60,9 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> tuple[LoraSwitc
             linear.lora_A.weight.copy_(torch.empty_like(linear.lora_A.weight).uniform_(
                 -bound, bound, generator=generator))
             linear.lora_B.weight.zero_()
-        linear.register_forward_hook(_lora_hook(switch, cfg.alpha / cfg.rank, dropout))
+        # A child module, so that the model's eval mode (validation, dev scoring) switches it off.
+        linear.lora_dropout = (nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()).train(linear.training)
+        linear.register_forward_hook(_lora_hook(switch, cfg.alpha / cfg.rank))
         params += [linear.lora_A.weight, linear.lora_B.weight]
     return switch, params
 

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from maskprune.dist import gathered
-from maskprune.importance import (_advance, _all_reduce_, _batch_list, _decoder_inputs, _eval_mode,
+from maskprune.importance import (_advance, _all_reduce_, _batch_list, _decoder_inputs, eval_mode,
                                   _layers, _world, _zero3_gathering)
 from maskprune.masking import MaskState, masked_linears
 from maskprune.masks_io import KeepIndices, head_channels
@@ -177,7 +177,7 @@ def reconstruct(model: nn.Module, state: MaskState, batches: Iterable[Tensor], d
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     state.corrected = True  # the layers done so far act corrected; the rest still hold zeros
-    with torch.no_grad(), _eval_mode(model), _zero3_gathering(model, backward=False):
+    with torch.no_grad(), eval_mode(model), _zero3_gathering(model, backward=False):
         hidden, layer_kwargs = _decoder_inputs(model, batches)
         for index, layer in enumerate(_layers(model)):
             WATCHDOG.pet(f"reconstruction: layer {index}")  # a 70B pass outlasts any hang timeout

@@ -23,6 +23,7 @@ from maskprune.config import TrainLoopConfig
 from maskprune.data import BatchIterator, TokenShards, eval_batches
 from maskprune.ds_json import read as read_ds_json, resolve as resolve_ds_json
 from maskprune.dist import DistInfo, barrier, broadcast_from_rank0, log, rank
+from maskprune.importance import eval_mode
 from maskprune.rundir import atomic_write_json, atomic_write_text, disk_bytes, human_bytes, path_inside
 from maskprune.safe_load import refusal_explained, tensors_only
 from maskprune.watchdog import WATCHDOG
@@ -470,13 +471,15 @@ class TrainingLoop:
                 self.writer.scalars(stats, self.step)
                 log(f"{self.stage} step {self.step}/{train.steps} {self.log_line(stats)}")
             if self.step % train.eval_every == 0 or last:
-                valid = validation_loss(self.engine, self.valid, train.micro_batch_size,
-                                        train.eval_batches, self.dist.device)
-                ppl = math.exp(min(valid, 50))
-                self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": ppl}, self.step)
-                log(f"{self.stage} step {self.step}: valid loss {valid:.4f} ppl {ppl:.2f}")
-                if self.dev:
-                    self.score_dev()
+                # Eval mode: LoRA's dropout (mask_learn.lora.dropout) must not drop the inputs it scores.
+                with eval_mode(self.engine.module):
+                    valid = validation_loss(self.engine, self.valid, train.micro_batch_size,
+                                            train.eval_batches, self.dist.device)
+                    ppl = math.exp(min(valid, 50))
+                    self.writer.scalars({"loss/valid": valid, "loss/valid_ppl": ppl}, self.step)
+                    log(f"{self.stage} step {self.step}: valid loss {valid:.4f} ppl {ppl:.2f}")
+                    if self.dev:
+                        self.score_dev()
                 self.after_validation()
             stopping = stop.should_stop()
             if self.step % train.checkpoint_every == 0 or last or stopping:

@@ -79,6 +79,24 @@ def test_all_ones_masks_and_fresh_lora_are_bit_identical_to_the_hf_model(mode: s
         assert torch.equal(reference(input_ids=ids).logits, masked(input_ids=ids).logits)
 
 
+def test_lora_dropout_drops_in_train_mode_only() -> None:
+    # The training loop scores validation and dev text in eval mode: there LoRA's dropout must be off.
+    plain, dropped = tiny_model(), tiny_model()
+    for model, dropout in ((plain, 0.0), (dropped, 0.5)):
+        attach_lora(model, LoraConfig(rank=4, dropout=dropout), seed=0)
+        with torch.no_grad():  # B is zero at init, which would hide the adapter's input
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.1)
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, dropped(input_ids=ids).logits)  # both in eval mode
+        dropped.train()
+        assert not torch.allclose(plain(input_ids=ids).logits, dropped(input_ids=ids).logits)
+        dropped.eval()
+        assert torch.equal(plain(input_ids=ids).logits, dropped(input_ids=ids).logits)
+
+
 def test_zeroed_heads_equal_removed_o_proj_columns() -> None:
     model = tiny_model()
     shape = shape_of(model)
