@@ -17,7 +17,8 @@ from test_evaluate_memory import random_llama, tokenizer_dir, write_run  # noqa:
 # Loaded by the stage's processes (first on PYTHONPATH): after every part it writes down which one
 # (WITH_PID: and which process), and from the AFTER_PARTS-th of this attempt on it writes the stop
 # file, or at that part kills the process, so the interruption falls between two known parts
-# instead of wherever a timer would put it.
+# instead of wherever a timer would put it. With WITH_PID the stop also waits until two processes
+# have written a part: on a busy machine one worker can finish many parts before the other starts.
 PART_WATCH = '''import os, signal
 from pathlib import Path
 from maskprune import eval_parts
@@ -27,8 +28,10 @@ def put(self, part, value):
     log = Path(os.environ["PARTS_LOG"])
     with log.open("a") as handle:
         handle.write((f"{os.getpid()} " if os.environ.get("WITH_PID") else "") + f"{self.folder.name}/{part}\\n")
-    written, after = len(log.read_text().splitlines()), int(os.environ.get("AFTER_PARTS", "0"))
-    if os.environ["THEN"] == "stop" and 0 < after <= written:  # >=: two workers may append at once
+    lines = log.read_text().splitlines()
+    written, after = len(lines), int(os.environ.get("AFTER_PARTS", "0"))
+    writers = len({line.split(" ", 1)[0] for line in lines}) if os.environ.get("WITH_PID") else 2
+    if os.environ["THEN"] == "stop" and 0 < after <= written and writers >= 2:  # >=: two may append at once
         Path(os.environ["STOP_FILE"]).touch()
     elif os.environ["THEN"] == "kill" and written == after:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -188,7 +191,10 @@ def test_workers_share_the_parts_and_the_report_is_one_process(tokenizer_dir: Pa
     proc, first = evaluate(run_dir, tmp_path, "stopped_first", WITH_PID="1", AFTER_PARTS="6", THEN="stop")
     assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-4000:]
     assert "evaluate: stopped on request" in proc.stdout
-    assert len(by_process(first)) == 2 and 6 <= len(first) <= 7  # the other worker ends the part it is in
+    # The stop is written at the first part from the 6th on by which both workers have written one;
+    # after it the other worker ends the part it is in, and nothing more is measured.
+    stop_at = next(i for i in range(5, len(first)) if len(by_process(first[:i + 1])) == 2)
+    assert len(by_process(first)) == 2 and stop_at + 1 <= len(first) <= stop_at + 2
     (run_dir / "STOP").unlink()
     proc, rest = evaluate(run_dir, tmp_path, "stopped_rest", WITH_PID="1")
     assert proc.returncode == 0, proc.stderr[-4000:]
