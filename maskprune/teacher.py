@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+_CACHE_ARGS = ("past_key_values", "cache")
+
 
 @contextmanager
 def switched_off(*switches: Any) -> Iterator[None]:
@@ -98,8 +100,9 @@ class ShadowTeacher:
 
     def _layer(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if self._wanted():
-            # Never the student's KV cache: the teacher's keys would join the student's.
-            kwargs = {**kwargs, "past_key_values": None} if "past_key_values" in kwargs else kwargs
+            # Never the student's KV cache: the teacher's keys would join the student's. transformers
+            # 5.24 renamed the layers' `past_key_values` argument to `cache`.
+            kwargs = {k: None if k in _CACHE_ARGS else v for k, v in kwargs.items()}
             out = self._run(module, self.outputs.hidden, *args[1:], **kwargs)
             self.outputs.hidden = out[0] if isinstance(out, tuple) else out
 
